@@ -1,0 +1,132 @@
+//! The command line: `admin tenant create acme --name "Acme Inc"` builds the same [`Command`]
+//! a Lambda payload does.
+
+use clap::{Parser, Subcommand};
+
+use crate::command::Command;
+
+#[derive(Debug, Parser)]
+#[command(name = "admin", about = "meterbridge operator actions", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// Apply pending database migrations
+    Migrate,
+    /// Manage tenants
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+    /// Manage API keys
+    #[command(name = "api-key")]
+    ApiKey {
+        #[command(subcommand)]
+        action: ApiKeyAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantAction {
+    /// Create a tenant
+    Create {
+        slug: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Disable a tenant: its keys stop working
+    Disable { slug: String },
+    /// List tenants
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeyAction {
+    /// Create a key for a tenant's service (printed once)
+    Create {
+        tenant: String,
+        #[arg(long)]
+        source: String,
+        #[arg(long, default_value = "internal")]
+        trust: String,
+    },
+    /// Revoke a key by its prefix
+    Revoke { prefix: String },
+    /// List a tenant's keys (prefixes only)
+    List { tenant: String },
+}
+
+impl Cli {
+    pub fn into_command(self) -> Command {
+        match self.action {
+            Action::Migrate => Command::Migrate,
+            Action::Tenant { action } => match action {
+                TenantAction::Create { slug, name } => Command::TenantCreate { slug, name },
+                TenantAction::Disable { slug } => Command::TenantDisable { slug },
+                TenantAction::List => Command::TenantList,
+            },
+            Action::ApiKey { action } => match action {
+                ApiKeyAction::Create {
+                    tenant,
+                    source,
+                    trust,
+                } => Command::ApiKeyCreate {
+                    tenant,
+                    source,
+                    trust,
+                },
+                ApiKeyAction::Revoke { prefix } => Command::ApiKeyRevoke { prefix },
+                ApiKeyAction::List { tenant } => Command::ApiKeyList { tenant },
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("admin").chain(args.iter().copied()))
+            .map(Cli::into_command)
+    }
+
+    #[test]
+    fn cli_builds_the_same_commands_as_payloads() {
+        assert_eq!(parse(&["migrate"]).unwrap(), Command::Migrate);
+        assert_eq!(
+            parse(&["tenant", "create", "acme", "--name", "Acme Inc"]).unwrap(),
+            Command::TenantCreate {
+                slug: "acme".into(),
+                name: Some("Acme Inc".into())
+            }
+        );
+        assert_eq!(
+            parse(&["api-key", "create", "acme", "--source", "crm"]).unwrap(),
+            Command::ApiKeyCreate {
+                tenant: "acme".into(),
+                source: "crm".into(),
+                trust: "internal".into()
+            }
+        );
+        assert_eq!(
+            parse(&["api-key", "revoke", "0123456789ab"]).unwrap(),
+            Command::ApiKeyRevoke {
+                prefix: "0123456789ab".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(parse(&["tenant", "explode"]).is_err());
+        assert!(
+            parse(&["api-key", "create", "acme"]).is_err(),
+            "--source is required"
+        );
+        assert!(parse(&[]).is_err());
+    }
+}

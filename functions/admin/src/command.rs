@@ -1,0 +1,83 @@
+//! The actions the admin function understands, as they arrive in a Lambda payload:
+//! `{"action": "tenant.create", "slug": "acme", "name": "Acme Inc"}`.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "action", deny_unknown_fields)]
+pub enum Command {
+    /// Applies pending migrations.
+    #[serde(rename = "migrate")]
+    Migrate,
+    #[serde(rename = "tenant.create")]
+    TenantCreate {
+        slug: String,
+        /// Display name; the slug when absent.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    #[serde(rename = "tenant.disable")]
+    TenantDisable { slug: String },
+    #[serde(rename = "tenant.list")]
+    TenantList,
+    /// Creates a key for a tenant's service; the key is returned once and never again.
+    #[serde(rename = "api-key.create")]
+    ApiKeyCreate {
+        tenant: String,
+        source: String,
+        trust: String,
+    },
+    #[serde(rename = "api-key.revoke")]
+    ApiKeyRevoke { prefix: String },
+    #[serde(rename = "api-key.list")]
+    ApiKeyList { tenant: String },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Migrate => "migrate",
+            Command::TenantCreate { .. } => "tenant.create",
+            Command::TenantDisable { .. } => "tenant.disable",
+            Command::TenantList => "tenant.list",
+            Command::ApiKeyCreate { .. } => "api-key.create",
+            Command::ApiKeyRevoke { .. } => "api-key.revoke",
+            Command::ApiKeyList { .. } => "api-key.list",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn payloads_parse() {
+        let cmd: Command =
+            serde_json::from_value(json!({"action": "tenant.create", "slug": "acme"})).unwrap();
+        assert_eq!(
+            cmd,
+            Command::TenantCreate {
+                slug: "acme".into(),
+                name: None
+            }
+        );
+        let cmd: Command = serde_json::from_value(json!({"action": "migrate"})).unwrap();
+        assert_eq!(cmd, Command::Migrate);
+    }
+
+    #[test]
+    fn unknown_actions_and_fields_are_refused() {
+        let err =
+            serde_json::from_value::<Command>(json!({"action": "tenant.delete"})).unwrap_err();
+        assert!(err.to_string().contains("unknown variant"), "{err}");
+        let err = serde_json::from_value::<Command>(
+            json!({"action": "tenant.create", "slug": "a", "tenantId": "x"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tenantId"), "{err}");
+        let err = serde_json::from_value::<Command>(json!({"slug": "a"})).unwrap_err();
+        assert!(err.to_string().contains("action"), "{err}");
+    }
+}

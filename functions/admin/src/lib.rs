@@ -1,0 +1,11 @@
+//! The admin function: operator actions (migrate, tenants, API keys) invoked as a Lambda with a
+//! JSON action, or from the command line with the same code.
+
+pub mod cli;
+pub mod command;
+pub mod error;
+pub mod handler;
+
+pub use command::Command;
+pub use error::AdminError;
+pub use handler::{execute, handle_event};

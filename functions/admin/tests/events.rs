@@ -1,0 +1,195 @@
+//! Every payload in events/admin/ run through the handler, in the order an operator would,
+//! against a fresh database.
+
+use std::path::PathBuf;
+
+use admin::{handle_event, AdminError};
+use meterbridge::auth::{hashes_match, parse_presented_key};
+use meterbridge::repo::api_keys;
+use meterbridge::testing::{pool_as, API_ROLE};
+use meterbridge::Database;
+use serde_json::Value;
+use sqlx::PgPool;
+
+fn events_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../events/admin")
+}
+
+fn load(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(events_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+async fn ok(db: &Database, name: &str) -> Value {
+    handle_event(db, load(name))
+        .await
+        .unwrap_or_else(|e| panic!("{name} failed: {e}"))
+}
+
+async fn err(db: &Database, name: &str) -> AdminError {
+    match handle_event(db, load(name)).await {
+        Ok(v) => panic!("{name} should fail, returned {v}"),
+        Err(e) => e,
+    }
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
+    let db = Database::from_pool(owner.clone());
+    let mut seen = Vec::new();
+    let mut run = |name: &'static str| {
+        seen.push(name);
+        name
+    };
+
+    let out = ok(&db, run("migrate.json")).await;
+    assert_eq!(out["migrated"], true);
+    assert_eq!(out["migrations"][0]["version"], 1);
+
+    let out = ok(&db, run("tenant-create.json")).await;
+    assert_eq!(out["tenant"]["slug"], "demo");
+    assert_eq!(out["tenant"]["name"], "Demo Tenant");
+    assert_eq!(out["tenant"]["status"], "active");
+    let e = err(&db, "tenant-create.json").await;
+    assert_eq!(e.error_type(), "Conflict");
+    assert!(e.to_string().contains("already exists"), "{e}");
+
+    let out = ok(&db, run("tenant-list.json")).await;
+    assert_eq!(out["tenants"].as_array().unwrap().len(), 1);
+
+    // The key is returned once, works for the API role, and is stored only as a hash.
+    let out = ok(&db, run("api-key-create.json")).await;
+    let key = out["key"].as_str().unwrap();
+    let presented = parse_presented_key(key).expect("well-formed key");
+    assert_eq!(out["apiKey"]["prefix"], presented.prefix.as_str());
+    assert_eq!(out["apiKey"]["trust"], "internal");
+    let api = pool_as(&owner, API_ROLE).await;
+    let candidate = api_keys::find_candidate(&api, &presented.prefix)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(hashes_match(&presented.hash, &candidate.key_hash));
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys WHERE key_hash::text LIKE '%' || $1 || '%'",
+    )
+    .bind(key)
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0);
+
+    let out = ok(&db, run("api-key-create-external.json")).await;
+    assert_eq!(out["apiKey"]["trust"], "external");
+    assert_eq!(out["apiKey"]["sourceService"], "web-widget");
+
+    let out = ok(&db, run("api-key-list.json")).await;
+    let listed = out["apiKeys"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed
+        .iter()
+        .all(|k| k.get("key").is_none() && k.get("keyHash").is_none()));
+
+    // The revoke fixture names a fixed prefix; give the tenant a key with it.
+    sqlx::query(
+        "INSERT INTO api_keys (tenant_id, prefix, key_hash, source_service, trust)
+         SELECT id, '0123456789ab', decode(repeat('ab', 32), 'hex'), 'crm', 'internal' FROM tenants WHERE slug = 'demo'",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    let out = ok(&db, run("api-key-revoke.json")).await;
+    assert!(out["apiKey"]["revokedAt"].is_string());
+    assert!(
+        api_keys::find_candidate(&api, "0123456789ab")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked
+    );
+
+    let out = ok(&db, run("tenant-disable.json")).await;
+    assert_eq!(out["tenant"]["status"], "disabled");
+    assert!(out["tenant"]["disabledAt"].is_string());
+    let e = err(&db, "api-key-create.json").await;
+    assert_eq!(e.error_type(), "Conflict");
+    assert!(e.to_string().contains("disabled"), "{e}");
+
+    let e = err(&db, run("tenant-create-bad-slug.json")).await;
+    assert_eq!(e.error_type(), "BadRequest");
+    assert!(e.to_string().contains("slug"), "{e}");
+
+    let e = err(&db, run("unknown-action.json")).await;
+    assert_eq!(e.error_type(), "BadRequest");
+    assert!(
+        e.to_string().contains("unknown variant `tenant.delete`"),
+        "{e}"
+    );
+
+    // Every file in events/admin/ has been exercised above.
+    let mut files: Vec<String> = std::fs::read_dir(events_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut seen: Vec<String> = seen.into_iter().map(str::to_owned).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(files, seen, "each admin event file needs a case here");
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn missing_things_and_bad_arguments_have_clear_errors(owner: PgPool) {
+    let db = Database::from_pool(owner);
+    let cases = [
+        (
+            serde_json::json!({"action": "tenant.disable", "slug": "ghost"}),
+            "NotFound",
+            "no tenant",
+        ),
+        (
+            serde_json::json!({"action": "api-key.list", "tenant": "ghost"}),
+            "NotFound",
+            "no tenant",
+        ),
+        (
+            serde_json::json!({"action": "api-key.revoke", "prefix": "ffffffffffff"}),
+            "NotFound",
+            "no API key",
+        ),
+        (
+            serde_json::json!({"action": "api-key.create", "tenant": "x", "source": "crm", "trust": "root"}),
+            "BadRequest",
+            "trust",
+        ),
+        (
+            serde_json::json!({"action": "api-key.create", "tenant": "x", "source": "CRM!", "trust": "internal"}),
+            "BadRequest",
+            "source",
+        ),
+        (
+            serde_json::json!({"action": "tenant.create"}),
+            "BadRequest",
+            "missing field `slug`",
+        ),
+        (
+            serde_json::json!({"action": "tenant.create", "slug": "ok", "name": " "}),
+            "BadRequest",
+            "name",
+        ),
+        (
+            serde_json::json!("migrate"),
+            "BadRequest",
+            "invalid admin payload",
+        ),
+    ];
+    for (payload, error_type, needle) in cases {
+        let e = handle_event(&db, payload.clone())
+            .await
+            .expect_err("must fail");
+        assert_eq!(e.error_type(), error_type, "{payload}: {e}");
+        assert!(e.to_string().contains(needle), "{payload}: {e}");
+        let diagnostic: lambda_runtime::Diagnostic = e.into();
+        assert_eq!(diagnostic.error_type, error_type);
+    }
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Command 1: brings the whole system up locally and drives every function.
+#
+#   PostgreSQL, Redis and moto are started (or installed) when missing; the secrets are written to
+#   moto; every function runs under `cargo lambda watch` (the Lambda runtime emulator) and reads
+#   its credentials from Secrets Manager exactly as it does in AWS. Safe to run again.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$MB_ROOT"
+
+DB_NAME=${MB_DB_NAME:-meterbridge}
+WATCH_PORT=${WATCH_PORT:-9000}
+TENANT=${DEMO_TENANT:-demo}
+KEYS_FILE=$MB_CACHE/demo-keys.env
+export SQLX_OFFLINE=true
+unset DATABASE_URL REDIS_URL   # functions must use their secrets
+export PATH="$MB_TOOLS_VENV/bin:$PATH"
+
+ensure_services
+
+say "database $DB_NAME"
+if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -Atc "select 1 from pg_database where datname = '$DB_NAME'" | grep -q 1; then
+  psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -qc "create database $DB_NAME"
+fi
+
+secret_json() { # username password
+  printf '{"engine":"postgres","host":"%s","port":%s,"dbname":"%s","username":"%s","password":"%s"}' \
+    "$PG_HOST" "$PG_PORT" "$DB_NAME" "$1" "$2"
+}
+new_password() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+
+say "secrets in moto (Secrets Manager)"
+"$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py \
+  "meterbridge/local/db-admin=$(secret_json postgres "$(new_password)")" \
+  "meterbridge/local/redis={\"url\":\"redis://127.0.0.1:$REDIS_PORT\"}"
+
+say "cargo lambda watch on :$WATCH_PORT (log: $MB_CACHE/watch.log)"
+if ! curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/"; then
+  nohup cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" >"$MB_CACHE/watch.log" 2>&1 &
+  echo $! >"$MB_CACHE/watch.pid"
+  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/" && break; sleep 0.2; done
+fi
+
+# invoke FUNCTION JSON — prints the function's JSON response; fails on a function error.
+invoke() {
+  local out
+  out=$(curl -sS --max-time 600 -X POST "http://127.0.0.1:$WATCH_PORT/2015-03-31/functions/$1/invocations" \
+        -H 'content-type: application/json' -d "$2")
+  if printf '%s' "$out" | grep -q '"errorType"'; then
+    echo "$1 failed: $out" >&2; return 1
+  fi
+  printf '%s\n' "$out"
+}
+admin() { invoke admin "$1"; }
+json_get() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+say "admin: migrate (the first invocation compiles the function)"
+admin "$(cat events/admin/migrate.json)" | json_get '", ".join(str(m["version"]) + " " + m["description"] for m in d["migrations"])'
+
+say "database roles for the API and scheduled functions, with generated passwords"
+API_PASSWORD=$(new_password); OPS_PASSWORD=$(new_password)
+psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q \
+  -c "ALTER ROLE meterbridge_api PASSWORD '$API_PASSWORD'" -c "ALTER ROLE meterbridge_ops PASSWORD '$OPS_PASSWORD'"
+"$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py \
+  "meterbridge/local/db-api=$(secret_json meterbridge_api "$API_PASSWORD")" \
+  "meterbridge/local/db-ops=$(secret_json meterbridge_ops "$OPS_PASSWORD")"
+
+say "admin: tenant $TENANT"
+if admin '{"action":"tenant.list"}' | json_get "any(t['slug'] == '$TENANT' for t in d['tenants'])" | grep -q True; then
+  echo "tenant $TENANT exists"
+else
+  admin "{\"action\":\"tenant.create\",\"slug\":\"$TENANT\",\"name\":\"Demo Tenant\"}" | json_get 'd["tenant"]["id"]'
+fi
+
+say "admin: API keys (earlier demo keys are revoked)"
+if [ -f "$KEYS_FILE" ]; then
+  for prefix in $(sed -n 's/^[A-Z_]*_PREFIX=//p' "$KEYS_FILE"); do
+    admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$prefix\"}" >/dev/null || true
+  done
+fi
+INTERNAL=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"crm\",\"trust\":\"internal\"}")
+EXTERNAL=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"web-widget\",\"trust\":\"external\"}")
+umask 077
+{
+  echo "INTERNAL_KEY=$(printf '%s' "$INTERNAL" | json_get 'd["key"]')"
+  echo "INTERNAL_PREFIX=$(printf '%s' "$INTERNAL" | json_get 'd["apiKey"]["prefix"]')"
+  echo "EXTERNAL_KEY=$(printf '%s' "$EXTERNAL" | json_get 'd["key"]')"
+  echo "EXTERNAL_PREFIX=$(printf '%s' "$EXTERNAL" | json_get 'd["apiKey"]["prefix"]')"
+} >"$KEYS_FILE"
+admin "{\"action\":\"api-key.list\",\"tenant\":\"$TENANT\"}" \
+  | json_get "'\\n'.join('  %s  %-11s %-9s %s' % (k['prefix'], k['sourceService'], k['trust'], 'revoked' if k['revokedAt'] else 'active') for k in d['apiKeys'])"
+
+# shellcheck source=/dev/null
+source "$KEYS_FILE"
+DEMO_STEPS=${DEMO_STEPS:-}
+for step in scripts/demo.d/*.sh; do
+  [ -e "$step" ] || continue
+  # shellcheck source=/dev/null
+  source "$step"
+done
+
+cat <<SUMMARY
+
+meterbridge is running locally:
+  PostgreSQL  $PG_HOST:$PG_PORT/$DB_NAME     Redis 127.0.0.1:$REDIS_PORT     moto $AWS_ENDPOINT_URL
+  functions   http://127.0.0.1:$WATCH_PORT (cargo lambda watch, pid $(cat "$MB_CACHE/watch.pid" 2>/dev/null || echo '?'))
+  API keys    $KEYS_FILE (the keys are shown nowhere else)
+Invoke the admin function:  cargo lambda invoke admin --invoke-port $WATCH_PORT --data-file events/admin/tenant-list.json
+Stop the functions:         kill \$(cat $MB_CACHE/watch.pid)
+SUMMARY

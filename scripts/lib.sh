@@ -1,0 +1,86 @@
+# Shared helpers for the scripts in this folder: bring up what is missing, idempotently.
+# Sourced, not run. Everything installed lives under $MB_CACHE (outside the clone) so that
+# repeated runs, and CI on the same machine, reuse it.
+set -euo pipefail
+
+MB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MB_CACHE=${MB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meterbridge}
+MB_TOOLS_VENV=$MB_CACHE/venv-tools   # moto server + cargo-lambda (+ boto3 for seeding secrets)
+MB_SAM_VENV=$MB_CACHE/venv-sam       # aws-sam-cli + cfn-lint (pins an older boto3 than moto wants)
+MOTO_PORT=${MOTO_PORT:-5055}
+MOTO_VERSION=5.2.1
+CARGO_LAMBDA_VERSION=1.9.2
+SAM_VERSION=1.170.0
+CFN_LINT_VERSION=1.58.0
+PG_HOST=127.0.0.1
+PG_PORT=${PG_PORT:-5432}
+REDIS_PORT=${REDIS_PORT:-6379}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$MB_CACHE/target}
+export AWS_ENDPOINT_URL=${AWS_ENDPOINT_URL:-http://127.0.0.1:$MOTO_PORT}
+export AWS_REGION=${AWS_REGION:-us-east-1}
+export AWS_DEFAULT_REGION=$AWS_REGION
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
+export SAM_CLI_TELEMETRY=0
+mkdir -p "$MB_CACHE"
+
+say() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
+
+apt_install() {
+  say "installing $* from Debian packages"
+  if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; fi
+}
+
+ensure_postgres() {
+  if pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then return; fi
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql postgresql-client
+  if [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then apt_install postgresql; fi
+  local v; v=$(ls /etc/postgresql | sort -V | tail -n 1)
+  say "starting PostgreSQL $v"
+  pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
+  for _ in $(seq 1 50); do pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && break; sleep 0.2; done
+  pg_isready -h "$PG_HOST" -p "$PG_PORT" >/dev/null || { echo "PostgreSQL did not come up on $PG_HOST:$PG_PORT" >&2; exit 1; }
+  # A fresh Debian cluster asks for passwords on TCP; the local stack uses trust auth like the dev machines.
+  if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -Atc 'select 1' >/dev/null 2>&1; then
+    local hba; hba=$(su postgres -c "psql -Atc 'show hba_file'")
+    sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+    su postgres -c "psql -Atc 'select pg_reload_conf()'" >/dev/null
+  fi
+}
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then return; fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  say "starting Redis on $REDIS_PORT"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no >/dev/null
+  for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "Redis did not come up on $REDIS_PORT" >&2; exit 1
+}
+
+ensure_tools_venv() {
+  if [ -x "$MB_TOOLS_VENV/bin/moto_server" ] && [ -x "$MB_TOOLS_VENV/bin/cargo-lambda" ]; then return; fi
+  say "installing moto[server] $MOTO_VERSION and cargo-lambda $CARGO_LAMBDA_VERSION into $MB_TOOLS_VENV"
+  python3 -m venv "$MB_TOOLS_VENV"
+  "$MB_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" "cargo-lambda==$CARGO_LAMBDA_VERSION"
+}
+
+ensure_sam_venv() {
+  if [ -x "$MB_SAM_VENV/bin/sam" ] && [ -x "$MB_SAM_VENV/bin/cfn-lint" ]; then return; fi
+  say "installing aws-sam-cli $SAM_VERSION and cfn-lint $CFN_LINT_VERSION into $MB_SAM_VENV"
+  python3 -m venv "$MB_SAM_VENV"
+  "$MB_SAM_VENV/bin/pip" install -q --disable-pip-version-check "aws-sam-cli==$SAM_VERSION" "cfn-lint==$CFN_LINT_VERSION"
+}
+
+moto_up() { curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT/moto-api/" 2>/dev/null; }
+
+ensure_moto() {
+  ensure_tools_venv
+  if moto_up; then return; fi
+  say "starting moto server on 127.0.0.1:$MOTO_PORT"
+  nohup "$MB_TOOLS_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$MB_CACHE/moto.log" 2>&1 &
+  for _ in $(seq 1 100); do moto_up && return; sleep 0.1; done
+  echo "moto did not come up on $MOTO_PORT (see $MB_CACHE/moto.log)" >&2; exit 1
+}
+
+ensure_services() { ensure_postgres; ensure_redis; ensure_moto; }

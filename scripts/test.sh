@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Command 2: everything the project checks — formatting, clippy, the SAM template lint and the
+# full test suite against real PostgreSQL, Redis and moto (started here when missing).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$MB_ROOT"
+
+ensure_services
+ensure_sam_venv
+
+# sqlx::test gives every test its own database, created through this URL; queries compile from
+# the committed .sqlx/ data, so the build needs no database.
+export DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
+export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+export SQLX_OFFLINE=true
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "template lint (cfn-lint, sam validate --lint)"
+"$MB_SAM_VENV/bin/cfn-lint" template.yaml
+"$MB_SAM_VENV/bin/sam" validate --lint --region "$AWS_REGION" >/dev/null
+
+say "tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast --test-threads "${TEST_THREADS:-8}"
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

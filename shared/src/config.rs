@@ -1,0 +1,321 @@
+//! Environment → typed [`Config`], validated once at cold start.
+//!
+//! Every problem names the variable, so a misconfigured function fails its cold start with a
+//! message that says what to fix.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A variable that is missing or does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("missing environment variable {0}")]
+    Missing(&'static str),
+    #[error("environment variable {name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Reads variables from a lookup (the process environment, or a map in tests).
+pub struct Env<F: Fn(&str) -> Option<String>> {
+    lookup: F,
+}
+
+impl Env<fn(&str) -> Option<String>> {
+    /// The process environment. Empty values count as unset.
+    pub fn process() -> Self {
+        Env {
+            lookup: |name| std::env::var(name).ok(),
+        }
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    pub fn from_lookup(lookup: F) -> Self {
+        Env { lookup }
+    }
+
+    pub fn optional(&self, name: &'static str) -> Option<String> {
+        (self.lookup)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.optional(name).ok_or(ConfigError::Missing(name))
+    }
+
+    /// Parses `name` when set; `default` otherwise.
+    pub fn parse_or<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.optional(name) {
+            None => Ok(default),
+            Some(raw) => raw.parse().map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                reason: format!("{raw:?}: {e}"),
+            }),
+        }
+    }
+
+    /// A positive number within `range`, when set; `default` otherwise.
+    pub fn bounded_or(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let value = self.parse_or(name, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::Invalid {
+                name,
+                reason: format!("{value} is outside {}..={}", range.start(), range.end()),
+            })
+        }
+    }
+
+    pub fn millis_or(
+        &self,
+        name: &'static str,
+        default_ms: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        self.bounded_or(name, default_ms, range)
+            .map(Duration::from_millis)
+    }
+
+    pub fn running_in_lambda(&self) -> bool {
+        self.optional("AWS_LAMBDA_RUNTIME_API").is_some()
+    }
+}
+
+/// Where the PostgreSQL credentials come from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseSource {
+    /// A Secrets Manager secret in the RDS JSON shape; host/port/dbname fall back to these.
+    Secret {
+        secret_id: String,
+        host: Option<String>,
+        port: Option<u16>,
+        dbname: Option<String>,
+    },
+    /// `DATABASE_URL`: tests and local tools only (refused inside a Lambda runtime).
+    Url(String),
+}
+
+impl std::fmt::Debug for DatabaseSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseSource::Secret { secret_id, .. } => write!(f, "Secret({secret_id})"),
+            DatabaseSource::Url(_) => f.write_str("Url(<redacted>)"),
+        }
+    }
+}
+
+/// Where the Redis URL and auth come from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisSource {
+    Secret {
+        secret_id: String,
+    },
+    /// `REDIS_URL`: tests and local tools only (refused inside a Lambda runtime).
+    Url(String),
+}
+
+impl std::fmt::Debug for RedisSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisSource::Secret { secret_id } => write!(f, "Secret({secret_id})"),
+            RedisSource::Url(_) => f.write_str("Url(<redacted>)"),
+        }
+    }
+}
+
+/// What every function needs, read once at cold start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The function's name in logs and metrics (`AWS_LAMBDA_FUNCTION_NAME`, or the binary's).
+    pub service: String,
+    pub stage: String,
+    pub database: DatabaseSource,
+    /// `None` when the function was given no Redis (the admin function needs none).
+    pub redis: Option<RedisSource>,
+    pub secrets_ttl: Duration,
+    pub db_max_connections: u32,
+    pub db_acquire_timeout: Duration,
+    pub db_statement_timeout: Duration,
+    pub redis_timeout: Duration,
+    pub metrics_namespace: String,
+}
+
+impl Config {
+    pub fn from_env(default_service: &str) -> Result<Self, ConfigError> {
+        Self::from(&Env::process(), default_service)
+    }
+
+    pub fn from<F: Fn(&str) -> Option<String>>(
+        env: &Env<F>,
+        default_service: &str,
+    ) -> Result<Self, ConfigError> {
+        let in_lambda = env.running_in_lambda();
+        let local_only = |name: &'static str| -> Result<Option<String>, ConfigError> {
+            match env.optional(name) {
+                Some(_) if in_lambda => Err(ConfigError::Invalid {
+                    name,
+                    reason: "is for tests and local tools only; inside Lambda use the secret"
+                        .into(),
+                }),
+                other => Ok(other),
+            }
+        };
+
+        let database = match (local_only("DATABASE_URL")?, env.optional("DB_SECRET_ID")) {
+            (Some(url), _) => DatabaseSource::Url(url),
+            (None, Some(secret_id)) => DatabaseSource::Secret {
+                secret_id,
+                host: env.optional("DB_HOST"),
+                port: match env.optional("DB_PORT") {
+                    None => None,
+                    Some(_) => Some(env.parse_or("DB_PORT", 5432u16)?),
+                },
+                dbname: env.optional("DB_NAME"),
+            },
+            (None, None) => return Err(ConfigError::Missing("DB_SECRET_ID")),
+        };
+        let redis = match (local_only("REDIS_URL")?, env.optional("REDIS_SECRET_ID")) {
+            (Some(url), _) => Some(RedisSource::Url(url)),
+            (None, Some(secret_id)) => Some(RedisSource::Secret { secret_id }),
+            (None, None) => None,
+        };
+
+        Ok(Config {
+            service: env
+                .optional("AWS_LAMBDA_FUNCTION_NAME")
+                .unwrap_or_else(|| default_service.to_owned()),
+            stage: env.optional("STAGE").unwrap_or_else(|| "local".into()),
+            database,
+            redis,
+            secrets_ttl: Duration::from_secs(env.bounded_or(
+                "SECRETS_TTL_SECONDS",
+                300,
+                1..=86_400,
+            )?),
+            db_max_connections: env.bounded_or("DB_MAX_CONNECTIONS", 2, 1..=50)? as u32,
+            db_acquire_timeout: env.millis_or("DB_ACQUIRE_TIMEOUT_MS", 3_000, 100..=60_000)?,
+            db_statement_timeout: env.millis_or(
+                "DB_STATEMENT_TIMEOUT_MS",
+                10_000,
+                100..=900_000,
+            )?,
+            redis_timeout: env.millis_or("REDIS_TIMEOUT_MS", 250, 10..=10_000)?,
+            metrics_namespace: env
+                .optional("METRICS_NAMESPACE")
+                .unwrap_or_else(|| "Meterbridge".into()),
+        })
+    }
+
+    /// The Redis source, for functions that cannot run without one.
+    pub fn require_redis(&self) -> Result<&RedisSource, ConfigError> {
+        self.redis
+            .as_ref()
+            .ok_or(ConfigError::Missing("REDIS_SECRET_ID"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Env<impl Fn(&str) -> Option<String>> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Env::from_lookup(move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn secret_sources_with_fallbacks_and_defaults() {
+        let config = Config::from(
+            &env(&[
+                ("DB_SECRET_ID", "db"),
+                ("DB_HOST", "h"),
+                ("DB_PORT", "6543"),
+                ("REDIS_SECRET_ID", "r"),
+            ]),
+            "svc",
+        )
+        .unwrap();
+        assert_eq!(
+            config.database,
+            DatabaseSource::Secret {
+                secret_id: "db".into(),
+                host: Some("h".into()),
+                port: Some(6543),
+                dbname: None
+            }
+        );
+        assert_eq!(
+            config.redis,
+            Some(RedisSource::Secret {
+                secret_id: "r".into()
+            })
+        );
+        assert_eq!(config.service, "svc");
+        assert_eq!(config.db_max_connections, 2);
+        assert_eq!(config.secrets_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn missing_database_names_the_variable() {
+        let err = Config::from(&env(&[]), "svc").unwrap_err();
+        assert_eq!(err, ConfigError::Missing("DB_SECRET_ID"));
+        assert!(err.to_string().contains("DB_SECRET_ID"));
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let err = Config::from(
+            &env(&[("DB_SECRET_ID", "db"), ("DB_MAX_CONNECTIONS", "many")]),
+            "svc",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("DB_MAX_CONNECTIONS"), "{err}");
+        let err = Config::from(
+            &env(&[("DB_SECRET_ID", "db"), ("DB_MAX_CONNECTIONS", "0")]),
+            "svc",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        let err =
+            Config::from(&env(&[("DB_SECRET_ID", "db"), ("DB_PORT", "x")]), "svc").unwrap_err();
+        assert!(err.to_string().contains("DB_PORT"), "{err}");
+    }
+
+    #[test]
+    fn url_overrides_are_refused_inside_lambda() {
+        let config = Config::from(&env(&[("DATABASE_URL", "postgres://x")]), "svc").unwrap();
+        assert_eq!(config.database, DatabaseSource::Url("postgres://x".into()));
+        let err = Config::from(
+            &env(&[
+                ("DATABASE_URL", "postgres://x"),
+                ("DB_SECRET_ID", "db"),
+                ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+            ]),
+            "svc",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_hides_urls() {
+        let config =
+            Config::from(&env(&[("DATABASE_URL", "postgres://u:secret@h/db")]), "svc").unwrap();
+        assert!(!format!("{config:?}").contains("secret@"));
+    }
+}

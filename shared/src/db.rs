@@ -1,0 +1,266 @@
+//! PostgreSQL: a Lambda-sized pool whose credentials come from Secrets Manager (re-read once
+//! when the server refuses them), the embedded migrations, and [`Database::tenant_tx`], the
+//! transaction that sets the tenant row-level security reads.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::config::{Config, DatabaseSource};
+use crate::domain::TenantId;
+use crate::secrets::{DbCredentials, Secrets, SecretsError};
+
+/// Every migration in `migrations/`, compiled into each binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+pub type Tx = Transaction<'static, Postgres>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database credentials: {0}")]
+    Credentials(#[from] SecretsError),
+    #[error("database configuration: {0}")]
+    Config(String),
+    /// The database could not be reached or refused the connection: worth retrying later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    /// A stored value that the domain types do not accept (a schema/code mismatch).
+    #[error("unexpected stored value: {0}")]
+    Decode(String),
+}
+
+impl From<crate::domain::InvalidValue> for DbError {
+    fn from(e: crate::domain::InvalidValue) -> Self {
+        DbError::Decode(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_unavailable(&e) {
+            DbError::Unavailable(e)
+        } else {
+            DbError::Query(e)
+        }
+    }
+}
+
+impl DbError {
+    /// The SQLSTATE of a database-reported error (e.g. `23505` for a unique violation).
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            DbError::Query(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// The violated constraint's name, for errors that have one.
+    pub fn constraint(&self) -> Option<&str> {
+        match self {
+            DbError::Query(sqlx::Error::Database(db)) => db.constraint(),
+            _ => None,
+        }
+    }
+}
+
+/// Connection-level failures: the server is down, unreachable, overloaded or shutting down, or
+/// the pool could not get a connection in time.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception, 28: invalid authorization, 53: insufficient resources,
+            // 57P0x: admin/crash shutdown or cannot connect now.
+            code.starts_with("08")
+                || code.starts_with("28")
+                || code.starts_with("53")
+                || code.starts_with("57P0")
+        }),
+        _ => false,
+    }
+}
+
+fn is_auth_failure(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")))
+}
+
+enum Credentials {
+    Url,
+    Secret {
+        secrets: Arc<Secrets>,
+        secret_id: String,
+        host: Option<String>,
+        port: Option<u16>,
+        dbname: Option<String>,
+    },
+}
+
+/// The pool and where its credentials come from. One per container.
+pub struct Database {
+    pool: PgPool,
+    credentials: Credentials,
+    base: PgConnectOptions,
+}
+
+impl Database {
+    /// Builds the pool without connecting: the first query connects. With a secret, the
+    /// credentials are read now (cached by the secrets client).
+    pub async fn connect(config: &Config, secrets: Option<Arc<Secrets>>) -> Result<Self, DbError> {
+        let base = PgConnectOptions::new_without_pgpass()
+            .application_name(&config.service)
+            .options([(
+                "statement_timeout",
+                config.db_statement_timeout.as_millis().to_string(),
+            )]);
+        let credentials = match &config.database {
+            DatabaseSource::Url(_) => Credentials::Url,
+            DatabaseSource::Secret {
+                secret_id,
+                host,
+                port,
+                dbname,
+            } => Credentials::Secret {
+                secrets: secrets.ok_or_else(|| {
+                    DbError::Config(
+                        "DB_SECRET_ID is set but no Secrets Manager client was built".into(),
+                    )
+                })?,
+                secret_id: secret_id.clone(),
+                host: host.clone(),
+                port: *port,
+                dbname: dbname.clone(),
+            },
+        };
+        let options = match &config.database {
+            DatabaseSource::Url(url) => PgConnectOptions::from_str(url)
+                .map_err(|e| DbError::Config(format!("DATABASE_URL does not parse: {e}")))?
+                .application_name(&config.service)
+                .options([(
+                    "statement_timeout",
+                    config.db_statement_timeout.as_millis().to_string(),
+                )]),
+            DatabaseSource::Secret { .. } => {
+                Self::options_from_secret(&credentials, &base, false).await?
+            }
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_max_connections)
+            .min_connections(0)
+            .acquire_timeout(config.db_acquire_timeout)
+            .idle_timeout(Some(std::time::Duration::from_secs(300)))
+            .connect_lazy_with(options);
+        Ok(Database {
+            pool,
+            credentials,
+            base,
+        })
+    }
+
+    /// Wraps an existing pool (tests, tools); no secret refresh.
+    pub fn from_pool(pool: PgPool) -> Self {
+        Database {
+            pool,
+            credentials: Credentials::Url,
+            base: PgConnectOptions::new_without_pgpass(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn options_from_secret(
+        credentials: &Credentials,
+        base: &PgConnectOptions,
+        refresh: bool,
+    ) -> Result<PgConnectOptions, DbError> {
+        let Credentials::Secret {
+            secrets,
+            secret_id,
+            host,
+            port,
+            dbname,
+        } = credentials
+        else {
+            return Err(DbError::Config("no secret to read credentials from".into()));
+        };
+        let creds: DbCredentials = secrets.get_json(secret_id, refresh).await?;
+        let host = creds.host.or_else(|| host.clone()).ok_or_else(|| {
+            DbError::Config(format!(
+                "secret {secret_id} has no host and DB_HOST is unset"
+            ))
+        })?;
+        let dbname = creds.dbname.or_else(|| dbname.clone()).ok_or_else(|| {
+            DbError::Config(format!(
+                "secret {secret_id} has no dbname and DB_NAME is unset"
+            ))
+        })?;
+        Ok(base
+            .clone()
+            .host(&host)
+            .port(creds.port.or(*port).unwrap_or(5432))
+            .username(&creds.username)
+            .password(&creds.password)
+            .database(&dbname))
+    }
+
+    /// Re-reads the secret, bypassing the cache, and points new connections at it.
+    async fn refresh_credentials(&self) -> Result<bool, DbError> {
+        if matches!(self.credentials, Credentials::Url) {
+            return Ok(false);
+        }
+        tracing::warn!("database refused the credentials; re-reading the secret");
+        let options = Self::options_from_secret(&self.credentials, &self.base, true).await?;
+        self.pool.set_connect_options(options);
+        Ok(true)
+    }
+
+    /// Begins a transaction; on an authentication failure re-reads the secret once and retries.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        match self.pool.begin().await {
+            Err(e) if is_auth_failure(&e) => {
+                if self.refresh_credentials().await? {
+                    Ok(self.pool.begin().await?)
+                } else {
+                    Err(e.into())
+                }
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// A transaction acting for `tenant`: row-level security limits every statement in it to that
+    /// tenant's rows. The setting is transaction-local, so a pooled connection never carries it
+    /// into the next transaction.
+    pub async fn tenant_tx(&self, tenant: TenantId) -> Result<Tx, DbError> {
+        let mut tx = self.begin().await?;
+        set_tenant(&mut tx, tenant).await?;
+        Ok(tx)
+    }
+
+    /// Applies the embedded migrations.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+}
+
+/// Sets the tenant RLS reads, for the rest of the transaction.
+pub async fn set_tenant(tx: &mut Tx, tenant: TenantId) -> Result<(), DbError> {
+    sqlx::query!(
+        "SELECT set_config('meterbridge.tenant_id', $1, true) AS tenant",
+        tenant.to_string()
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! meterbridge's shared crate: configuration, secrets, connections, domain types, repositories,
+//! HTTP problem documents and telemetry. Functions depend on this crate and on nothing of each
+//! other's.
+
+pub mod auth;
+pub mod config;
+pub mod context;
+pub mod db;
+pub mod domain;
+pub mod http;
+pub mod redis;
+pub mod repo;
+pub mod secrets;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::Config;
+pub use context::{Services, StartupError};
+pub use db::{Database, DbError};

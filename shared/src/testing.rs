@@ -1,0 +1,129 @@
+//! Test helpers: the real services, per-test tenants, and connections as the application roles.
+//! A missing service fails the test with a message that says how to start it; nothing is skipped.
+
+use std::time::Duration;
+
+use aws_sdk_secretsmanager::config::{Credentials, Region};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::auth::{generate_api_key, NewApiKey};
+use crate::domain::{SourceService, Tenant, TenantSlug, Trust};
+use crate::repo::{api_keys, tenants};
+
+pub const API_ROLE: &str = "meterbridge_api";
+pub const OPS_ROLE: &str = "meterbridge_ops";
+
+/// The moto endpoint the tests use (`AWS_ENDPOINT_URL`, default `http://127.0.0.1:5055`).
+pub fn moto_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:5055".into())
+}
+
+/// The Redis the tests use (`REDIS_URL`, default `redis://127.0.0.1:6379`).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn require_listening(what: &str, endpoint: &str, hint: &str) {
+    let authority = endpoint
+        .split("://")
+        .nth(1)
+        .unwrap_or(endpoint)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let addr = authority.rsplit('@').next().unwrap_or_default().to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    assert!(reachable, "{what} is not reachable at {endpoint}: {hint}");
+}
+
+/// An SDK configuration pointing at moto, with its dummy credentials.
+pub async fn moto_sdk_config() -> aws_config::SdkConfig {
+    let endpoint = moto_endpoint();
+    require_listening(
+        "moto",
+        &endpoint,
+        "run scripts/test.sh (it starts moto) or scripts/dev-up.sh",
+    );
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "meterbridge-tests",
+        ))
+        .endpoint_url(endpoint)
+        .load()
+        .await
+}
+
+pub fn require_redis() -> String {
+    let url = redis_url();
+    require_listening(
+        "Redis",
+        &url,
+        "start it: redis-server --daemonize yes --port 6379 --save \"\"",
+    );
+    url
+}
+
+/// A pool on the same (per-test) database as `pool`, logged in as `role`.
+pub async fn pool_as(pool: &PgPool, role: &str) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .username(role)
+        .password("");
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect as {role}: {e}"))
+}
+
+/// A fresh, uniquely named tenant (slug `<hint>-<random>`).
+pub async fn create_tenant(owner: &PgPool, hint: &str) -> Tenant {
+    let slug = TenantSlug::parse(&format!(
+        "{hint}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    ))
+    .expect("test slug");
+    tenants::insert(owner, &slug, hint)
+        .await
+        .expect("create tenant")
+}
+
+/// A key for `tenant`'s `source` service.
+pub async fn create_api_key(
+    owner: &PgPool,
+    tenant: &Tenant,
+    source: &str,
+    trust: Trust,
+) -> NewApiKey {
+    let new_key = generate_api_key();
+    let source = SourceService::parse(source).expect("test source");
+    api_keys::insert(
+        owner,
+        tenant.id,
+        &new_key.prefix,
+        &new_key.hash,
+        &source,
+        trust,
+    )
+    .await
+    .expect("create api key");
+    new_key
+}
+
+/// The per-test database's name.
+pub fn database_name(pool: &PgPool) -> String {
+    pool.connect_options()
+        .get_database()
+        .expect("the test pool names its database")
+        .to_owned()
+}

@@ -1,0 +1,147 @@
+//! Credentials from Secrets Manager (on moto): the pool and Redis are built from secrets, and a
+//! credential the server refuses is re-read once, so a rotation heals without a redeploy.
+
+use std::collections::HashMap;
+
+use aws_sdk_secretsmanager::Client as SecretsClient;
+use meterbridge::config::{Config, Env};
+use meterbridge::testing::{database_name, moto_sdk_config, require_redis};
+use meterbridge::{Services, StartupError};
+use serde_json::json;
+use sqlx::PgPool;
+
+fn config(vars: &[(&str, String)]) -> Config {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    Config::from(
+        &Env::from_lookup(move |k| map.get(k).cloned()),
+        "secrets-test",
+    )
+    .expect("config")
+}
+
+async fn put_secret(client: &SecretsClient, name: &str, value: serde_json::Value) {
+    client
+        .create_secret()
+        .name(name)
+        .secret_string(value.to_string())
+        .send()
+        .await
+        .expect("create secret in moto");
+}
+
+fn unique(name: &str) -> String {
+    format!("meterbridge/test/{}/{name}", uuid::Uuid::new_v4())
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn database_credentials_come_from_the_secret_and_heal_after_rotation(owner: PgPool) {
+    let sdk = moto_sdk_config().await;
+    let client = SecretsClient::new(&sdk);
+    let secret_id = unique("db");
+    // Host and port from the environment, the rest from the secret; the first user is wrong.
+    put_secret(
+        &client,
+        &secret_id,
+        json!({"username": "no_such_role_meterbridge", "password": "x", "engine": "postgres",
+               "dbname": database_name(&owner)}),
+    )
+    .await;
+    let services = Services::build_with_aws(
+        config(&[
+            ("DB_SECRET_ID", secret_id.clone()),
+            ("DB_HOST", "127.0.0.1".into()),
+            ("DB_PORT", "5432".into()),
+        ]),
+        Some(sdk),
+    )
+    .await
+    .expect("services");
+
+    // The secret is rotated after the function cached it.
+    client
+        .put_secret_value()
+        .secret_id(&secret_id)
+        .secret_string(
+            json!({"username": "meterbridge_api", "password": "rotated", "dbname": database_name(&owner)}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let mut tx = services
+        .db
+        .begin()
+        .await
+        .expect("re-reads the secret and connects");
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(user, "meterbridge_api");
+}
+
+#[tokio::test]
+async fn redis_url_and_auth_come_from_the_secret() {
+    let url = require_redis();
+    let sdk = moto_sdk_config().await;
+    let secret_id = unique("redis");
+    put_secret(&SecretsClient::new(&sdk), &secret_id, json!({"url": url})).await;
+    let services = Services::build_with_aws(
+        config(&[
+            (
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1/postgres".into(),
+            ),
+            ("REDIS_SECRET_ID", secret_id),
+        ]),
+        Some(sdk),
+    )
+    .await
+    .expect("services");
+    let mut conn = services
+        .redis
+        .as_ref()
+        .unwrap()
+        .connection()
+        .await
+        .expect("redis connection");
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+#[tokio::test]
+async fn a_missing_secret_fails_the_cold_start_naming_it() {
+    let sdk = moto_sdk_config().await;
+    let secret_id = unique("absent");
+    let err = Services::build_with_aws(config(&[("DB_SECRET_ID", secret_id.clone())]), Some(sdk))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, StartupError::Database(_)), "{err:?}");
+    assert!(err.to_string().contains(&secret_id), "{err}");
+}
+
+#[tokio::test]
+async fn a_secret_of_the_wrong_shape_is_named_without_echoing_it() {
+    let sdk = moto_sdk_config().await;
+    let secret_id = unique("bad-shape");
+    put_secret(
+        &SecretsClient::new(&sdk),
+        &secret_id,
+        json!({"user": "u", "pass": "hunter2"}),
+    )
+    .await;
+    let err = Services::build_with_aws(config(&[("DB_SECRET_ID", secret_id.clone())]), Some(sdk))
+        .await
+        .err()
+        .expect("must fail");
+    let message = err.to_string();
+    assert!(
+        message.contains(&secret_id) && message.contains("username"),
+        "{message}"
+    );
+    assert!(!message.contains("hunter2"));
+}
