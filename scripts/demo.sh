@@ -34,11 +34,13 @@ say "secrets in moto (Secrets Manager)"
   "meterbridge/local/redis={\"url\":\"redis://127.0.0.1:$REDIS_PORT\"}"
 
 say "cargo lambda watch on :$WATCH_PORT (log: $MB_CACHE/watch.log)"
-if ! curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/"; then
-  nohup cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" >"$MB_CACHE/watch.log" 2>&1 &
-  echo $! >"$MB_CACHE/watch.pid"
-  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/" && break; sleep 0.2; done
-fi
+# Restart it, so the functions run the code as it is now.
+if [ -f "$MB_CACHE/watch.pid" ]; then kill "$(cat "$MB_CACHE/watch.pid")" 2>/dev/null || true; sleep 0.5; fi
+cargo build --quiet --workspace --bins
+nohup cargo lambda watch --ignore-changes --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" \
+  >"$MB_CACHE/watch.log" 2>&1 &
+echo $! >"$MB_CACHE/watch.pid"
+for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/" && break; sleep 0.2; done
 
 # invoke FUNCTION JSON — prints the function's JSON response; fails on a function error.
 invoke() {
@@ -53,7 +55,7 @@ invoke() {
 admin() { invoke admin "$1"; }
 json_get() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
-say "admin: migrate (the first invocation compiles the function)"
+say "admin: migrate"
 admin "$(cat events/admin/migrate.json)" | json_get '", ".join(str(m["version"]) + " " + m["description"] for m in d["migrations"])'
 
 say "database roles for the API and scheduled functions, with generated passwords"
@@ -86,12 +88,10 @@ umask 077
   echo "EXTERNAL_KEY=$(printf '%s' "$EXTERNAL" | json_get 'd["key"]')"
   echo "EXTERNAL_PREFIX=$(printf '%s' "$EXTERNAL" | json_get 'd["apiKey"]["prefix"]')"
 } >"$KEYS_FILE"
-admin "{\"action\":\"api-key.list\",\"tenant\":\"$TENANT\"}" \
-  | json_get "'\\n'.join('  %s  %-11s %-9s %s' % (k['prefix'], k['sourceService'], k['trust'], 'revoked' if k['revokedAt'] else 'active') for k in d['apiKeys'])"
+admin "{\"action\":\"api-key.list\",\"tenant\":\"$TENANT\"}" | python3 scripts/demo_show.py keys
 
 # shellcheck source=/dev/null
 source "$KEYS_FILE"
-DEMO_STEPS=${DEMO_STEPS:-}
 for step in scripts/demo.d/*.sh; do
   [ -e "$step" ] || continue
   # shellcheck source=/dev/null
@@ -104,6 +104,7 @@ meterbridge is running locally:
   PostgreSQL  $PG_HOST:$PG_PORT/$DB_NAME     Redis 127.0.0.1:$REDIS_PORT     moto $AWS_ENDPOINT_URL
   functions   http://127.0.0.1:$WATCH_PORT (cargo lambda watch, pid $(cat "$MB_CACHE/watch.pid" 2>/dev/null || echo '?'))
   API keys    $KEYS_FILE (the keys are shown nowhere else)
-Invoke the admin function:  cargo lambda invoke admin --invoke-port $WATCH_PORT --data-file events/admin/tenant-list.json
+  usage API   http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage/v1/usage/{events,realtime}
+Invoke the admin function:  cargo lambda invoke admin --invoke-address 127.0.0.1 --invoke-port $WATCH_PORT --data-file events/admin/tenant-list.json
 Stop the functions:         kill \$(cat $MB_CACHE/watch.pid)
 SUMMARY

@@ -3,7 +3,15 @@
 //! (it is shown in listings), the 64-hex-char secret carries 256 random bits. Only the SHA-256 of
 //! the whole key is stored; with that much entropy a slow hash adds nothing.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use rand::RngCore;
+use tokio::sync::Mutex;
+
+use crate::db::{Database, DbError};
+use crate::domain::{SourceService, TenantId, TenantStatus, Trust};
+use crate::repo::api_keys;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -69,6 +77,130 @@ pub fn parse_presented_key(raw: &str) -> Option<PresentedKey> {
 /// Constant-time comparison of a presented key's hash with a stored one.
 pub fn hashes_match(presented: &[u8; 32], stored: &[u8]) -> bool {
     stored.len() == presented.len() && bool::from(presented.ct_eq(stored))
+}
+
+/// Who is calling, as established by a valid API key. A request can never choose these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub key_id: uuid::Uuid,
+    pub key_prefix: String,
+    pub tenant_id: TenantId,
+    pub tenant_slug: String,
+    pub source: SourceService,
+    pub trust: Trust,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    Missing,
+    #[error("invalid API key")]
+    Invalid,
+    #[error("the API key has been revoked")]
+    Revoked,
+    #[error("the tenant is disabled")]
+    TenantDisabled,
+    #[error(transparent)]
+    Database(#[from] DbError),
+}
+
+/// What a lookup concluded about one presented key; cached, including the failures, so a
+/// flood of bad keys costs one lookup each per TTL.
+#[derive(Debug, Clone)]
+enum Verdict {
+    Valid(Caller),
+    Invalid,
+    Revoked,
+    TenantDisabled,
+}
+
+/// Authenticates API keys, remembering each verdict for at most `ttl` (≤ 60 s), so a revocation
+/// or a disabled tenant takes effect within that time in every container.
+pub struct Authenticator {
+    ttl: Duration,
+    max_entries: usize,
+    cache: Mutex<HashMap<[u8; 32], (Instant, Verdict)>>,
+}
+
+impl Authenticator {
+    pub const MAX_TTL: Duration = Duration::from_secs(60);
+
+    pub fn new(ttl: Duration) -> Self {
+        Authenticator {
+            ttl: ttl.min(Self::MAX_TTL),
+            max_entries: 10_000,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `raw` is the key as presented (already taken out of its header).
+    pub async fn authenticate(
+        &self,
+        db: &Database,
+        raw: Option<&str>,
+    ) -> Result<Caller, AuthError> {
+        let raw = raw
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let presented = parse_presented_key(raw).ok_or(AuthError::Invalid)?;
+        let cached = self
+            .cache
+            .lock()
+            .await
+            .get(&presented.hash)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, verdict)| verdict.clone());
+        let verdict = match cached {
+            Some(verdict) => verdict,
+            None => {
+                let verdict = self.look_up(db, &presented).await?;
+                let mut cache = self.cache.lock().await;
+                if cache.len() >= self.max_entries {
+                    let ttl = self.ttl;
+                    cache.retain(|_, (at, _)| at.elapsed() < ttl);
+                    if cache.len() >= self.max_entries {
+                        cache.clear();
+                    }
+                }
+                cache.insert(presented.hash, (Instant::now(), verdict.clone()));
+                verdict
+            }
+        };
+        match verdict {
+            Verdict::Valid(caller) => Ok(caller),
+            Verdict::Invalid => Err(AuthError::Invalid),
+            Verdict::Revoked => Err(AuthError::Revoked),
+            Verdict::TenantDisabled => Err(AuthError::TenantDisabled),
+        }
+    }
+
+    async fn look_up(&self, db: &Database, presented: &PresentedKey) -> Result<Verdict, AuthError> {
+        let mut conn = db.acquire().await?;
+        let Some(candidate) = api_keys::find_candidate(&mut *conn, &presented.prefix).await? else {
+            return Ok(Verdict::Invalid);
+        };
+        if !hashes_match(&presented.hash, &candidate.key_hash) {
+            return Ok(Verdict::Invalid);
+        }
+        if candidate.revoked {
+            return Ok(Verdict::Revoked);
+        }
+        if candidate.tenant_status == TenantStatus::Disabled {
+            return Ok(Verdict::TenantDisabled);
+        }
+        if let Err(e) = api_keys::touch(&mut *conn, candidate.key_id).await {
+            tracing::warn!(error = %e, "could not record API key use");
+        }
+        Ok(Verdict::Valid(Caller {
+            key_id: candidate.key_id,
+            key_prefix: presented.prefix.clone(),
+            tenant_id: candidate.tenant_id,
+            tenant_slug: candidate.tenant_slug,
+            source: candidate.source_service,
+            trust: candidate.trust,
+        }))
+    }
 }
 
 #[cfg(test)]

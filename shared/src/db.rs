@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -228,12 +229,19 @@ impl Database {
     /// Begins a transaction; on an authentication failure re-reads the secret once and retries.
     pub async fn begin(&self) -> Result<Tx, DbError> {
         match self.pool.begin().await {
-            Err(e) if is_auth_failure(&e) => {
-                if self.refresh_credentials().await? {
-                    Ok(self.pool.begin().await?)
-                } else {
-                    Err(e.into())
-                }
+            Err(e) if is_auth_failure(&e) && self.refresh_credentials().await? => {
+                Ok(self.pool.begin().await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// A pooled connection outside any transaction (for statements that need no tenant), with
+    /// the same credential refresh as [`Database::begin`].
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, DbError> {
+        match self.pool.acquire().await {
+            Err(e) if is_auth_failure(&e) && self.refresh_credentials().await? => {
+                Ok(self.pool.acquire().await?)
             }
             other => Ok(other?),
         }

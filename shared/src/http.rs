@@ -249,3 +249,159 @@ mod tests {
         );
     }
 }
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        match e {
+            AuthError::Missing | AuthError::Invalid | AuthError::Revoked => {
+                ApiError::Unauthorized(e.to_string())
+            }
+            AuthError::TenantDisabled => {
+                ApiError::Forbidden("the tenant of this API key is disabled".into())
+            }
+            AuthError::Database(db) => db.into(),
+        }
+    }
+}
+
+/// The API key a request presents: `Authorization: Bearer <key>`, else `x-api-key`.
+pub fn presented_api_key(headers: &http::HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        });
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+}
+
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// The caller's correlation id when it is sane (1–128 visible ASCII characters), else a new one.
+pub fn correlation_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Parses a JSON request body of at most `max_bytes`: 413 when larger, 415 when declared as
+/// something other than JSON, 400 when it is not valid UTF-8 JSON (serde's message says where).
+pub fn parse_json_body(
+    headers: &http::HeaderMap,
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<serde_json::Value, ApiError> {
+    if body.len() > max_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the body is {} bytes; the limit is {max_bytes}",
+            body.len()
+        )));
+    }
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let essence = content_type
+            .to_str()
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "send application/json, not {essence:?}"
+            )));
+        }
+    }
+    if body.is_empty() {
+        return Err(ApiError::Malformed(
+            "the request body is empty; send a JSON document".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+    use http::HeaderMap;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn api_keys_come_from_bearer_or_x_api_key() {
+        assert_eq!(
+            presented_api_key(&headers(&[("authorization", "Bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_api_key(&headers(&[("authorization", "bearer  abc ")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_api_key(&headers(&[("x-api-key", "xyz")])),
+            Some("xyz")
+        );
+        assert_eq!(
+            presented_api_key(&headers(&[("authorization", "Basic Zm9v")])),
+            None
+        );
+        assert_eq!(presented_api_key(&headers(&[])), None);
+    }
+
+    #[test]
+    fn correlation_ids_are_kept_when_sane() {
+        assert_eq!(
+            correlation_id(&headers(&[("x-correlation-id", "req-42")])),
+            "req-42"
+        );
+        let generated = correlation_id(&headers(&[("x-correlation-id", &"x".repeat(200))]));
+        assert_eq!(generated.len(), 36);
+    }
+
+    #[test]
+    fn bodies_are_checked_before_parsing() {
+        let json = headers(&[("content-type", "application/json; charset=utf-8")]);
+        assert!(parse_json_body(&json, br#"{"a":1}"#, 100).is_ok());
+        assert_eq!(
+            parse_json_body(&json, &[b' '; 101], 100)
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert_eq!(parse_json_body(&json, b"{", 100).unwrap_err().status(), 400);
+        assert_eq!(
+            parse_json_body(&json, b"{\"a\":\"\xff\"}", 100)
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(parse_json_body(&json, b"", 100).unwrap_err().status(), 400);
+        let form = headers(&[("content-type", "application/x-www-form-urlencoded")]);
+        assert_eq!(
+            parse_json_body(&form, b"a=1", 100).unwrap_err().status(),
+            415
+        );
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(
+            parse_json_body(&json, deep.as_bytes(), 100_000)
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+}

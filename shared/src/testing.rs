@@ -127,3 +127,23 @@ pub fn database_name(pool: &PgPool) -> String {
         .expect("the test pool names its database")
         .to_owned()
 }
+
+/// A `postgres://` URL for the same (per-test) database as `pool`, logged in as `role`.
+pub fn database_url_as(pool: &PgPool, role: &str) -> String {
+    let options = pool.connect_options();
+    format!(
+        "postgres://{role}@{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        database_name(pool)
+    )
+}
+
+/// Replaces `{{NAME}}` placeholders in an event fixture.
+pub fn render(template: &str, values: &[(&str, &str)]) -> String {
+    values
+        .iter()
+        .fold(template.to_owned(), |text, (name, value)| {
+            text.replace(&format!("{{{{{name}}}}}"), value)
+        })
+}

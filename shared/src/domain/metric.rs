@@ -54,6 +54,36 @@ pub struct MetricDefinition {
     pub unit: String,
 }
 
+/// The metric catalog, by name.
+#[derive(Debug, Clone, Default)]
+pub struct MetricCatalog {
+    by_name: std::collections::HashMap<String, MetricDefinition>,
+}
+
+impl MetricCatalog {
+    pub fn new(metrics: impl IntoIterator<Item = MetricDefinition>) -> Self {
+        MetricCatalog {
+            by_name: metrics.into_iter().map(|m| (m.name.clone(), m)).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&MetricDefinition> {
+        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

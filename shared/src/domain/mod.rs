@@ -3,9 +3,10 @@
 pub mod api_key;
 pub mod metric;
 pub mod tenant;
+pub mod usage;
 
 pub use api_key::{SourceService, Trust};
-pub use metric::{Classification, MetricDefinition};
+pub use metric::{Classification, MetricCatalog, MetricDefinition};
 pub use tenant::{Tenant, TenantId, TenantSlug, TenantStatus};
 
 /// A value that failed validation: which field, and why (safe to show to the caller).

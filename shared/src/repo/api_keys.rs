@@ -110,6 +110,7 @@ pub async fn list_for_tenant(
 pub struct KeyCandidate {
     pub key_id: Uuid,
     pub tenant_id: TenantId,
+    pub tenant_slug: String,
     pub tenant_status: TenantStatus,
     pub key_hash: Vec<u8>,
     pub source_service: SourceService,
@@ -124,7 +125,8 @@ pub async fn find_candidate(
     prefix: &str,
 ) -> Result<Option<KeyCandidate>, DbError> {
     let row = sqlx::query!(
-        r#"SELECT key_id AS "key_id!", tenant_id AS "tenant_id!", tenant_status AS "tenant_status!",
+        r#"SELECT key_id AS "key_id!", tenant_id AS "tenant_id!", tenant_slug AS "tenant_slug!",
+                  tenant_status AS "tenant_status!",
                   key_hash AS "key_hash!", source_service AS "source_service!", trust AS "trust!",
                   revoked AS "revoked!"
              FROM authenticate_api_key($1)"#,
@@ -136,6 +138,7 @@ pub async fn find_candidate(
         Ok(KeyCandidate {
             key_id: r.key_id,
             tenant_id: TenantId(r.tenant_id),
+            tenant_slug: r.tenant_slug,
             tenant_status: r.tenant_status.parse()?,
             key_hash: r.key_hash,
             source_service: SourceService::parse(&r.source_service)?,

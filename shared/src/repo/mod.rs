@@ -4,3 +4,4 @@
 pub mod api_keys;
 pub mod metrics;
 pub mod tenants;
+pub mod usage_events;

@@ -1,0 +1,56 @@
+//! What the function keeps between invocations: the shared clients, the API key verdict cache
+//! and the metric catalog. Built once per container.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meterbridge::auth::Authenticator;
+use meterbridge::domain::MetricCatalog;
+use meterbridge::repo::metrics;
+use meterbridge::{DbError, Services, StartupError};
+use tokio::sync::RwLock;
+
+use crate::config::IngestConfig;
+
+pub struct App {
+    pub services: Services,
+    pub config: IngestConfig,
+    pub auth: Authenticator,
+    catalog: RwLock<Option<(Instant, Arc<MetricCatalog>)>>,
+}
+
+impl App {
+    pub async fn from_env() -> Result<Self, StartupError> {
+        let config = IngestConfig::from_env()?;
+        let services = Services::from_env("ingest-usage").await?;
+        Ok(Self::new(services, config))
+    }
+
+    pub fn new(services: Services, config: IngestConfig) -> Self {
+        App {
+            auth: Authenticator::new(config.auth_cache_ttl),
+            services,
+            config,
+            catalog: RwLock::new(None),
+        }
+    }
+
+    /// The metric catalog, read from PostgreSQL at most once per `catalog_ttl`.
+    pub async fn catalog(&self) -> Result<Arc<MetricCatalog>, DbError> {
+        if let Some((at, catalog)) = self.catalog.read().await.as_ref() {
+            if at.elapsed() < self.config.catalog_ttl {
+                return Ok(Arc::clone(catalog));
+            }
+        }
+        let mut slot = self.catalog.write().await;
+        if let Some((at, catalog)) = slot.as_ref() {
+            if at.elapsed() < self.config.catalog_ttl {
+                return Ok(Arc::clone(catalog));
+            }
+        }
+        let mut conn = self.services.db.acquire().await?;
+        let catalog = Arc::new(MetricCatalog::new(metrics::catalog(&mut *conn).await?));
+        *slot = Some((Instant::now(), Arc::clone(&catalog)));
+        Ok(catalog)
+    }
+}

@@ -1,0 +1,17 @@
+//! `ingest-usage`: authenticated, tenant-scoped batch ingestion of usage events with idempotent
+//! dedup, real-time counters in Redis, and usage queries.
+//!
+//! The Lambda entry point (`main.rs`) only wires [`App::from_env`] to [`routes::handle`]; tests
+//! and the benchmark call the same functions in-process.
+
+pub mod app;
+pub mod batch;
+pub mod config;
+pub mod counters;
+pub mod ingest;
+pub mod query;
+pub mod routes;
+
+pub use app::App;
+pub use config::IngestConfig;
+pub use routes::handle;

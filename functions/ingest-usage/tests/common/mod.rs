@@ -1,0 +1,209 @@
+//! Shared set-up for the ingestion tests: a fresh database per test (via #[sqlx::test]), a fresh
+//! tenant with keys, the app built exactly as in Lambda (config from variables), and requests
+//! made from the fixtures in events/ingest-usage/.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ingest_usage::{App, IngestConfig};
+use lambda_http::http::{HeaderMap, StatusCode};
+use lambda_http::{Body, Request};
+use meterbridge::auth::NewApiKey;
+use meterbridge::config::{Config, Env};
+use meterbridge::domain::{Tenant, Trust};
+use meterbridge::repo::{api_keys, tenants};
+use meterbridge::testing::{
+    create_api_key, create_tenant, database_url_as, redis_url, render, require_redis, API_ROLE,
+};
+use meterbridge::Services;
+use serde_json::Value;
+use sqlx::PgPool;
+
+pub struct Fixture {
+    pub owner: PgPool,
+    pub tenant: Tenant,
+    pub internal: NewApiKey,
+    pub external: NewApiKey,
+    pub revoked: NewApiKey,
+    pub disabled_tenant_key: NewApiKey,
+    /// Unique per test: fixture event ids are `<run>-evt-N`.
+    pub run: String,
+    /// `{{NOW}}` in fixtures: fixed per test, so a resent fixture is the same payload.
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+impl Fixture {
+    pub async fn new(owner: &PgPool) -> Fixture {
+        require_redis();
+        let tenant = create_tenant(owner, "acme").await;
+        let internal = create_api_key(owner, &tenant, "crm", Trust::Internal).await;
+        let external = create_api_key(owner, &tenant, "web-widget", Trust::External).await;
+        let revoked = create_api_key(owner, &tenant, "crm", Trust::Internal).await;
+        api_keys::revoke(owner, &revoked.prefix).await.unwrap();
+        let disabled = create_tenant(owner, "gone").await;
+        let disabled_tenant_key = create_api_key(owner, &disabled, "crm", Trust::Internal).await;
+        tenants::disable(owner, &disabled.slug).await.unwrap();
+        Fixture {
+            owner: owner.clone(),
+            tenant,
+            internal,
+            external,
+            revoked,
+            disabled_tenant_key,
+            run: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            now: chrono::Utc::now(),
+        }
+    }
+
+    /// The app as the Lambda builds it, as the API role, with variable overrides.
+    pub async fn app(&self, overrides: &[(&str, &str)]) -> App {
+        app_with(&self.owner, overrides).await
+    }
+
+    pub fn placeholders(&self) -> Vec<(&'static str, String)> {
+        let now = self.now;
+        vec![
+            ("INTERNAL_KEY", self.internal.key.clone()),
+            ("EXTERNAL_KEY", self.external.key.clone()),
+            ("REVOKED_KEY", self.revoked.key.clone()),
+            ("DISABLED_TENANT_KEY", self.disabled_tenant_key.key.clone()),
+            (
+                "NOW",
+                now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ),
+            ("TODAY", now.date_naive().to_string()),
+            ("RUN", self.run.clone()),
+        ]
+    }
+
+    /// A request from a fixture file with the placeholders filled in.
+    pub fn fixture(&self, name: &str) -> Request {
+        let values = self.placeholders();
+        let pairs: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        request_from_json(&render(&fixture_text(name), &pairs))
+    }
+
+    /// POST /v1/usage/events with `body`, authenticated with `key`.
+    pub fn post(&self, key: &str, body: &Value) -> Request {
+        self.post_raw(key, &body.to_string())
+    }
+
+    pub fn post_raw(&self, key: &str, body: &str) -> Request {
+        let mut event: Value = serde_json::from_str(&fixture_text("post-events.json")).unwrap();
+        event["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
+        event["body"] = Value::String(body.to_owned());
+        request_from_json(&event.to_string())
+    }
+
+    /// A GET with a query string, authenticated with `key`.
+    pub fn get(&self, key: &str, path: &str, query: &[(&str, &str)]) -> Request {
+        let mut event: Value = serde_json::from_str(&fixture_text("list-events.json")).unwrap();
+        event["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
+        event["rawPath"] = Value::String(path.into());
+        event["requestContext"]["http"]["path"] = Value::String(path.into());
+        let params: serde_json::Map<String, Value> = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        event["rawQueryString"] = Value::String(
+            query
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&"),
+        );
+        event["queryStringParameters"] = Value::Object(params);
+        request_from_json(&event.to_string())
+    }
+
+    /// One valid event with a unique id.
+    pub fn event(&self, n: usize, metric: &str, quantity: i64) -> Value {
+        serde_json::json!({
+            "eventId": format!("{}-e{n}", self.run),
+            "metric": metric,
+            "quantity": quantity,
+            "occurredAt": chrono::Utc::now().to_rfc3339(),
+            "correlationId": format!("{}-c{n}", self.run),
+        })
+    }
+
+    pub async fn stored_events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
+            .bind(self.tenant.id)
+            .fetch_one(&self.owner)
+            .await
+            .unwrap()
+    }
+
+    /// Today's Redis counter for a metric of this tenant.
+    pub async fn counter(&self, metric: &str) -> Option<i64> {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let key = meterbridge::redis::keys::usage_counter(
+            self.tenant.id,
+            chrono::Utc::now().date_naive(),
+            metric,
+        );
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+pub async fn app_with(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
+    let mut vars: HashMap<String, String> = HashMap::new();
+    vars.insert("DATABASE_URL".into(), database_url_as(owner, API_ROLE));
+    vars.insert("REDIS_URL".into(), redis_url());
+    vars.insert("DB_ACQUIRE_TIMEOUT_MS".into(), "2000".into());
+    for (k, v) in overrides {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    let env = Env::from_lookup(move |k| vars.get(k).cloned());
+    let config = Config::from(&env, "ingest-usage").unwrap();
+    let ingest = IngestConfig::from(&env).unwrap();
+    let services = Services::build_with_aws(config, None).await.unwrap();
+    App::new(services, ingest)
+}
+
+pub fn events_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../events/ingest-usage")
+}
+
+pub fn fixture_text(name: &str) -> String {
+    std::fs::read_to_string(events_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn request_from_json(json: &str) -> Request {
+    lambda_http::request::from_str(json).expect("an API Gateway v2 request")
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+pub async fn send(app: &App, request: Request) -> Reply {
+    let response = ingest_usage::handle(app, request).await;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes: Vec<u8> = match response.into_body() {
+        Body::Empty => Vec::new(),
+        Body::Text(t) => t.into_bytes(),
+        Body::Binary(b) => b,
+        _ => Vec::new(),
+    };
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}

@@ -1,0 +1,122 @@
+//! Every request in events/ingest-usage/ run through the handler.
+
+mod common;
+
+use common::{events_dir, send, Fixture};
+use sqlx::PgPool;
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn every_fixture_runs_through_the_handler(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let mut seen = Vec::new();
+    let mut run = |name: &'static str| {
+        seen.push(name.to_owned());
+        fx.fixture(name)
+    };
+
+    let r = send(&app, run("post-events.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["accepted"], 3);
+    assert_eq!(r.headers["x-correlation-id"], "fixture-v1-usage-events");
+    // The same file again: every event is a duplicate, nothing is counted twice.
+    let r = send(&app, fx.fixture("post-events.json")).await;
+    assert_eq!(
+        (r.body["accepted"].as_u64(), r.body["duplicates"].as_u64()),
+        (Some(0), Some(3)),
+        "{}",
+        r.body
+    );
+    assert_eq!(fx.counter("api.requests").await, Some(3));
+
+    let r = send(&app, run("post-events-mixed.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.body["accepted"].as_u64(), r.body["rejected"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(r.body["results"][1]["code"], "unknown_metric");
+    assert_eq!(r.body["results"][2]["code"], "quantity_not_positive");
+    assert_eq!(r.body["results"][2]["field"], "quantity");
+
+    let r = send(&app, run("post-events-all-rejected.json")).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let codes: Vec<&str> = r.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "quantity_not_positive",
+            "occurred_at_too_old",
+            "missing_field"
+        ]
+    );
+    assert_eq!(r.body["errors"][0]["pointer"], "/events/0/quantity");
+
+    let r = send(&app, run("post-events-external-billable.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["results"][0]["code"],
+        "billable_from_external_source"
+    );
+    assert_eq!(r.body["results"][1]["status"], "accepted");
+
+    let r = send(&app, run("post-events-other-tenant.json")).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["code"], "tenant_mismatch");
+
+    let r = send(&app, run("post-events-malformed.json")).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["code"], "malformed_request");
+
+    let r = send(&app, run("post-events-no-key.json")).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.headers.contains_key("www-authenticate"));
+
+    let r = send(&app, run("post-events-revoked-key.json")).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("revoked"));
+
+    let r = send(&app, run("post-events-disabled-tenant.json")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    let r = send(&app, run("list-events.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["events"].as_array().unwrap().len(),
+        1,
+        "only one api.requests event: {}",
+        r.body
+    );
+    assert_eq!(r.body["events"][0]["metadata"]["region"], "eu-west-1");
+    assert_eq!(r.body["events"][0]["sourceService"], "crm");
+
+    let r = send(&app, run("realtime.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["source"], "redis");
+    assert_eq!(r.body["counters"]["api.requests"], 3);
+    assert_eq!(r.body["counters"]["voice.minutes.authorized"], 15);
+    assert_eq!(r.body["counters"]["integrations.webhooks.received"], 4);
+
+    let r = send(&app, run("delete-events.json")).await;
+    assert_eq!(r.status, 405, "{}", r.body);
+
+    // 3 + 2 + 1 accepted events are in PostgreSQL.
+    assert_eq!(fx.stored_events().await, 6);
+
+    let mut files: Vec<String> = std::fs::read_dir(events_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    seen.sort();
+    assert_eq!(
+        files, seen,
+        "each fixture in events/ingest-usage needs a case here"
+    );
+}

@@ -1,0 +1,36 @@
+# Sourced by scripts/demo.sh: usage ingestion over HTTP (cargo lambda watch's lambda-url).
+URL="http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage"
+RUN_ID=demo-$(date +%s)
+NOW_TS=$(date -u +%Y-%m-%dT%H:%M:%S.000Z)
+render_body() { python3 scripts/render_event.py --body "events/ingest-usage/$1" "RUN=$RUN_ID" "NOW=$NOW_TS"; }
+http() { # METHOD PATH KEY [BODY] — prints "status body"
+  local out status
+  out=$(mktemp)
+  status=$(curl -sS -o "$out" -w '%{http_code}' -X "$1" "$URL$2" -H "authorization: Bearer $3" \
+    -H 'content-type: application/json' -H "x-correlation-id: $RUN_ID" ${4:+--data-binary "$4"})
+  printf '%s %s\n' "$status" "$(cat "$out")"; rm -f "$out"
+}
+summary() { python3 scripts/demo_show.py ingest; }
+
+say "ingest-usage: POST /v1/usage/events (3 events, internal key)"
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary
+say "ingest-usage: the same batch again — duplicates, nothing counted twice"
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary
+say "ingest-usage: a mixed batch — valid events are stored, the others rejected one by one"
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events-mixed.json)" | summary
+say "ingest-usage: an external key reporting a BILLABLE metric"
+http POST /v1/usage/events "$EXTERNAL_KEY" "$(render_body post-events-external-billable.json)" | summary
+say "ingest-usage: every event rejected — 422 problem+json"
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events-all-rejected.json)" | summary
+say "ingest-usage: a key that was revoked a moment ago"
+REVOKED=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"crm\",\"trust\":\"internal\"}")
+admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$(printf '%s' "$REVOKED" | json_get 'd["apiKey"]["prefix"]')\"}" >/dev/null
+http POST /v1/usage/events "$(printf '%s' "$REVOKED" | json_get 'd["key"]')" "$(render_body post-events.json)" | summary
+say "ingest-usage: GET /v1/usage/realtime (today's counters)"
+http GET /v1/usage/realtime "$INTERNAL_KEY" | python3 scripts/demo_show.py realtime
+say "ingest-usage: GET /v1/usage/events?limit=3"
+http GET "/v1/usage/events?limit=3" "$INTERNAL_KEY" | python3 scripts/demo_show.py events
+say "ingest-usage: the same function through the Lambda invoke API (cargo lambda invoke)"
+python3 scripts/render_event.py events/ingest-usage/realtime.json "INTERNAL_KEY=$INTERNAL_KEY" >"$MB_CACHE/realtime-event.json"
+cargo lambda invoke ingest-usage --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" --data-file "$MB_CACHE/realtime-event.json" \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  statusCode", r["statusCode"], "source", json.loads(r["body"])["source"])'

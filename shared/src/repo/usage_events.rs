@@ -1,0 +1,211 @@
+//! usage_events: the batch insert that dedups in one statement, the lookup that explains each
+//! event the insert skipped, and the reads. Every function here runs inside a tenant transaction;
+//! the explicit tenant filters below are belt and braces on top of row-level security.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::db::DbError;
+use crate::domain::usage::UsageEvent;
+use crate::domain::{Classification, SourceService, TenantId};
+
+/// Inserts the batch with `ON CONFLICT DO NOTHING` against all three unique keys; returns the
+/// event ids that were new. The input must be free of in-batch duplicates.
+pub async fn insert_new(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    source: &SourceService,
+    events: &[&UsageEvent],
+) -> Result<Vec<String>, DbError> {
+    let n = events.len();
+    let mut event_ids = Vec::with_capacity(n);
+    let mut metrics = Vec::with_capacity(n);
+    let mut quantities = Vec::with_capacity(n);
+    let mut occurred = Vec::with_capacity(n);
+    let mut actors: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut classifications = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    for e in events {
+        event_ids.push(e.event_id.clone());
+        metrics.push(e.metric.clone());
+        quantities.push(e.quantity);
+        occurred.push(e.occurred_at);
+        actors.push(e.actor_id.clone());
+        correlations.push(e.correlation_id.clone());
+        classifications.push(e.classification.as_str().to_owned());
+        keys.push(e.idempotency_key.clone());
+        metadata.push(e.metadata.clone());
+        hashes.push(e.payload_hash.to_vec());
+    }
+    let inserted = sqlx::query_scalar!(
+        r#"INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity, occurred_at,
+                                     actor_id, correlation_id, classification, idempotency_key,
+                                     metadata, payload_hash)
+           SELECT $1, $2, e.* FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
+                                          $7::text[], $8::text[], $9::text[], $10::text[],
+                                          $11::jsonb[], $12::bytea[]) AS e
+           ON CONFLICT DO NOTHING
+           RETURNING event_id"#,
+        tenant.0,
+        source.as_str(),
+        &event_ids,
+        &metrics,
+        &quantities,
+        &occurred,
+        &actors as &[Option<String>],
+        &correlations,
+        &classifications,
+        &keys,
+        &metadata,
+        &hashes
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(inserted)
+}
+
+/// A stored event that holds one of the unique keys a skipped event wanted.
+#[derive(Debug, Clone)]
+pub struct ExistingKeys {
+    pub event_id: String,
+    pub idempotency_key: String,
+    pub correlation_id: String,
+    pub metric: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload_hash: Vec<u8>,
+}
+
+/// The stored events that collide with `events` on any unique key.
+pub async fn find_colliding(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    events: &[&UsageEvent],
+) -> Result<Vec<ExistingKeys>, DbError> {
+    let event_ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let keys: Vec<String> = events.iter().map(|e| e.idempotency_key.clone()).collect();
+    let correlations: Vec<String> = events.iter().map(|e| e.correlation_id.clone()).collect();
+    let metrics: Vec<String> = events.iter().map(|e| e.metric.clone()).collect();
+    let occurred: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
+    let rows = sqlx::query_as!(
+        ExistingKeys,
+        r#"SELECT event_id AS "event_id!", idempotency_key AS "idempotency_key!",
+                  correlation_id AS "correlation_id!", metric AS "metric!",
+                  occurred_at AS "occurred_at!", payload_hash AS "payload_hash!"
+             FROM usage_events
+            WHERE tenant_id = $1 AND event_id = ANY($2::text[])
+           UNION
+           SELECT event_id, idempotency_key, correlation_id, metric, occurred_at, payload_hash
+             FROM usage_events
+            WHERE tenant_id = $1 AND idempotency_key = ANY($3::text[])
+           UNION
+           SELECT u.event_id, u.idempotency_key, u.correlation_id, u.metric, u.occurred_at, u.payload_hash
+             FROM usage_events u
+             JOIN UNNEST($4::text[], $5::text[], $6::timestamptz[]) AS k(correlation_id, metric, occurred_at)
+               ON u.correlation_id = k.correlation_id AND u.metric = k.metric AND u.occurred_at = k.occurred_at
+            WHERE u.tenant_id = $1"#,
+        tenant.0,
+        &event_ids,
+        &keys,
+        &correlations,
+        &metrics,
+        &occurred
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}
+
+/// A stored event as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredUsageEvent {
+    pub event_id: String,
+    pub metric: String,
+    pub quantity: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub actor_id: Option<String>,
+    pub source_service: String,
+    pub correlation_id: String,
+    pub classification: String,
+    pub idempotency_key: String,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters and the keyset position for listing events, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub metric: Option<String>,
+    pub classification: Option<Classification>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Start after this (occurred_at, event_id).
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: i64,
+}
+
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    filter: &EventFilter,
+) -> Result<Vec<StoredUsageEvent>, DbError> {
+    let (after_at, after_id) = match &filter.after {
+        Some((at, id)) => (Some(*at), Some(id.clone())),
+        None => (None, None),
+    };
+    let rows = sqlx::query_as!(
+        StoredUsageEvent,
+        r#"SELECT event_id, metric, quantity, occurred_at, actor_id, source_service, correlation_id,
+                  classification, idempotency_key, metadata, created_at
+             FROM usage_events
+            WHERE tenant_id = $1
+              AND ($2::text IS NULL OR metric = $2)
+              AND ($3::text IS NULL OR classification = $3)
+              AND ($4::timestamptz IS NULL OR occurred_at >= $4)
+              AND ($5::timestamptz IS NULL OR occurred_at < $5)
+              AND ($6::timestamptz IS NULL OR (occurred_at, event_id) > ($6, $7::text))
+            ORDER BY occurred_at, event_id
+            LIMIT $8"#,
+        tenant.0,
+        filter.metric.as_deref(),
+        filter.classification.map(Classification::as_str),
+        filter.from,
+        filter.to,
+        after_at,
+        after_id,
+        filter.limit
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}
+
+/// Units per metric for one UTC day: what the real-time counters hold, recomputed.
+pub async fn day_totals(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    day: NaiveDate,
+) -> Result<Vec<(String, i64)>, DbError> {
+    let start = day
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc())
+        .ok_or_else(|| DbError::Decode("bad day".into()))?;
+    let end = start + chrono::Duration::days(1);
+    let rows = sqlx::query!(
+        r#"SELECT metric, sum(quantity)::int8 AS "total!"
+             FROM usage_events
+            WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+            GROUP BY metric ORDER BY metric"#,
+        tenant.0,
+        start,
+        end
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.metric, r.total)).collect())
+}
