@@ -4,9 +4,10 @@ use chrono::Utc;
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
-use meterbridge::domain::usage::{raw_event_id, validate_event, Submitter};
+use meterbridge::domain::usage::{raw_event_id, validate_event, Submitter, UsageEvent};
 use meterbridge::http::{json_response, parse_json_body, ApiError};
 use meterbridge::repo::usage_events;
+use meterbridge::DbError;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -80,6 +81,44 @@ pub fn take_events(body: Value, max_events: usize) -> Result<Vec<Value>, ApiErro
     Ok(events)
 }
 
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// Stores the leaders in one transaction: first optimistically (every event new: a plain
+/// INSERT), and when any is already stored, again in a fresh transaction with
+/// `ON CONFLICT DO NOTHING` plus a lookup of the stored events that hold the skipped keys.
+/// Returns the inserted event ids and those stored events.
+async fn store(
+    app: &App,
+    caller: &Caller,
+    leaders: &[&UsageEvent],
+) -> Result<(Vec<String>, Vec<usage_events::ExistingKeys>), ApiError> {
+    let db = &app.services.db;
+    let mut tx = db.tenant_tx(caller.tenant_id).await?;
+    match usage_events::insert_all(&mut tx, caller.tenant_id, &caller.source, leaders).await {
+        Ok(()) => {
+            tx.commit().await.map_err(DbError::from)?;
+            return Ok((
+                leaders.iter().map(|e| e.event_id.clone()).collect(),
+                Vec::new(),
+            ));
+        }
+        Err(e) if e.sqlstate().as_deref() == Some(UNIQUE_VIOLATION) => {
+            tx.rollback().await.map_err(DbError::from)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let mut tx = db.tenant_tx(caller.tenant_id).await?;
+    let inserted =
+        usage_events::insert_new(&mut tx, caller.tenant_id, &caller.source, leaders).await?;
+    let existing = if inserted.len() < leaders.len() {
+        usage_events::find_colliding(&mut tx, caller.tenant_id, leaders).await?
+    } else {
+        Vec::new()
+    };
+    tx.commit().await.map_err(DbError::from)?;
+    Ok((inserted, existing))
+}
+
 /// Validates, stores and counts one batch; the core of the endpoint, callable in-process.
 pub async fn ingest_batch(
     app: &App,
@@ -109,15 +148,7 @@ pub async fn ingest_batch(
 
     let leaders = batch.leaders();
     if !leaders.is_empty() {
-        let mut tx = app.services.db.tenant_tx(caller.tenant_id).await?;
-        let inserted =
-            usage_events::insert_new(&mut tx, caller.tenant_id, &caller.source, &leaders).await?;
-        let existing = if inserted.len() < leaders.len() {
-            usage_events::find_colliding(&mut tx, caller.tenant_id, &leaders).await?
-        } else {
-            Vec::new()
-        };
-        tx.commit().await.map_err(meterbridge::DbError::from)?;
+        let (inserted, existing) = store(app, caller, &leaders).await?;
         batch.settle(&inserted, &existing);
     }
 

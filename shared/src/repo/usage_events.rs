@@ -11,6 +11,76 @@ use crate::db::DbError;
 use crate::domain::usage::UsageEvent;
 use crate::domain::{Classification, SourceService, TenantId};
 
+/// The batch as column arrays, for `UNNEST`.
+struct Columns {
+    event_ids: Vec<String>,
+    metrics: Vec<String>,
+    quantities: Vec<i64>,
+    occurred: Vec<DateTime<Utc>>,
+    actors: Vec<Option<String>>,
+    correlations: Vec<String>,
+    classifications: Vec<String>,
+    keys: Vec<String>,
+    metadata: Vec<Value>,
+    hashes: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    fn of(events: &[&UsageEvent]) -> Self {
+        Columns {
+            event_ids: events.iter().map(|e| e.event_id.clone()).collect(),
+            metrics: events.iter().map(|e| e.metric.clone()).collect(),
+            quantities: events.iter().map(|e| e.quantity).collect(),
+            occurred: events.iter().map(|e| e.occurred_at).collect(),
+            actors: events.iter().map(|e| e.actor_id.clone()).collect(),
+            correlations: events.iter().map(|e| e.correlation_id.clone()).collect(),
+            classifications: events
+                .iter()
+                .map(|e| e.classification.as_str().to_owned())
+                .collect(),
+            keys: events.iter().map(|e| e.idempotency_key.clone()).collect(),
+            metadata: events.iter().map(|e| e.metadata.clone()).collect(),
+            hashes: events.iter().map(|e| e.payload_hash.to_vec()).collect(),
+        }
+    }
+}
+
+/// The fast path: inserts the whole batch, or fails with a unique violation (SQLSTATE 23505)
+/// when any event is already stored — the transaction is then aborted and the caller retries
+/// with [`insert_new`]. A batch of new events (the common case) pays no conflict checks beyond
+/// the unique indexes themselves.
+pub async fn insert_all(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    source: &SourceService,
+    events: &[&UsageEvent],
+) -> Result<(), DbError> {
+    let c = Columns::of(events);
+    sqlx::query!(
+        r#"INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity, occurred_at,
+                                     actor_id, correlation_id, classification, idempotency_key,
+                                     metadata, payload_hash)
+           SELECT $1, $2, e.* FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
+                                          $7::text[], $8::text[], $9::text[], $10::text[],
+                                          $11::jsonb[], $12::bytea[]) AS e"#,
+        tenant.0,
+        source.as_str(),
+        &c.event_ids,
+        &c.metrics,
+        &c.quantities,
+        &c.occurred,
+        &c.actors as &[Option<String>],
+        &c.correlations,
+        &c.classifications,
+        &c.keys,
+        &c.metadata,
+        &c.hashes
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Inserts the batch with `ON CONFLICT DO NOTHING` against all three unique keys; returns the
 /// event ids that were new. The input must be free of in-batch duplicates.
 pub async fn insert_new(
@@ -19,29 +89,7 @@ pub async fn insert_new(
     source: &SourceService,
     events: &[&UsageEvent],
 ) -> Result<Vec<String>, DbError> {
-    let n = events.len();
-    let mut event_ids = Vec::with_capacity(n);
-    let mut metrics = Vec::with_capacity(n);
-    let mut quantities = Vec::with_capacity(n);
-    let mut occurred = Vec::with_capacity(n);
-    let mut actors: Vec<Option<String>> = Vec::with_capacity(n);
-    let mut correlations = Vec::with_capacity(n);
-    let mut classifications = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut metadata = Vec::with_capacity(n);
-    let mut hashes = Vec::with_capacity(n);
-    for e in events {
-        event_ids.push(e.event_id.clone());
-        metrics.push(e.metric.clone());
-        quantities.push(e.quantity);
-        occurred.push(e.occurred_at);
-        actors.push(e.actor_id.clone());
-        correlations.push(e.correlation_id.clone());
-        classifications.push(e.classification.as_str().to_owned());
-        keys.push(e.idempotency_key.clone());
-        metadata.push(e.metadata.clone());
-        hashes.push(e.payload_hash.to_vec());
-    }
+    let c = Columns::of(events);
     let inserted = sqlx::query_scalar!(
         r#"INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity, occurred_at,
                                      actor_id, correlation_id, classification, idempotency_key,
@@ -53,16 +101,16 @@ pub async fn insert_new(
            RETURNING event_id"#,
         tenant.0,
         source.as_str(),
-        &event_ids,
-        &metrics,
-        &quantities,
-        &occurred,
-        &actors as &[Option<String>],
-        &correlations,
-        &classifications,
-        &keys,
-        &metadata,
-        &hashes
+        &c.event_ids,
+        &c.metrics,
+        &c.quantities,
+        &c.occurred,
+        &c.actors as &[Option<String>],
+        &c.correlations,
+        &c.classifications,
+        &c.keys,
+        &c.metadata,
+        &c.hashes
     )
     .fetch_all(&mut *conn)
     .await?;
