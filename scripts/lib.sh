@@ -58,8 +58,14 @@ ensure_redis() {
   echo "Redis did not come up on $REDIS_PORT" >&2; exit 1
 }
 
+ensure_python_venv() {
+  command -v curl >/dev/null || apt_install curl
+  python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+}
+
 ensure_tools_venv() {
   if [ -x "$MB_TOOLS_VENV/bin/moto_server" ] && [ -x "$MB_TOOLS_VENV/bin/cargo-lambda" ]; then return; fi
+  ensure_python_venv
   say "installing moto[server] $MOTO_VERSION and cargo-lambda $CARGO_LAMBDA_VERSION into $MB_TOOLS_VENV"
   python3 -m venv "$MB_TOOLS_VENV"
   "$MB_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" "cargo-lambda==$CARGO_LAMBDA_VERSION"
@@ -67,6 +73,7 @@ ensure_tools_venv() {
 
 ensure_sam_venv() {
   if [ -x "$MB_SAM_VENV/bin/sam" ] && [ -x "$MB_SAM_VENV/bin/cfn-lint" ]; then return; fi
+  ensure_python_venv
   say "installing aws-sam-cli $SAM_VERSION and cfn-lint $CFN_LINT_VERSION into $MB_SAM_VENV"
   python3 -m venv "$MB_SAM_VENV"
   "$MB_SAM_VENV/bin/pip" install -q --disable-pip-version-check "aws-sam-cli==$SAM_VERSION" "cfn-lint==$CFN_LINT_VERSION"

@@ -117,41 +117,38 @@ impl Database {
     /// Builds the pool without connecting: the first query connects. With a secret, the
     /// credentials are read now (cached by the secrets client).
     pub async fn connect(config: &Config, secrets: Option<Arc<Secrets>>) -> Result<Self, DbError> {
-        let base = PgConnectOptions::new_without_pgpass()
-            .application_name(&config.service)
-            .options([(
+        let tune = |options: PgConnectOptions| {
+            options.application_name(&config.service).options([(
                 "statement_timeout",
                 config.db_statement_timeout.as_millis().to_string(),
-            )]);
-        let credentials = match &config.database {
-            DatabaseSource::Url(_) => Credentials::Url,
+            )])
+        };
+        let base = tune(PgConnectOptions::new_without_pgpass());
+        let (credentials, options) = match &config.database {
+            DatabaseSource::Url(url) => {
+                let parsed = PgConnectOptions::from_str(url)
+                    .map_err(|e| DbError::Config(format!("DATABASE_URL does not parse: {e}")))?;
+                (Credentials::Url, tune(parsed))
+            }
             DatabaseSource::Secret {
                 secret_id,
                 host,
                 port,
                 dbname,
-            } => Credentials::Secret {
-                secrets: secrets.ok_or_else(|| {
-                    DbError::Config(
-                        "DB_SECRET_ID is set but no Secrets Manager client was built".into(),
-                    )
-                })?,
-                secret_id: secret_id.clone(),
-                host: host.clone(),
-                port: *port,
-                dbname: dbname.clone(),
-            },
-        };
-        let options = match &config.database {
-            DatabaseSource::Url(url) => PgConnectOptions::from_str(url)
-                .map_err(|e| DbError::Config(format!("DATABASE_URL does not parse: {e}")))?
-                .application_name(&config.service)
-                .options([(
-                    "statement_timeout",
-                    config.db_statement_timeout.as_millis().to_string(),
-                )]),
-            DatabaseSource::Secret { .. } => {
-                Self::options_from_secret(&credentials, &base, false).await?
+            } => {
+                let credentials = Credentials::Secret {
+                    secrets: secrets.ok_or_else(|| {
+                        DbError::Config(
+                            "DB_SECRET_ID is set but no Secrets Manager client was built".into(),
+                        )
+                    })?,
+                    secret_id: secret_id.clone(),
+                    host: host.clone(),
+                    port: *port,
+                    dbname: dbname.clone(),
+                };
+                let options = Self::options_from_secret(&credentials, &base, false).await?;
+                (credentials, options)
             }
         };
         let pool = PgPoolOptions::new()

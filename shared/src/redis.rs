@@ -2,7 +2,7 @@
 //! Redis) and the counter keys, built in one place.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -21,6 +21,19 @@ pub enum RedisError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("redis was unreachable moments ago; skipped")]
+    Down,
+}
+
+/// After a failed connect, requests skip Redis for this long instead of each waiting for a
+/// connect timeout of its own.
+const RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
+
+enum State {
+    Unconnected,
+    Connected(ConnectionManager),
+    /// The last connect failed at this instant.
+    Down(Instant),
 }
 
 /// One per container; clones of the connection are cheap and share one multiplexed socket.
@@ -28,7 +41,7 @@ pub struct Redis {
     source: RedisSource,
     secrets: Option<Arc<Secrets>>,
     timeout: Duration,
-    manager: Mutex<Option<ConnectionManager>>,
+    state: Mutex<State>,
 }
 
 impl Redis {
@@ -37,33 +50,45 @@ impl Redis {
             source,
             secrets,
             timeout,
-            manager: Mutex::new(None),
+            state: Mutex::new(State::Unconnected),
         }
     }
 
     /// The shared connection, connecting on first use. An authentication failure re-reads the
     /// secret once (a rotated AUTH token heals without a redeploy).
+    /// After a failed connect, calls fail fast for a few seconds rather than each waiting on
+    /// an unreachable server.
     pub async fn connection(&self) -> Result<ConnectionManager, RedisError> {
-        let mut guard = self.manager.lock().await;
-        if let Some(manager) = guard.as_ref() {
-            return Ok(manager.clone());
+        let mut state = self.state.lock().await;
+        match &*state {
+            State::Connected(manager) => return Ok(manager.clone()),
+            State::Down(at) if at.elapsed() < RECONNECT_BACKOFF => return Err(RedisError::Down),
+            _ => {}
         }
-        let manager = match self.open(false).await {
+        let opened = match self.open(false).await {
             Err(RedisError::Redis(e)) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
                 tracing::warn!("redis refused the credentials; re-reading the secret");
-                self.open(true).await?
+                self.open(true).await
             }
-            other => other?,
+            other => other,
         };
-        *guard = Some(manager.clone());
-        Ok(manager)
+        match opened {
+            Ok(manager) => {
+                *state = State::Connected(manager.clone());
+                Ok(manager)
+            }
+            Err(e) => {
+                *state = State::Down(Instant::now());
+                Err(e)
+            }
+        }
     }
 
     /// Drops the connection after an authentication failure so the next use reconnects with a
     /// freshly read secret.
     pub async fn forget_connection_on(&self, error: &redis::RedisError) {
         if error.kind() == redis::ErrorKind::AuthenticationFailed {
-            *self.manager.lock().await = None;
+            *self.state.lock().await = State::Unconnected;
         }
     }
 
