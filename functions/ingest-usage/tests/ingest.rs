@@ -171,6 +171,28 @@ async fn tenants_never_see_or_touch_each_other(owner: PgPool) {
         .await
         .unwrap();
     assert_eq!(unscoped, 0, "no tenant set: nothing visible");
+    let unscoped_insert = sqlx::query(
+        "INSERT INTO usage_events (tenant_id, event_id, metric, quantity, occurred_at, source_service,
+                                   correlation_id, classification, idempotency_key, payload_hash)
+         VALUES ($1, 'forged', 'api.requests', 1, now(), 'crm', 'c', 'BILLABLE', 'forged', decode(repeat('00', 32), 'hex'))",
+    )
+    .bind(fx.tenant.id)
+    .execute(&mut *tx)
+    .await;
+    assert!(
+        unscoped_insert.is_err(),
+        "no tenant set: nothing can be written"
+    );
+    drop(tx);
+    let mut tx = db.tenant_tx(fx.tenant.id).await.unwrap();
+    let updated = sqlx::query("UPDATE usage_events SET quantity = 999")
+        .execute(&mut *tx)
+        .await;
+    assert!(
+        updated.is_err(),
+        "events are immutable for the API role, even its own"
+    );
+    drop(tx);
     assert_eq!(fx.stored_events().await, 1);
 }
 

@@ -201,6 +201,14 @@ pub fn validate_event(raw: &Value, who: &Submitter<'_>) -> Result<UsageEvent, Re
     };
     let mut canonical_metadata = String::new();
     write_canonical(&metadata, &mut canonical_metadata);
+    // PostgreSQL text and jsonb cannot hold U+0000.
+    if canonical_metadata.contains("\\u0000") {
+        return Err(Rejection::new(
+            "invalid_value",
+            "metadata",
+            "metadata must not contain NUL (\\u0000) characters",
+        ));
+    }
     if canonical_metadata.len() > who.limits.metadata_max_bytes {
         return Err(Rejection::new(
             "metadata_too_large",
@@ -558,6 +566,14 @@ mod tests {
         )
         .is_ok());
         assert_eq!(code(with("metadata", json!([1]))), "metadata_not_object");
+        assert_eq!(
+            code(with("metadata", json!({"k": "a\u{0}b"}))),
+            "invalid_value"
+        );
+        assert_eq!(
+            code(with("metadata", json!({"a\u{0}": 1}))),
+            "invalid_value"
+        );
         assert_eq!(
             code(with("metadata", json!({"k": "x".repeat(5000)}))),
             "metadata_too_large"

@@ -1,0 +1,119 @@
+//! Measuring: concurrent callers, per-batch latency, peak RSS, and the printed table.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One measured workload configuration.
+pub struct Row {
+    pub workload: &'static str,
+    pub batch: usize,
+    pub callers: usize,
+    pub events: usize,
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+    pub peak_rss_kib: u64,
+}
+
+impl Row {
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+    pub fn percentile(&self, p: f64) -> f64 {
+        let mut l = self.latencies.clone();
+        l.sort();
+        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+        l[i].as_secs_f64() * 1000.0
+    }
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS.
+pub fn peak_rss_reset() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Splits batches round-robin over callers and runs them concurrently, timing each batch.
+pub async fn run_concurrently<T, F, Fut>(
+    work: Vec<T>,
+    callers: usize,
+    f: F,
+) -> (Duration, Vec<Duration>)
+where
+    T: Send + 'static,
+    F: Fn(usize, T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut lanes: Vec<Vec<T>> = (0..callers).map(|_| Vec::new()).collect();
+    for (i, item) in work.into_iter().enumerate() {
+        lanes[i % callers].push(item);
+    }
+    let f = Arc::new(f);
+    let started = Instant::now();
+    let tasks = lanes.into_iter().enumerate().map(|(caller, lane)| {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            for item in lane {
+                let t = Instant::now();
+                f(caller, item).await;
+                latencies.push(t.elapsed());
+            }
+            latencies
+        })
+    });
+    let latencies: Vec<Duration> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    (started.elapsed(), latencies)
+}
+
+/// Prints the table, then each ratio of the handler to a baseline at batch 500.
+pub fn report(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<27} {:>5} {:>7} {:>8} {:>11} {:>9} {:>9} {:>10}",
+        "workload", "batch", "callers", "events", "events/s", "p50 ms", "p99 ms", "peak RSS"
+    );
+    for r in rows {
+        println!(
+            "{:<27} {:>5} {:>7} {:>8} {:>11.0} {:>9.2} {:>9.2} {:>7.1} MB",
+            r.workload,
+            r.batch,
+            r.callers,
+            r.events,
+            r.rate(),
+            r.percentile(0.50),
+            r.percentile(0.99),
+            r.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    println!();
+    for callers in [1, 4] {
+        let find = |prefix: &str| {
+            rows.iter()
+                .find(|r| r.workload.starts_with(prefix) && r.batch == 500 && r.callers == callers)
+        };
+        if let (Some(h), Some(a), Some(b)) = (find("handler"), find("(a)"), find("(b)")) {
+            let vs_copy = h.rate() / b.rate() * 100.0;
+            let vs_row = h.rate() / a.rate();
+            println!(
+                "batch 500, {callers} caller(s): handler = {vs_copy:.0}% of COPY (target >= 70%: {}), {vs_row:.1}x per-row (target >= 20x: {})",
+                if vs_copy >= 70.0 { "met" } else { "NOT met" },
+                if vs_row >= 20.0 { "met" } else { "NOT met" }
+            );
+        }
+    }
+}
