@@ -246,26 +246,25 @@ impl Database {
 
     /// A transaction acting for `tenant`: row-level security limits every statement in it to that
     /// tenant's rows. The setting is transaction-local, so a pooled connection never carries it
-    /// into the next transaction.
+    /// into the next transaction. BEGIN and the setting travel in one round trip; the tenant is
+    /// a UUID, rendered by `Uuid`'s own formatter, so nothing else can enter the statement.
     pub async fn tenant_tx(&self, tenant: TenantId) -> Result<Tx, DbError> {
-        let mut tx = self.begin().await?;
-        set_tenant(&mut tx, tenant).await?;
-        Ok(tx)
+        let begin = || {
+            self.pool.begin_with(format!(
+                "BEGIN; SELECT set_config('meterbridge.tenant_id', '{}', true)",
+                tenant.0.hyphenated()
+            ))
+        };
+        match begin().await {
+            Err(e) if is_auth_failure(&e) && self.refresh_credentials().await? => {
+                Ok(begin().await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Applies the embedded migrations.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         MIGRATOR.run(&self.pool).await
     }
-}
-
-/// Sets the tenant RLS reads, for the rest of the transaction.
-pub async fn set_tenant(tx: &mut Tx, tenant: TenantId) -> Result<(), DbError> {
-    sqlx::query!(
-        "SELECT set_config('meterbridge.tenant_id', $1, true) AS tenant",
-        tenant.to_string()
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(())
 }

@@ -26,6 +26,13 @@ impl Row {
     }
 }
 
+/// The run with the median rate.
+pub fn median(mut runs: Vec<Row>) -> Row {
+    runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let middle = runs.len() / 2;
+    runs.swap_remove(middle)
+}
+
 /// Resets the process's peak RSS (VmHWM) to its current RSS.
 pub fn peak_rss_reset() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -11,36 +11,33 @@ use crate::db::DbError;
 use crate::domain::usage::UsageEvent;
 use crate::domain::{Classification, SourceService, TenantId};
 
-/// The batch as column arrays, for `UNNEST`.
-struct Columns {
-    event_ids: Vec<String>,
-    metrics: Vec<String>,
+/// The batch as column arrays for `UNNEST`, borrowed from the events (no copies).
+struct Columns<'e> {
+    event_ids: Vec<&'e str>,
+    metrics: Vec<&'e str>,
     quantities: Vec<i64>,
     occurred: Vec<DateTime<Utc>>,
-    actors: Vec<Option<String>>,
-    correlations: Vec<String>,
-    classifications: Vec<String>,
-    keys: Vec<String>,
-    metadata: Vec<Value>,
-    hashes: Vec<Vec<u8>>,
+    actors: Vec<Option<&'e str>>,
+    correlations: Vec<&'e str>,
+    classifications: Vec<&'static str>,
+    keys: Vec<&'e str>,
+    metadata: Vec<&'e Value>,
+    hashes: Vec<&'e [u8]>,
 }
 
-impl Columns {
-    fn of(events: &[&UsageEvent]) -> Self {
+impl<'e> Columns<'e> {
+    fn of(events: &[&'e UsageEvent]) -> Self {
         Columns {
-            event_ids: events.iter().map(|e| e.event_id.clone()).collect(),
-            metrics: events.iter().map(|e| e.metric.clone()).collect(),
+            event_ids: events.iter().map(|e| e.event_id.as_str()).collect(),
+            metrics: events.iter().map(|e| e.metric.as_str()).collect(),
             quantities: events.iter().map(|e| e.quantity).collect(),
             occurred: events.iter().map(|e| e.occurred_at).collect(),
-            actors: events.iter().map(|e| e.actor_id.clone()).collect(),
-            correlations: events.iter().map(|e| e.correlation_id.clone()).collect(),
-            classifications: events
-                .iter()
-                .map(|e| e.classification.as_str().to_owned())
-                .collect(),
-            keys: events.iter().map(|e| e.idempotency_key.clone()).collect(),
-            metadata: events.iter().map(|e| e.metadata.clone()).collect(),
-            hashes: events.iter().map(|e| e.payload_hash.to_vec()).collect(),
+            actors: events.iter().map(|e| e.actor_id.as_deref()).collect(),
+            correlations: events.iter().map(|e| e.correlation_id.as_str()).collect(),
+            classifications: events.iter().map(|e| e.classification.as_str()).collect(),
+            keys: events.iter().map(|e| e.idempotency_key.as_str()).collect(),
+            metadata: events.iter().map(|e| &e.metadata).collect(),
+            hashes: events.iter().map(|e| e.payload_hash.as_slice()).collect(),
         }
     }
 }
@@ -65,16 +62,16 @@ pub async fn insert_all(
                                           $11::jsonb[], $12::bytea[]) AS e"#,
         tenant.0,
         source.as_str(),
-        &c.event_ids,
-        &c.metrics,
+        &c.event_ids as &[&str],
+        &c.metrics as &[&str],
         &c.quantities,
         &c.occurred,
-        &c.actors as &[Option<String>],
-        &c.correlations,
-        &c.classifications,
-        &c.keys,
-        &c.metadata,
-        &c.hashes
+        &c.actors as &[Option<&str>],
+        &c.correlations as &[&str],
+        &c.classifications as &[&str],
+        &c.keys as &[&str],
+        &c.metadata as &[&Value],
+        &c.hashes as &[&[u8]]
     )
     .execute(&mut *conn)
     .await?;
@@ -101,16 +98,16 @@ pub async fn insert_new(
            RETURNING event_id"#,
         tenant.0,
         source.as_str(),
-        &c.event_ids,
-        &c.metrics,
+        &c.event_ids as &[&str],
+        &c.metrics as &[&str],
         &c.quantities,
         &c.occurred,
-        &c.actors as &[Option<String>],
-        &c.correlations,
-        &c.classifications,
-        &c.keys,
-        &c.metadata,
-        &c.hashes
+        &c.actors as &[Option<&str>],
+        &c.correlations as &[&str],
+        &c.classifications as &[&str],
+        &c.keys as &[&str],
+        &c.metadata as &[&Value],
+        &c.hashes as &[&[u8]]
     )
     .fetch_all(&mut *conn)
     .await?;
