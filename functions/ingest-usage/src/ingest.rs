@@ -34,7 +34,7 @@ pub async fn post_events(
         app.config.max_body_bytes,
     )?;
     let raw_events = take_events(body, app.config.max_batch_events)?;
-    let (counts, results) = ingest_batch(app, caller, &raw_events).await?;
+    let (counts, results) = ingest_batch(app, caller, raw_events).await?;
     if counts.rejected == results.len() {
         return Err(ApiError::Unprocessable {
             detail: format!(
@@ -123,7 +123,7 @@ async fn store(
 pub async fn ingest_batch(
     app: &App,
     caller: &Caller,
-    raw_events: &[Value],
+    raw_events: Vec<Value>,
 ) -> Result<(Counts, Vec<EventResult>), ApiError> {
     let catalog = app.catalog().await?;
     let now = Utc::now();
@@ -138,10 +138,11 @@ pub async fn ingest_batch(
     };
     let mut batch = Batch::new(raw_events.len());
     let mut valid = Vec::with_capacity(raw_events.len());
-    for (index, raw) in raw_events.iter().enumerate() {
+    for (index, raw) in raw_events.into_iter().enumerate() {
+        let event_id = raw_event_id(&raw).map(str::to_owned);
         match validate_event(raw, &submitter) {
             Ok(event) => valid.push((index, event)),
-            Err(rejection) => batch.reject(index, raw_event_id(raw), rejection),
+            Err(rejection) => batch.reject(index, event_id.as_deref(), rejection),
         }
     }
     batch.add_valid(valid);

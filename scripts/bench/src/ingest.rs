@@ -156,7 +156,7 @@ pub fn prepare(
             batch
                 .iter()
                 .map(|raw| {
-                    let e = validate_event(raw, &who).unwrap();
+                    let e = validate_event(raw.clone(), &who).unwrap();
                     Prepared {
                         event_id: e.event_id,
                         metric: e.metric,

@@ -3,7 +3,8 @@
 //! (a) the older per-row design — one INSERT per event, each its own transaction — and
 //! (b) the raw limit — `COPY` of the same rows.
 //!
-//! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). Needs PostgreSQL as a
+//! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_EVENTS` (20000),
+//! `BENCH_REPEAT` (3), `BENCH_BATCHES` (100,500,1000) and `BENCH_CALLERS` (1,4) size the run. Needs PostgreSQL as a
 //! superuser at `BENCH_DATABASE_URL` (default postgres://postgres@127.0.0.1:5432/postgres) and
 //! Redis at `REDIS_URL`; it creates and drops its own database.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program: fail loudly
@@ -32,8 +33,15 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let batches: Vec<usize> = vec![100, 500, 1000];
-    let caller_counts: Vec<usize> = vec![1, 4];
+    let list = |name: &str, default: &[usize]| -> Vec<usize> {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .filter(|v: &Vec<usize>| !v.is_empty())
+            .unwrap_or_else(|| default.to_vec())
+    };
+    let batches = list("BENCH_BATCHES", &[100, 500, 1000]);
+    let caller_counts = list("BENCH_CALLERS", &[1, 4]);
 
     let owner = fresh_database(&admin_url).await;
     meterbridge::db::MIGRATOR.run(&owner).await.unwrap();

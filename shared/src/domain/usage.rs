@@ -117,8 +117,9 @@ pub fn raw_event_id(raw: &Value) -> Option<&str> {
     raw.get("eventId").and_then(Value::as_str)
 }
 
-pub fn validate_event(raw: &Value, who: &Submitter<'_>) -> Result<UsageEvent, Rejection> {
-    let Value::Object(obj) = raw else {
+/// Validates one submitted event, taking it apart (its metadata moves into the result).
+pub fn validate_event(raw: Value, who: &Submitter<'_>) -> Result<UsageEvent, Rejection> {
+    let Value::Object(mut obj) = raw else {
         return Err(Rejection::new(
             "invalid_event",
             "",
@@ -133,15 +134,15 @@ pub fn validate_event(raw: &Value, who: &Submitter<'_>) -> Result<UsageEvent, Re
         ));
     }
 
-    let event_id = required_id(obj, "eventId", MAX_ID_CHARS)?;
-    let metric_name = required_str(obj, "metric")?;
-    let correlation_id = required_id(obj, "correlationId", MAX_ID_CHARS)?;
-    let actor_id = optional_id(obj, "actorId", MAX_ID_CHARS)?;
-    let idempotency_key = optional_id(obj, "idempotencyKey", MAX_IDEMPOTENCY_KEY_CHARS)?
+    let event_id = required_id(&obj, "eventId", MAX_ID_CHARS)?;
+    let metric_name = required_str(&obj, "metric")?;
+    let correlation_id = required_id(&obj, "correlationId", MAX_ID_CHARS)?;
+    let actor_id = optional_id(&obj, "actorId", MAX_ID_CHARS)?;
+    let idempotency_key = optional_id(&obj, "idempotencyKey", MAX_IDEMPOTENCY_KEY_CHARS)?
         .unwrap_or_else(|| event_id.clone());
 
     for field in ["tenantId", "tenant"] {
-        if let Some(named) = optional_str(obj, field)? {
+        if let Some(named) = optional_str(&obj, field)? {
             let is_own = named == who.tenant_id.to_string()
                 || (field == "tenant" && named == who.tenant_slug);
             if !is_own {
@@ -154,7 +155,7 @@ pub fn validate_event(raw: &Value, who: &Submitter<'_>) -> Result<UsageEvent, Re
         }
     }
     for field in ["source", "sourceService"] {
-        if let Some(named) = optional_str(obj, field)? {
+        if let Some(named) = optional_str(&obj, field)? {
             if named != who.source.as_str() {
                 return Err(Rejection::new(
                     "source_mismatch",
@@ -186,11 +187,11 @@ pub fn validate_event(raw: &Value, who: &Submitter<'_>) -> Result<UsageEvent, Re
         ));
     }
 
-    let quantity = quantity(obj)?;
-    let occurred_at = occurred_at(obj, who)?;
-    let metadata = match obj.get("metadata") {
+    let quantity = quantity(&obj)?;
+    let occurred_at = occurred_at(&obj, who)?;
+    let metadata = match obj.remove("metadata") {
         None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(Value::Object(m)) => Value::Object(m.clone()),
+        Some(object @ Value::Object(_)) => object,
         Some(_) => {
             return Err(Rejection::new(
                 "metadata_not_object",
@@ -468,7 +469,7 @@ mod tests {
             now: now(),
             limits: EventLimits::default(),
         };
-        validate_event(&raw, &who)
+        validate_event(raw, &who)
     }
 
     fn base() -> Value {
