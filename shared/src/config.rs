@@ -216,13 +216,6 @@ impl Config {
                 .unwrap_or_else(|| "Meterbridge".into()),
         })
     }
-
-    /// The Redis source, for functions that cannot run without one.
-    pub fn require_redis(&self) -> Result<&RedisSource, ConfigError> {
-        self.redis
-            .as_ref()
-            .ok_or(ConfigError::Missing("REDIS_SECRET_ID"))
-    }
 }
 
 #[cfg(test)]

@@ -59,14 +59,6 @@ impl DbError {
             _ => None,
         }
     }
-
-    /// The violated constraint's name, for errors that have one.
-    pub fn constraint(&self) -> Option<&str> {
-        match self {
-            DbError::Query(sqlx::Error::Database(db)) => db.constraint(),
-            _ => None,
-        }
-    }
 }
 
 /// Connection-level failures: the server is down, unreachable, overloaded or shutting down, or

@@ -44,6 +44,7 @@ pub async fn handle(app: &App, request: Request) -> Response<Body> {
         request_id = %request_id,
         correlation_id = %correlation,
         tenant_id = tracing::field::Empty,
+        api_key = tracing::field::Empty,
         method = %request.method(),
         path = %request.uri().path(),
     );
@@ -88,7 +89,10 @@ async fn authorize(app: &App, request: &Request) -> Result<Caller, ApiError> {
         .auth
         .authenticate(&app.services.db, presented_api_key(request.headers()))
         .await?;
-    tracing::Span::current().record("tenant_id", tracing::field::display(caller.tenant_id));
+    let span = tracing::Span::current();
+    span.record("tenant_id", tracing::field::display(caller.tenant_id));
+    // The prefix is the key's public id (shown in listings); the key itself is never logged.
+    span.record("api_key", caller.key_prefix.as_str());
     Ok(caller)
 }
 
