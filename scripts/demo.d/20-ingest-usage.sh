@@ -28,8 +28,8 @@ admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$(printf '%s' "$REVOKED" | js
 http POST /v1/usage/events "$(printf '%s' "$REVOKED" | json_get 'd["key"]')" "$(render_body post-events.json)" | summary
 say "ingest-usage: GET /v1/usage/realtime (today's counters)"
 http GET /v1/usage/realtime "$INTERNAL_KEY" | python3 scripts/demo_show.py realtime
-say "ingest-usage: GET /v1/usage/events?limit=3"
-http GET "/v1/usage/events?limit=3" "$INTERNAL_KEY" | python3 scripts/demo_show.py events
+say "ingest-usage: GET /v1/usage/events — this run's events, 3 per page"
+http GET "/v1/usage/events?limit=3&from=$NOW_TS" "$INTERNAL_KEY" | python3 scripts/demo_show.py events
 say "ingest-usage: the same function through the Lambda invoke API (cargo lambda invoke)"
 python3 scripts/render_event.py events/ingest-usage/realtime.json "INTERNAL_KEY=$INTERNAL_KEY" >"$MB_CACHE/realtime-event.json"
 cargo lambda invoke ingest-usage --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" --data-file "$MB_CACHE/realtime-event.json" \
