@@ -1,14 +1,30 @@
 """Pretty-prints the demo's responses. Reads "STATUS BODY" (or a bare JSON body) on stdin.
 
-Usage: demo_show.py ingest|realtime|events|keys
+Usage: demo_show.py ingest|realtime|events|keys [STATUS] [FIELD=VALUE ...]
+With STATUS and FIELD=VALUE expectations (e.g. `ingest 200 accepted=3`), a response that differs
+fails the demo, so the demo doubles as the end-to-end check that scripts/test.sh runs.
 """
 import json
 import sys
 
 what = sys.argv[1]
+expect_status = sys.argv[2] if len(sys.argv) > 2 else None
+expect_fields = dict(arg.split("=", 1) for arg in sys.argv[3:])
 text = sys.stdin.read().strip()
 status, body = (text.split(" ", 1) if not text.startswith("{") else ("", text))
 d = json.loads(body)
+
+
+def fail(why):
+    print("  UNEXPECTED: %s\n  response: %s %s" % (why, status, body), file=sys.stderr)
+    sys.exit(1)
+
+
+if expect_status and status != expect_status:
+    fail("status %s, expected %s" % (status, expect_status))
+for field, value in expect_fields.items():
+    if str(d.get(field)) != value:
+        fail("%s is %r, expected %s" % (field, d.get(field), value))
 
 if what == "ingest":
     if "results" in d:
@@ -26,6 +42,8 @@ elif what == "realtime":
     for metric, n in d["counters"].items():
         print("    %-32s %d" % (metric, n))
 elif what == "events":
+    if not d["events"]:
+        fail("no events listed")
     for e in d["events"]:
         print("    %s  %-28s %4d  %s" % (e["occurredAt"], e["metric"], e["quantity"], e["eventId"]))
     print("  next page cursor:", d.get("nextCursor", "(last page)"))

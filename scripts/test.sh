@@ -24,6 +24,11 @@ say "template lint (cfn-lint, sam validate --lint)"
 "$MB_SAM_VENV/bin/cfn-lint" template.yaml
 "$MB_SAM_VENV/bin/sam" validate --lint --region "$AWS_REGION" >/dev/null
 
+say "end to end: scripts/demo.sh (every function under cargo lambda watch, secrets from moto)"
+# The demo checks every response it prints; it runs before the suite so the test runner's
+# summary closes the output.
+(unset DATABASE_URL REDIS_URL; bash scripts/demo.sh)
+
 say "tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast --test-threads "${TEST_THREADS:-8}"

@@ -10,27 +10,27 @@ http() { # METHOD PATH KEY [BODY] — prints "status body"
     -H 'content-type: application/json' -H "x-correlation-id: $RUN_ID" ${4:+--data-binary "$4"})
   printf '%s %s\n' "$status" "$(cat "$out")"; rm -f "$out"
 }
-summary() { python3 scripts/demo_show.py ingest; }
+summary() { python3 scripts/demo_show.py ingest "$@"; }
 
 say "ingest-usage: POST /v1/usage/events (3 events, internal key)"
-http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary 200 accepted=3
 say "ingest-usage: the same batch again — duplicates, nothing counted twice"
-http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary 200 accepted=0 duplicates=3
 say "ingest-usage: a mixed batch — valid events are stored, the others rejected one by one"
-http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events-mixed.json)" | summary
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events-mixed.json)" | summary 200 accepted=2 rejected=2
 say "ingest-usage: an external key reporting a BILLABLE metric"
-http POST /v1/usage/events "$EXTERNAL_KEY" "$(render_body post-events-external-billable.json)" | summary
+http POST /v1/usage/events "$EXTERNAL_KEY" "$(render_body post-events-external-billable.json)" | summary 200 accepted=1 rejected=1
 say "ingest-usage: every event rejected — 422 problem+json"
-http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events-all-rejected.json)" | summary
+http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events-all-rejected.json)" | summary 422 code=validation_failed
 say "ingest-usage: a key that was revoked a moment ago"
 REVOKED=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"crm\",\"trust\":\"internal\"}")
 admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$(printf '%s' "$REVOKED" | json_get 'd["apiKey"]["prefix"]')\"}" >/dev/null
-http POST /v1/usage/events "$(printf '%s' "$REVOKED" | json_get 'd["key"]')" "$(render_body post-events.json)" | summary
+http POST /v1/usage/events "$(printf '%s' "$REVOKED" | json_get 'd["key"]')" "$(render_body post-events.json)" | summary 401 code=unauthorized
 say "ingest-usage: GET /v1/usage/realtime (today's counters)"
-http GET /v1/usage/realtime "$INTERNAL_KEY" | python3 scripts/demo_show.py realtime
+http GET /v1/usage/realtime "$INTERNAL_KEY" | python3 scripts/demo_show.py realtime 200 source=redis
 say "ingest-usage: GET /v1/usage/events — this run's events, 3 per page"
-http GET "/v1/usage/events?limit=3&from=$NOW_TS" "$INTERNAL_KEY" | python3 scripts/demo_show.py events
+http GET "/v1/usage/events?limit=3&from=$NOW_TS" "$INTERNAL_KEY" | python3 scripts/demo_show.py events 200
 say "ingest-usage: the same function through the Lambda invoke API (cargo lambda invoke)"
 python3 scripts/render_event.py events/ingest-usage/realtime.json "INTERNAL_KEY=$INTERNAL_KEY" >"$MB_CACHE/realtime-event.json"
 cargo lambda invoke ingest-usage --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" --data-file "$MB_CACHE/realtime-event.json" \
-  | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  statusCode", r["statusCode"], "source", json.loads(r["body"])["source"])'
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  statusCode", r["statusCode"], "source", json.loads(r["body"])["source"]); sys.exit(r["statusCode"] != 200)'
