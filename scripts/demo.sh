@@ -36,11 +36,19 @@ say "secrets in moto (Secrets Manager)"
 say "cargo lambda watch on :$WATCH_PORT (log: $MB_CACHE/watch.log)"
 # Restart it, so the functions run the code as it is now.
 if [ -f "$MB_CACHE/watch.pid" ]; then kill "$(cat "$MB_CACHE/watch.pid")" 2>/dev/null || true; sleep 0.5; fi
+if curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/"; then
+  echo "port $WATCH_PORT is taken by another process; stop it or set WATCH_PORT" >&2
+  exit 1
+fi
 cargo build --quiet --workspace --bins
 nohup cargo lambda watch --ignore-changes --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" \
   >"$MB_CACHE/watch.log" 2>&1 &
 echo $! >"$MB_CACHE/watch.pid"
 for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$WATCH_PORT/" && break; sleep 0.2; done
+if ! kill -0 "$(cat "$MB_CACHE/watch.pid")" 2>/dev/null; then
+  echo "cargo lambda watch did not start (is port $WATCH_PORT taken? set WATCH_PORT); see $MB_CACHE/watch.log" >&2
+  exit 1
+fi
 
 # invoke FUNCTION JSON — prints the function's JSON response; fails on a function error.
 invoke() {
