@@ -145,3 +145,144 @@ async fn a_secret_of_the_wrong_shape_is_named_without_echoing_it() {
     );
     assert!(!message.contains("hunter2"));
 }
+
+/// A private Redis that demands a password, on a free port; stopped when dropped.
+struct PasswordRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PasswordRedis {
+    fn start(password: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--requirepass",
+                password,
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PasswordRedis { child, port }
+    }
+}
+
+impl Drop for PasswordRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_redis_auth_token_heals_without_a_restart() {
+    let server = PasswordRedis::start("old-token");
+    let sdk = moto_sdk_config().await;
+    let client = SecretsClient::new(&sdk);
+    let secret_id = unique("redis-auth");
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    put_secret(
+        &client,
+        &secret_id,
+        json!({"url": url, "authToken": "old-token"}),
+    )
+    .await;
+    let services = Services::build_with_aws(
+        config(&[
+            (
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1/postgres".into(),
+            ),
+            ("REDIS_SECRET_ID", secret_id.clone()),
+            ("REDIS_TIMEOUT_MS", "200".into()),
+        ]),
+        Some(sdk),
+    )
+    .await
+    .expect("services");
+    let redis = services.redis.as_ref().unwrap();
+    let mut conn = redis
+        .connection()
+        .await
+        .expect("connects with the current token");
+    let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+
+    // Rotation: the server takes a new token, the secret follows, connections are cut.
+    let mut admin = redis::Client::open(format!("redis://:old-token@127.0.0.1:{}", server.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("new-token")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    put_secret_value(
+        &client,
+        &secret_id,
+        json!({"url": url, "authToken": "new-token"}),
+    )
+    .await;
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .unwrap_or(redis::Value::Nil);
+
+    // The cached token is refused; the client drops the connection, re-reads the secret and heals.
+    let mut healed = false;
+    let mut refused = 0;
+    for _ in 0..20 {
+        match redis.connection().await {
+            Ok(mut conn) => match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                Ok(_) => {
+                    healed = true;
+                    break;
+                }
+                Err(e) => {
+                    refused += 1;
+                    redis.forget_connection_on(&e).await;
+                }
+            },
+            Err(_) => {
+                refused += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(
+        refused > 0,
+        "the cut connection must fail first, or nothing was tested"
+    );
+    assert!(healed, "the new token is picked up from Secrets Manager");
+}
+
+async fn put_secret_value(client: &SecretsClient, name: &str, value: serde_json::Value) {
+    client
+        .put_secret_value()
+        .secret_id(name)
+        .secret_string(value.to_string())
+        .send()
+        .await
+        .expect("update secret in moto");
+}
