@@ -155,9 +155,8 @@ struct PasswordRedis {
 impl PasswordRedis {
     fn start(password: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
+            .and_then(|l| l.local_addr())
+            .expect("a free local port")
             .port();
         let child = std::process::Command::new("redis-server")
             .args([
