@@ -117,11 +117,7 @@ async fn tenants_never_see_or_touch_each_other(owner: PgPool) {
         create_api_key(&owner, &globex, "crm", meterbridge::domain::Trust::Internal).await;
 
     let event = fx.event(1, "api.requests", 7);
-    let r = send(
-        &app,
-        fx.post(&fx.internal.key, &json!({"events": [event.clone()]})),
-    )
-    .await;
+    let r = fx.submit(&app, json!({"events": [event.clone()]})).await;
     assert_eq!(statuses(&r.body), ["accepted"]);
     // The same event id is a different event in another tenant.
     let r = send(&app, fx.post(&globex_key.key, &json!({"events": [event]}))).await;
@@ -240,14 +236,9 @@ async fn redis_down_still_stores_and_answers_from_postgres(owner: PgPool) {
             ("REDIS_TIMEOUT_MS", "100"),
         ])
         .await;
-    let r = send(
-        &app,
-        fx.post(
-            &fx.internal.key,
-            &json!({"events": [fx.event(1, "api.requests", 4)]}),
-        ),
-    )
-    .await;
+    let r = fx
+        .submit(&app, json!({"events": [fx.event(1, "api.requests", 4)]}))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["accepted"], 1);
     assert_eq!(fx.stored_events().await, 1);
@@ -269,11 +260,9 @@ async fn postgres_down_is_503_and_stores_nothing(owner: PgPool) {
     // Warm the key and catalog caches, as a container would be.
     let r = send(&app, fx.get(&fx.internal.key, "/v1/usage/realtime", &[])).await;
     assert_eq!(r.status, 200);
-    let _ = send(
-        &app,
-        fx.post(&fx.internal.key, &json!({"events": [{"eventId": "warm"}]})),
-    )
-    .await;
+    let _ = fx
+        .submit(&app, json!({"events": [{"eventId": "warm"}]}))
+        .await;
 
     // The database goes away: new connections are refused and open ones are cut.
     let dead = (*app.services.db.pool().connect_options()).clone().port(1);
@@ -283,14 +272,9 @@ async fn postgres_down_is_503_and_stores_nothing(owner: PgPool) {
         .await
         .unwrap();
 
-    let r = send(
-        &app,
-        fx.post(
-            &fx.internal.key,
-            &json!({"events": [fx.event(1, "api.requests", 1)]}),
-        ),
-    )
-    .await;
+    let r = fx
+        .submit(&app, json!({"events": [fx.event(1, "api.requests", 1)]}))
+        .await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.headers["retry-after"], "5");
     assert_eq!(r.body["code"], "service_unavailable");
@@ -411,7 +395,7 @@ async fn listing_filters_and_pages_with_a_cursor(owner: PgPool) {
             e
         })
         .collect();
-    let r = send(&app, fx.post(&fx.internal.key, &json!({"events": events}))).await;
+    let r = fx.submit(&app, json!({"events": events})).await;
     assert_eq!(r.body["accepted"], 5);
 
     let mut seen = Vec::new();
@@ -511,7 +495,7 @@ async fn events_older_than_the_counter_ttl_skip_redis(owner: PgPool) {
     let mut old = fx.event(1, "leads.qualified", 2);
     let old_at = chrono::Utc::now() - chrono::Duration::days(10);
     old["occurredAt"] = json!(old_at.to_rfc3339());
-    let r = send(&app, fx.post(&fx.internal.key, &json!({"events": [old]}))).await;
+    let r = fx.submit(&app, json!({"events": [old]})).await;
     assert_eq!(r.body["accepted"], 1);
     let client = redis::Client::open(meterbridge::testing::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -527,14 +511,8 @@ async fn events_older_than_the_counter_ttl_skip_redis(owner: PgPool) {
         .unwrap();
     assert!(!exists);
     // Counted ones carry the TTL.
-    send(
-        &app,
-        fx.post(
-            &fx.internal.key,
-            &json!({"events": [fx.event(2, "leads.qualified", 1)]}),
-        ),
-    )
-    .await;
+    fx.submit(&app, json!({"events": [fx.event(2, "leads.qualified", 1)]}))
+        .await;
     let key = meterbridge::redis::keys::usage_counter(
         fx.tenant.id,
         chrono::Utc::now().date_naive(),

@@ -1,7 +1,7 @@
 //! The ingestion workloads: the handler, (a) per-row transactions, (b) COPY.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use ingest_usage::{App, IngestConfig};
 use meterbridge::config::{Config, Env};
@@ -10,6 +10,16 @@ use meterbridge::domain::{MetricCatalog, SourceService, Tenant, Trust};
 use meterbridge::Services;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPool;
+
+/// The columns both baselines write, in the order they bind or copy them.
+const COLUMNS: &str =
+    "tenant_id, event_id, metric, quantity, occurred_at, actor_id, source_service, \
+                       correlation_id, classification, idempotency_key, metadata, payload_hash";
+static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("INSERT INTO usage_events ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 'crm', $7, $8, $9, $10, $11)")
+});
+static COPY_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("COPY usage_events ({COLUMNS}) FROM STDIN"));
 
 use crate::measure::{peak_rss_kib, peak_rss_reset, run_concurrently, Row};
 
@@ -193,25 +203,21 @@ pub async fn run_per_row(
         async move {
             for r in rows {
                 let mut tx = db.tenant_tx(tenant).await.unwrap();
-                sqlx::query(
-                    "INSERT INTO usage_events (tenant_id, event_id, metric, quantity, occurred_at, actor_id, source_service,
-                                               correlation_id, classification, idempotency_key, metadata, payload_hash)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'crm', $7, $8, $9, $10, $11)",
-                )
-                .bind(tenant.0)
-                .bind(&r.event_id)
-                .bind(&r.metric)
-                .bind(r.quantity)
-                .bind(r.occurred_at)
-                .bind(&r.actor_id)
-                .bind(&r.correlation_id)
-                .bind(r.classification)
-                .bind(&r.idempotency_key)
-                .bind(&r.metadata)
-                .bind(&r.payload_hash)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+                sqlx::query(INSERT_SQL.as_str())
+                    .bind(tenant.0)
+                    .bind(&r.event_id)
+                    .bind(&r.metric)
+                    .bind(r.quantity)
+                    .bind(r.occurred_at)
+                    .bind(&r.actor_id)
+                    .bind(&r.correlation_id)
+                    .bind(r.classification)
+                    .bind(&r.idempotency_key)
+                    .bind(&r.metadata)
+                    .bind(&r.payload_hash)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
                 tx.commit().await.unwrap();
             }
         }
@@ -276,13 +282,7 @@ pub async fn run_copy(
         let pool = pool.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            let mut copy = conn
-                .copy_in_raw(
-                    "COPY usage_events (tenant_id, event_id, metric, quantity, occurred_at, actor_id, source_service,
-                                        correlation_id, classification, idempotency_key, metadata, payload_hash) FROM STDIN",
-                )
-                .await
-                .unwrap();
+            let mut copy = conn.copy_in_raw(COPY_SQL.as_str()).await.unwrap();
             copy.send(payload).await.unwrap();
             copy.finish().await.unwrap();
         }

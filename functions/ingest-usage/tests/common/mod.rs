@@ -89,6 +89,11 @@ impl Fixture {
         self.post_raw(key, &body.to_string())
     }
 
+    /// POST /v1/usage/events with `body` and the internal key, and the reply.
+    pub async fn submit(&self, app: &App, body: Value) -> Reply {
+        send(app, self.post(&self.internal.key, &body)).await
+    }
+
     pub fn post_raw(&self, key: &str, body: &str) -> Request {
         let mut event: Value = serde_json::from_str(&fixture_text("post-events.json")).unwrap();
         event["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
