@@ -10,7 +10,7 @@ use rand::RngCore;
 use tokio::sync::Mutex;
 
 use crate::db::{Database, DbError};
-use crate::domain::{SourceService, TenantId, TenantStatus, Trust};
+use crate::domain::{Scope, Scopes, SourceService, TenantId, TenantStatus, Trust};
 use crate::repo::api_keys;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -88,6 +88,18 @@ pub struct Caller {
     pub tenant_slug: String,
     pub source: SourceService,
     pub trust: Trust,
+    pub scopes: Scopes,
+}
+
+impl Caller {
+    /// The one authorization check every route makes: does this key hold `scope`?
+    pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.scopes.contains(scope) {
+            Ok(())
+        } else {
+            Err(AuthError::MissingScope(scope))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +112,8 @@ pub enum AuthError {
     Revoked,
     #[error("the tenant is disabled")]
     TenantDisabled,
+    #[error("this API key lacks the {0} scope")]
+    MissingScope(Scope),
     #[error(transparent)]
     Database(#[from] DbError),
 }
@@ -199,6 +213,7 @@ impl Authenticator {
             tenant_slug: candidate.tenant_slug,
             source: candidate.source_service,
             trust: candidate.trust,
+            scopes: candidate.scopes,
         }))
     }
 }

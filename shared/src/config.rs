@@ -147,6 +147,11 @@ pub struct Config {
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
     pub db_statement_timeout: Duration,
+    /// PostgreSQL `lock_timeout`: how long a statement waits for a row or table lock.
+    pub db_lock_timeout: Duration,
+    /// PostgreSQL `idle_in_transaction_session_timeout`: a session idle inside a transaction
+    /// (a frozen or killed container's) is ended, releasing its locks.
+    pub db_idle_in_transaction_timeout: Duration,
     pub redis_timeout: Duration,
     pub metrics_namespace: String,
 }
@@ -209,6 +214,12 @@ impl Config {
                 "DB_STATEMENT_TIMEOUT_MS",
                 10_000,
                 100..=900_000,
+            )?,
+            db_lock_timeout: env.millis_or("DB_LOCK_TIMEOUT_MS", 2_000, 10..=60_000)?,
+            db_idle_in_transaction_timeout: env.millis_or(
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                10_000,
+                100..=600_000,
             )?,
             redis_timeout: env.millis_or("REDIS_TIMEOUT_MS", 250, 10..=10_000)?,
             metrics_namespace: env

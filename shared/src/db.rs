@@ -28,6 +28,14 @@ pub enum DbError {
     /// The database could not be reached or refused the connection: worth retrying later.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// A deadlock or serialization failure (retried a few times by [`retry_transient`]), a lock
+    /// or statement timeout: the transaction was rolled back, nothing was written.
+    #[error("database busy: {0}")]
+    Busy(#[source] sqlx::Error),
+    /// A value PostgreSQL refused as data (SQLSTATE class 22): out of range, malformed, NUL in
+    /// text. The request's fault, never the service's.
+    #[error("value refused by the database: {0}")]
+    InvalidValue(#[source] sqlx::Error),
     #[error("database error: {0}")]
     Query(#[source] sqlx::Error),
     /// A stored value that the domain types do not accept (a schema/code mismatch).
@@ -41,22 +49,76 @@ impl From<crate::domain::InvalidValue> for DbError {
     }
 }
 
+/// Every PostgreSQL error class is sorted here, once; callers and the HTTP mapping only ever
+/// look at the variant.
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
         if is_unavailable(&e) {
-            DbError::Unavailable(e)
-        } else {
-            DbError::Query(e)
+            return DbError::Unavailable(e);
+        }
+        let code = match &e {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        };
+        match code.as_deref() {
+            Some(
+                SERIALIZATION_FAILURE | DEADLOCK_DETECTED | LOCK_NOT_AVAILABLE | QUERY_CANCELED,
+            ) => DbError::Busy(e),
+            Some(code) if code.starts_with("22") => DbError::InvalidValue(e),
+            _ => DbError::Query(e),
         }
     }
 }
+
+const SERIALIZATION_FAILURE: &str = "40001";
+const DEADLOCK_DETECTED: &str = "40P01";
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// Raised by `statement_timeout`.
+const QUERY_CANCELED: &str = "57014";
 
 impl DbError {
     /// The SQLSTATE of a database-reported error (e.g. `23505` for a unique violation).
     pub fn sqlstate(&self) -> Option<String> {
         match self {
-            DbError::Query(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            DbError::Query(sqlx::Error::Database(db))
+            | DbError::Busy(sqlx::Error::Database(db))
+            | DbError::InvalidValue(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
             _ => None,
+        }
+    }
+
+    /// A deadlock or serialization failure: running the whole transaction again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.sqlstate().as_deref(),
+            Some(SERIALIZATION_FAILURE | DEADLOCK_DETECTED)
+        )
+    }
+}
+
+/// How many times [`retry_transient`] runs a transaction that keeps deadlocking.
+pub const TRANSIENT_ATTEMPTS: u32 = 5;
+
+/// Runs `transaction` (which must begin, and commit, its own transaction) again when it fails
+/// with a deadlock or serialization failure, up to [`TRANSIENT_ATTEMPTS`] times in all, with a
+/// short jittered pause between attempts. Any other outcome is returned as it is.
+pub async fn retry_transient<T, F, Fut>(mut transaction: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match transaction().await {
+            Err(e) if e.is_retryable() && attempt < TRANSIENT_ATTEMPTS => {
+                metrics::counter!("DbTransactionRetries").increment(1);
+                tracing::warn!(sqlstate = ?e.sqlstate(), attempt, "transaction rolled back; retrying");
+                let ceiling_ms = 5u64 << attempt.min(6);
+                let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=ceiling_ms);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                attempt += 1;
+            }
+            other => return other,
         }
     }
 }
@@ -73,11 +135,13 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception, 28: invalid authorization, 53: insufficient resources,
-            // 57P0x: admin/crash shutdown or cannot connect now.
+            // 57P0x: admin/crash shutdown or cannot connect now, 25P03: the session was ended
+            // for idling in a transaction.
             code.starts_with("08")
                 || code.starts_with("28")
                 || code.starts_with("53")
                 || code.starts_with("57P0")
+                || code == "25P03"
         }),
         _ => false,
     }
@@ -109,11 +173,26 @@ impl Database {
     /// Builds the pool without connecting: the first query connects. With a secret, the
     /// credentials are read now (cached by the secrets client).
     pub async fn connect(config: &Config, secrets: Option<Arc<Secrets>>) -> Result<Self, DbError> {
+        // Server-side limits for every session: no statement runs, no lock is waited for, and no
+        // transaction sits idle (a frozen or killed container's) longer than these.
         let tune = |options: PgConnectOptions| {
-            options.application_name(&config.service).options([(
-                "statement_timeout",
-                config.db_statement_timeout.as_millis().to_string(),
-            )])
+            options.application_name(&config.service).options([
+                (
+                    "statement_timeout",
+                    config.db_statement_timeout.as_millis().to_string(),
+                ),
+                (
+                    "lock_timeout",
+                    config.db_lock_timeout.as_millis().to_string(),
+                ),
+                (
+                    "idle_in_transaction_session_timeout",
+                    config
+                        .db_idle_in_transaction_timeout
+                        .as_millis()
+                        .to_string(),
+                ),
+            ])
         };
         let base = tune(PgConnectOptions::new_without_pgpass());
         let (credentials, options) = match &config.database {
@@ -241,15 +320,29 @@ impl Database {
     /// into the next transaction. BEGIN and the setting travel in one round trip; the tenant is
     /// a UUID, rendered by `Uuid`'s own formatter, so nothing else can enter the statement.
     pub async fn tenant_tx(&self, tenant: TenantId) -> Result<Tx, DbError> {
-        let begin = || {
-            self.pool.begin_with(format!(
-                "BEGIN; SELECT set_config('meterbridge.tenant_id', '{}', true)",
-                tenant.0.hyphenated()
-            ))
-        };
-        match begin().await {
+        self.begin_with(format!(
+            "BEGIN; SELECT set_config('meterbridge.tenant_id', '{}', true)",
+            tenant.0.hyphenated()
+        ))
+        .await
+    }
+
+    /// A read-only [`Database::tenant_tx`] for listings and reads. Its statements are planned
+    /// for their actual parameters (`plan_cache_mode = force_custom_plan`), so an optional filter
+    /// that is absent drops out of the plan and one that is present can choose its index.
+    pub async fn tenant_read_tx(&self, tenant: TenantId) -> Result<Tx, DbError> {
+        self.begin_with(format!(
+            "BEGIN READ ONLY; SELECT set_config('meterbridge.tenant_id', '{}', true), \
+             set_config('plan_cache_mode', 'force_custom_plan', true)",
+            tenant.0.hyphenated()
+        ))
+        .await
+    }
+
+    async fn begin_with(&self, statement: String) -> Result<Tx, DbError> {
+        match self.pool.begin_with(statement.clone()).await {
             Err(e) if is_auth_failure(&e) && self.refresh_credentials().await? => {
-                Ok(begin().await?)
+                Ok(self.pool.begin_with(statement).await?)
             }
             other => Ok(other?),
         }

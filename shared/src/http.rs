@@ -182,6 +182,23 @@ impl From<DbError> for ApiError {
                     retry_after_secs: 5,
                 }
             }
+            DbError::Busy(source) => {
+                tracing::warn!(error = %source, "database busy");
+                ApiError::Unavailable {
+                    detail: "the database was busy (lock wait, deadlock or timeout); nothing was \
+                             stored, retry shortly"
+                        .into(),
+                    retry_after_secs: 1,
+                }
+            }
+            DbError::InvalidValue(source) => {
+                tracing::info!(error = %source, "database refused a value of the request");
+                ApiError::Malformed(
+                    "a value in the request is out of range or not representable (SQLSTATE class \
+                     22); nothing was stored"
+                        .into(),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "database error");
                 ApiError::Internal
@@ -193,11 +210,16 @@ impl From<DbError> for ApiError {
 /// A JSON response with the given status. Serialising our own types cannot fail; if it ever
 /// did, the caller gets a bare 500 rather than a panic.
 pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
-    let (status, bytes) = match serde_json::to_vec(body) {
-        Ok(bytes) => (status, bytes),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, b"{}".to_vec()),
-    };
-    let mut response = Response::new(Body::Binary(bytes));
+    match serde_json::to_string(body) {
+        Ok(text) => json_text_response(status, text),
+        Err(_) => json_text_response(StatusCode::INTERNAL_SERVER_ERROR, "{}".into()),
+    }
+}
+
+/// A JSON document that is already serialised. Bodies go out as text: a binary body would be
+/// base64-encoded by the Lambda integration, a third larger.
+pub fn json_text_response(status: StatusCode, json: String) -> Response<Body> {
+    let mut response = Response::new(Body::Text(json));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -260,6 +282,7 @@ impl From<crate::auth::AuthError> for ApiError {
             AuthError::TenantDisabled => {
                 ApiError::Forbidden("the tenant of this API key is disabled".into())
             }
+            AuthError::MissingScope(_) => ApiError::Forbidden(e.to_string()),
             AuthError::Database(db) => db.into(),
         }
     }
@@ -293,7 +316,8 @@ pub fn correlation_id(headers: &http::HeaderMap) -> String {
 }
 
 /// Parses a JSON request body of at most `max_bytes`: 413 when larger, 415 when declared as
-/// something other than JSON, 400 when it is not valid UTF-8 JSON (serde's message says where).
+/// something other than JSON, 400 when it is not valid UTF-8 JSON or repeats an object key
+/// (serde's message says where).
 pub fn parse_json_body(
     headers: &http::HeaderMap,
     body: &[u8],
@@ -325,7 +349,7 @@ pub fn parse_json_body(
             "the request body is empty; send a JSON document".into(),
         ));
     }
-    serde_json::from_slice(body)
+    crate::json::from_slice_strict(body)
         .map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))
 }
 

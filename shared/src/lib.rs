@@ -8,6 +8,7 @@ pub mod context;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod json;
 pub mod redis;
 pub mod repo;
 pub mod secrets;

@@ -7,7 +7,7 @@ use aws_sdk_secretsmanager::config::{Credentials, Region};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::auth::{generate_api_key, NewApiKey};
-use crate::domain::{SourceService, Tenant, TenantSlug, Trust};
+use crate::domain::{Scopes, SourceService, Tenant, TenantSlug, Trust};
 use crate::repo::{api_keys, tenants};
 
 pub const API_ROLE: &str = "meterbridge_api";
@@ -98,12 +98,23 @@ pub async fn create_tenant(owner: &PgPool, hint: &str) -> Tenant {
         .expect("create tenant")
 }
 
-/// A key for `tenant`'s `source` service.
+/// A key for `tenant`'s `source` service, with the default scopes of its trust.
 pub async fn create_api_key(
     owner: &PgPool,
     tenant: &Tenant,
     source: &str,
     trust: Trust,
+) -> NewApiKey {
+    create_scoped_api_key(owner, tenant, source, trust, Scopes::default_for(trust)).await
+}
+
+/// A key for `tenant`'s `source` service with the given scopes.
+pub async fn create_scoped_api_key(
+    owner: &PgPool,
+    tenant: &Tenant,
+    source: &str,
+    trust: Trust,
+    scopes: Scopes,
 ) -> NewApiKey {
     let new_key = generate_api_key();
     let source = SourceService::parse(source).expect("test source");
@@ -114,10 +125,27 @@ pub async fn create_api_key(
         &new_key.hash,
         &source,
         trust,
+        scopes,
     )
     .await
     .expect("create api key");
     new_key
+}
+
+/// Applies the embedded migrations up to and including `version` (for tests of a later
+/// migration against data written under an earlier schema).
+pub async fn migrate_up_to(pool: &PgPool, version: i64) {
+    let earlier = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            crate::db::MIGRATOR
+                .iter()
+                .filter(|m| m.version <= version)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    earlier.run(pool).await.expect("earlier migrations");
 }
 
 /// The per-test database's name.

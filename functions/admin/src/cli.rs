@@ -52,6 +52,10 @@ enum ApiKeyAction {
         source: String,
         #[arg(long, default_value = "internal")]
         trust: String,
+        /// A scope the key holds (repeat for several); default: all for internal keys,
+        /// usage:write for external ones
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
     },
     /// Revoke a key by its prefix
     Revoke { prefix: String },
@@ -73,10 +77,12 @@ impl Cli {
                     tenant,
                     source,
                     trust,
+                    scopes,
                 } => Command::ApiKeyCreate {
                     tenant,
                     source,
                     trust,
+                    scopes: (!scopes.is_empty()).then_some(scopes),
                 },
                 ApiKeyAction::Revoke { prefix } => Command::ApiKeyRevoke { prefix },
                 ApiKeyAction::List { tenant } => Command::ApiKeyList { tenant },
@@ -109,7 +115,26 @@ mod tests {
             Command::ApiKeyCreate {
                 tenant: "acme".into(),
                 source: "crm".into(),
-                trust: "internal".into()
+                trust: "internal".into(),
+                scopes: None,
+            }
+        );
+        assert_eq!(
+            parse(&[
+                "api-key",
+                "create",
+                "acme",
+                "--source",
+                "bi",
+                "--scope",
+                "usage:read"
+            ])
+            .unwrap(),
+            Command::ApiKeyCreate {
+                tenant: "acme".into(),
+                source: "bi".into(),
+                trust: "internal".into(),
+                scopes: Some(vec!["usage:read".into()]),
             }
         );
         assert_eq!(

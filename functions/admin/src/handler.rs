@@ -1,7 +1,7 @@
 //! parse → validate → one statement or transaction → respond, for each admin action.
 
 use meterbridge::auth::generate_api_key;
-use meterbridge::domain::{SourceService, TenantSlug, TenantStatus, Trust};
+use meterbridge::domain::{Scopes, SourceService, TenantSlug, TenantStatus, Trust};
 use meterbridge::repo::{api_keys, tenants};
 use meterbridge::Database;
 use serde_json::{json, Value};
@@ -57,9 +57,14 @@ pub async fn execute(db: &Database, command: Command) -> Result<Value, AdminErro
             tenant,
             source,
             trust,
+            scopes,
         } => {
             let source = SourceService::parse(&source)?;
             let trust: Trust = trust.parse()?;
+            let scopes = match scopes {
+                Some(names) => Scopes::parse_for(&names, trust)?,
+                None => Scopes::default_for(trust),
+            };
             let tenant = tenants::find_by_slug(db.pool(), &tenant)
                 .await?
                 .ok_or_else(|| no_tenant(&tenant))?;
@@ -77,6 +82,7 @@ pub async fn execute(db: &Database, command: Command) -> Result<Value, AdminErro
                 &new_key.hash,
                 &source,
                 trust,
+                scopes,
             )
             .await?;
             Ok(json!({

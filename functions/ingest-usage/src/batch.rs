@@ -85,8 +85,10 @@ impl Batch {
                 event.metric.clone(),
                 event.occurred_at,
             );
-            let leader = by_key
-                .get(&event.idempotency_key)
+            let leader = event
+                .idempotency_key
+                .as_ref()
+                .and_then(|key| by_key.get(key))
                 .or_else(|| by_event_id.get(&event.event_id))
                 .or_else(|| by_correlation.get(&correlation))
                 .copied();
@@ -106,7 +108,9 @@ impl Batch {
                 None => {
                     let position = self.leaders.len();
                     by_event_id.insert(event.event_id.clone(), position);
-                    by_key.insert(event.idempotency_key.clone(), position);
+                    if let Some(key) = &event.idempotency_key {
+                        by_key.insert(key.clone(), position);
+                    }
                     by_correlation.insert(correlation, position);
                     self.leaders.push((index, event));
                 }
@@ -120,14 +124,15 @@ impl Batch {
 
     /// Settles every leader from the insert's outcome: inserted → accepted; skipped → duplicate
     /// or conflict against the stored event that holds its key. Then the followers.
-    pub fn settle(&mut self, inserted: &[String], existing: &[ExistingKeys]) {
+    /// `source` is the submitting key's: event ids and idempotency keys are its own key spaces.
+    pub fn settle(&mut self, source: &str, inserted: &[String], existing: &[ExistingKeys]) {
         let inserted: std::collections::HashSet<&str> =
             inserted.iter().map(String::as_str).collect();
         for (index, event) in &self.leaders {
             let result = if inserted.contains(event.event_id.as_str()) {
                 outcome(*index, event, Status::Accepted, None, None)
             } else {
-                settle_skipped(*index, event, existing)
+                settle_skipped(*index, event, source, existing)
             };
             self.results[*index] = Some(result);
         }
@@ -203,14 +208,27 @@ fn outcome(
     }
 }
 
-fn settle_skipped(index: usize, event: &UsageEvent, existing: &[ExistingKeys]) -> EventResult {
-    let holder = existing
-        .iter()
-        .find(|row| row.idempotency_key == event.idempotency_key)
+fn settle_skipped(
+    index: usize,
+    event: &UsageEvent,
+    source: &str,
+    existing: &[ExistingKeys],
+) -> EventResult {
+    let own = |row: &&ExistingKeys| row.source_service == source;
+    let holder = event
+        .idempotency_key
+        .as_ref()
+        .and_then(|key| {
+            existing
+                .iter()
+                .filter(own)
+                .find(|row| row.idempotency_key.as_ref() == Some(key))
+        })
         .map(|row| (row, "idempotency_key_conflict", "idempotencyKey"))
         .or_else(|| {
             existing
                 .iter()
+                .filter(own)
                 .find(|row| row.event_id == event.event_id)
                 .map(|row| (row, "event_id_conflict", "eventId"))
         })

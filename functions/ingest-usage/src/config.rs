@@ -19,6 +19,13 @@ pub struct IngestConfig {
     /// Lifetime of a real-time counter; events older than this skip Redis.
     pub counter_ttl_days: i64,
     pub max_page_size: i64,
+    /// A listing page stops before its body would cost more than this in the Lambda response
+    /// (JSON-in-JSON escaping counted), well under the 6 MB limit; the cursor continues.
+    pub max_page_bytes: usize,
+    /// The window a listing reads when it names no `from`.
+    pub default_list_span: chrono::Duration,
+    /// The widest window a listing may read.
+    pub max_list_span: chrono::Duration,
 }
 
 impl IngestConfig {
@@ -36,6 +43,9 @@ impl IngestConfig {
             catalog_ttl: Duration::from_secs(300),
             counter_ttl_days: 7,
             max_page_size: 1000,
+            max_page_bytes: 4_000_000,
+            default_list_span: chrono::Duration::days(1),
+            max_list_span: chrono::Duration::days(31),
         }
     }
 
@@ -86,6 +96,17 @@ impl IngestConfig {
                 1..=90,
             )? as i64,
             max_page_size: d.max_page_size,
+            max_page_bytes: env.bounded_or(
+                "MAX_PAGE_BYTES",
+                d.max_page_bytes as u64,
+                65_536..=5_000_000,
+            )? as usize,
+            default_list_span: d.default_list_span,
+            max_list_span: chrono::Duration::days(env.bounded_or(
+                "MAX_LIST_SPAN_DAYS",
+                d.max_list_span.num_days() as u64,
+                1..=366,
+            )? as i64),
         })
     }
 }

@@ -1,21 +1,74 @@
-//! Real-time counters in Redis: `INCRBY usage:{tenant}:{day}:{metric}` for accepted events after
-//! the commit, and their reads. Redis is a cache of PostgreSQL here: a failure is logged and
-//! counted, never passed on to the caller (aggregate-usage repairs counters from PostgreSQL).
+//! Real-time counters in Redis: accepted events are added to `usage:{tenant}:{day}:{metric}`
+//! after the commit, and read back by day. Redis is a cache of PostgreSQL here: a failure is
+//! logged and counted, never passed on to the caller (aggregate-usage repairs counters from
+//! PostgreSQL).
+//!
+//! A counter is exact at any size: a hash `{hi, lo}` worth `hi * 10^15 + lo`, kept normalised
+//! (`0 <= lo < 10^15`) by one Lua script. A plain `INCRBY` string would overflow at 2^63 (about
+//! 9.2 million maximum-quantity events in a day), and Lua's doubles are exact only below 2^53;
+//! with `lo` below 10^15 every number the script handles stays exact, and `hi` (an int64 of
+//! units of 10^15) cannot overflow for any input the API accepts.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use meterbridge::domain::usage::UsageEvent;
 use meterbridge::domain::TenantId;
 use meterbridge::redis::{keys, Redis, RedisError};
 
+/// The base of a counter's low part.
+pub const LOW_BASE: i128 = 1_000_000_000_000_000;
+
+/// KEYS: counters; ARGV[1]: TTL in seconds; ARGV[2i], ARGV[2i+1]: the high and low parts of
+/// what to add to KEYS[i] (either may be negative; the result is normalised).
+static ADD: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local base = 1000000000000000
+for i, key in ipairs(KEYS) do
+  local lo = redis.call('HINCRBY', key, 'lo', ARGV[2 * i + 1])
+  local carry = math.floor(lo / base)
+  if carry ~= 0 then
+    redis.call('HINCRBY', key, 'lo', string.format('%.0f', -carry * base))
+  end
+  local hi = tonumber(ARGV[2 * i]) + carry
+  if hi ~= 0 then
+    redis.call('HINCRBY', key, 'hi', string.format('%.0f', hi))
+  end
+  redis.call('EXPIRE', key, ARGV[1])
+end
+return #KEYS
+",
+    )
+});
+
+/// A total as the script's two arguments: `(total div 10^15, total mod 10^15)`.
+pub fn split(total: i128) -> (i64, i64) {
+    // |total| of one batch is far below 2^63 * 10^15, so both parts fit.
+    let hi = total.div_euclid(LOW_BASE);
+    let lo = total.rem_euclid(LOW_BASE);
+    (
+        i64::try_from(hi).unwrap_or(i64::MAX),
+        i64::try_from(lo).unwrap_or(0),
+    )
+}
+
+/// The value of a counter read as `(hi, lo)`.
+pub fn join(hi: Option<i64>, lo: Option<i64>) -> Option<i128> {
+    match (hi, lo) {
+        (None, None) => None,
+        (hi, lo) => Some(i128::from(hi.unwrap_or(0)) * LOW_BASE + i128::from(lo.unwrap_or(0))),
+    }
+}
+
 /// Whether an event's day still has a live counter (days older than the TTL skip Redis).
 pub fn day_is_counted(day: NaiveDate, now: DateTime<Utc>, ttl_days: i64) -> bool {
     day > now.date_naive() - Duration::days(ttl_days)
 }
 
-/// Adds accepted events to their day's counters in one atomic pipeline. Returns how many
-/// counters were incremented; `Err` only to let the caller log and count the failure.
+/// Adds accepted events to their day's counters in one atomic script. Returns how many counters
+/// changed; `Err` only to let the caller log and count the failure.
 pub async fn add(
     redis: &Redis,
     tenant: TenantId,
@@ -23,26 +76,27 @@ pub async fn add(
     now: DateTime<Utc>,
     ttl_days: i64,
 ) -> Result<usize, RedisError> {
-    let mut sums: BTreeMap<(NaiveDate, &str), i64> = BTreeMap::new();
+    let mut sums: BTreeMap<(NaiveDate, &str), i128> = BTreeMap::new();
     for e in events {
         let day = e.occurred_at.date_naive();
         if day_is_counted(day, now, ttl_days) {
-            *sums.entry((day, e.metric.as_str())).or_default() += e.quantity;
+            *sums.entry((day, e.metric.as_str())).or_default() += i128::from(e.quantity);
         }
     }
     if sums.is_empty() {
         return Ok(0);
     }
-    let ttl_secs = ttl_days * 86_400;
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for ((day, metric), quantity) in &sums {
-        let key = keys::usage_counter(tenant, *day, metric);
-        pipe.cmd("INCRBY").arg(&key).arg(*quantity).ignore();
-        pipe.cmd("EXPIRE").arg(&key).arg(ttl_secs).ignore();
+    let mut invocation = ADD.prepare_invoke();
+    invocation.arg(ttl_days * 86_400);
+    for ((day, metric), total) in &sums {
+        let (hi, lo) = split(*total);
+        invocation
+            .key(keys::usage_counter(tenant, *day, metric))
+            .arg(hi)
+            .arg(lo);
     }
     let mut conn = redis.connection().await?;
-    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+    if let Err(e) = invocation.invoke_async::<()>(&mut conn).await {
         redis.forget_connection_on(&e).await;
         return Err(e.into());
     }
@@ -55,18 +109,20 @@ pub async fn read_day<'m>(
     tenant: TenantId,
     day: NaiveDate,
     metrics: impl Iterator<Item = &'m str>,
-) -> Result<BTreeMap<String, i64>, RedisError> {
+) -> Result<BTreeMap<String, i128>, RedisError> {
     let metrics: Vec<&str> = metrics.collect();
     if metrics.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let keys: Vec<String> = metrics
-        .iter()
-        .map(|m| keys::usage_counter(tenant, day, m))
-        .collect();
+    let mut pipe = redis::pipe();
+    for metric in &metrics {
+        pipe.cmd("HMGET")
+            .arg(keys::usage_counter(tenant, day, metric))
+            .arg("hi")
+            .arg("lo");
+    }
     let mut conn = redis.connection().await?;
-    let values: Vec<Option<i64>> = match redis::cmd("MGET").arg(&keys).query_async(&mut conn).await
-    {
+    let values: Vec<(Option<i64>, Option<i64>)> = match pipe.query_async(&mut conn).await {
         Ok(values) => values,
         Err(e) => {
             redis.forget_connection_on(&e).await;
@@ -76,7 +132,7 @@ pub async fn read_day<'m>(
     Ok(metrics
         .into_iter()
         .zip(values)
-        .filter_map(|(m, v)| v.filter(|n| *n != 0).map(|n| (m.to_owned(), n)))
+        .filter_map(|(m, (hi, lo))| join(hi, lo).filter(|n| *n != 0).map(|n| (m.to_owned(), n)))
         .collect())
 }
 
@@ -93,5 +149,24 @@ mod tests {
         assert!(day_is_counted(day(25), now, 7));
         assert!(day_is_counted(day(19), now, 7));
         assert!(!day_is_counted(day(18), now, 7));
+    }
+
+    #[test]
+    fn totals_split_and_join_exactly() {
+        for total in [
+            0i128,
+            1,
+            LOW_BASE - 1,
+            LOW_BASE,
+            i128::from(i64::MAX) + 1,
+            -1,
+            -LOW_BASE - 7,
+        ] {
+            let (hi, lo) = split(total);
+            assert!((0..LOW_BASE as i64).contains(&lo), "{total}");
+            assert_eq!(join(Some(hi), Some(lo)), Some(total));
+        }
+        assert_eq!(join(None, None), None);
+        assert_eq!(join(None, Some(5)), Some(5));
     }
 }

@@ -4,10 +4,11 @@ use chrono::Utc;
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
+use meterbridge::db::retry_transient;
 use meterbridge::domain::usage::{raw_event_id, validate_event, Submitter, UsageEvent};
 use meterbridge::http::{json_response, parse_json_body, ApiError};
 use meterbridge::repo::usage_events;
-use meterbridge::DbError;
+use meterbridge::{Database, DbError};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -83,39 +84,53 @@ pub fn take_events(body: Value, max_events: usize) -> Result<Vec<Value>, ApiErro
 
 const UNIQUE_VIOLATION: &str = "23505";
 
-/// Stores the leaders in one transaction: first optimistically (every event new: a plain
-/// INSERT), and when any is already stored, again in a fresh transaction with
-/// `ON CONFLICT DO NOTHING` plus a lookup of the stored events that hold the skipped keys.
-/// Returns the inserted event ids and those stored events.
+/// Stores the leaders in one transaction, retried as a whole on a deadlock or serialization
+/// failure (see [`store_once`]). The events go in a canonical order (by event id), so two
+/// batches holding the same events take their index locks in the same order and wait for each
+/// other rather than deadlock; the retry covers collisions canonical order cannot rule out (the
+/// same idempotency key or operation under different event ids).
 async fn store(
     app: &App,
     caller: &Caller,
     leaders: &[&UsageEvent],
 ) -> Result<(Vec<String>, Vec<usage_events::ExistingKeys>), ApiError> {
+    let mut ordered = leaders.to_vec();
+    ordered.sort_unstable_by(|a, b| a.event_id.cmp(&b.event_id));
     let db = &app.services.db;
+    Ok(retry_transient(|| store_once(db, caller, &ordered)).await?)
+}
+
+/// One attempt: first optimistically (every event new: a plain INSERT), and when any is already
+/// stored, again in a fresh transaction with `ON CONFLICT DO NOTHING` plus a lookup of the
+/// stored events that hold the skipped keys. Returns the inserted event ids and those events.
+async fn store_once(
+    db: &Database,
+    caller: &Caller,
+    leaders: &[&UsageEvent],
+) -> Result<(Vec<String>, Vec<usage_events::ExistingKeys>), DbError> {
     let mut tx = db.tenant_tx(caller.tenant_id).await?;
     match usage_events::insert_all(&mut tx, caller.tenant_id, &caller.source, leaders).await {
         Ok(()) => {
-            tx.commit().await.map_err(DbError::from)?;
+            tx.commit().await?;
             return Ok((
                 leaders.iter().map(|e| e.event_id.clone()).collect(),
                 Vec::new(),
             ));
         }
         Err(e) if e.sqlstate().as_deref() == Some(UNIQUE_VIOLATION) => {
-            tx.rollback().await.map_err(DbError::from)?;
+            tx.rollback().await?;
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     }
     let mut tx = db.tenant_tx(caller.tenant_id).await?;
     let inserted =
         usage_events::insert_new(&mut tx, caller.tenant_id, &caller.source, leaders).await?;
     let existing = if inserted.len() < leaders.len() {
-        usage_events::find_colliding(&mut tx, caller.tenant_id, leaders).await?
+        usage_events::find_colliding(&mut tx, caller.tenant_id, &caller.source, leaders).await?
     } else {
         Vec::new()
     };
-    tx.commit().await.map_err(DbError::from)?;
+    tx.commit().await?;
     Ok((inserted, existing))
 }
 
@@ -150,7 +165,7 @@ pub async fn ingest_batch(
     let leaders = batch.leaders();
     if !leaders.is_empty() {
         let (inserted, existing) = store(app, caller, &leaders).await?;
-        batch.settle(&inserted, &existing);
+        batch.settle(caller.source.as_str(), &inserted, &existing);
     }
 
     let accepted = batch.accepted();

@@ -8,6 +8,7 @@ pub mod app;
 pub mod batch;
 pub mod config;
 pub mod counters;
+pub mod cursor;
 pub mod ingest;
 pub mod query;
 pub mod routes;

@@ -1,32 +1,25 @@
-//! The reads: `GET /v1/usage/events` (filtered, keyset-paginated) and `GET /v1/usage/realtime`
-//! (today's counters from Redis, or recomputed from PostgreSQL when Redis cannot answer).
+//! The reads: `GET /v1/usage/events` (a bounded window, filtered, keyset-paginated, pages capped
+//! by count and by bytes) and `GET /v1/usage/realtime` (a day's counters from Redis, or
+//! recomputed from PostgreSQL when Redis cannot answer). Every query parameter is checked against
+//! a bounded range before anything runs.
 
 use std::collections::BTreeMap;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, NaiveDate, Utc};
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, RequestExt, Response};
 use meterbridge::auth::Caller;
+use meterbridge::domain::time::{parse_day, parse_instant};
 use meterbridge::domain::Classification;
-use meterbridge::http::{json_response, ApiError};
-use meterbridge::repo::usage_events::{self, EventFilter, StoredUsageEvent};
+use meterbridge::http::{json_response, json_text_response, ApiError};
+use meterbridge::repo::usage_events::{self, EventFilter, ListPosition};
 use serde::Serialize;
 
 use crate::app::App;
 use crate::counters;
+use crate::cursor::{self, Cursor};
 
 const DEFAULT_PAGE_SIZE: i64 = 100;
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EventPage {
-    pub events: Vec<StoredUsageEvent>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_cursor: Option<String>,
-}
 
 pub async fn list_events(
     app: &App,
@@ -52,8 +45,6 @@ pub async fn list_events(
                 .map_err(|e| bad_param("classification", &e.message))
         })
         .transpose()?;
-    let from = param("from").map(|v| timestamp("from", v)).transpose()?;
-    let to = param("to").map(|v| timestamp("to", v)).transpose()?;
     let limit = match param("limit") {
         None => DEFAULT_PAGE_SIZE,
         Some(v) => v
@@ -70,35 +61,131 @@ pub async fn list_events(
                 )
             })?,
     };
-    let after = param("cursor").map(decode_cursor).transpose()?;
+    let window = window(
+        app,
+        param("from").map(|v| instant("from", v)).transpose()?,
+        param("to").map(|v| instant("to", v)).transpose()?,
+        param("cursor").map(cursor::decode).transpose()?,
+    )?;
 
     let filter = EventFilter {
         metric,
         classification,
-        from,
-        to,
-        after,
+        after: window.after.clone(),
+        to: window.to,
         limit: limit + 1,
     };
-    let mut tx = app.services.db.tenant_tx(caller.tenant_id).await?;
-    let mut events = usage_events::list(&mut tx, caller.tenant_id, &filter).await?;
+    let mut tx = app.services.db.tenant_read_tx(caller.tenant_id).await?;
+    let events = usage_events::list(&mut tx, caller.tenant_id, &filter).await?;
     tx.commit().await.map_err(meterbridge::DbError::from)?;
 
-    let next_cursor = if events.len() as i64 > limit {
-        events.truncate(limit as usize);
-        events
-            .last()
-            .map(|e| encode_cursor(e.occurred_at, &e.event_id))
-    } else {
-        None
+    // The page: at most `limit` events and at most `max_page_bytes` of response, so no page
+    // can outgrow Lambda's 6 MB response limit, whatever the events carry.
+    let mut body = String::from("{\"events\":[");
+    let mut used = 0;
+    let mut last = None;
+    let mut more = false;
+    for (n, event) in events.iter().enumerate() {
+        if n as i64 == limit {
+            more = true;
+            break;
+        }
+        let json = serde_json::to_string(event).map_err(|_| ApiError::Internal)?;
+        let cost = escaped_len(&json) + 1;
+        if last.is_some() && used + cost > app.config.max_page_bytes {
+            more = true;
+            break;
+        }
+        if last.is_some() {
+            body.push(',');
+        }
+        body.push_str(&json);
+        used += cost;
+        last = Some(event);
+    }
+    body.push(']');
+    if let (true, Some(event)) = (more, last) {
+        let next = Cursor {
+            position: ListPosition {
+                occurred_at: event.occurred_at,
+                source_service: event.source_service.clone(),
+                event_id: event.event_id.clone(),
+            },
+            from: window.from,
+            to: window.to,
+        };
+        body.push_str(",\"nextCursor\":");
+        body.push_str(&serde_json::Value::String(cursor::encode(&next)).to_string());
+    }
+    body.push('}');
+    Ok(json_text_response(StatusCode::OK, body))
+}
+
+/// The window a listing reads, and where in it this page starts.
+struct Window {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    after: ListPosition,
+}
+
+/// `to` defaults to now (plus the accepted clock skew), `from` to one `default_list_span`
+/// before `to`; a cursor carries the window of the listing it continues. The window may span at
+/// most `max_list_span`.
+fn window(
+    app: &App,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    cursor: Option<Cursor>,
+) -> Result<Window, ApiError> {
+    let window = match cursor {
+        Some(c) => {
+            if from.is_some_and(|f| f != c.from) || to.is_some_and(|t| t != c.to) {
+                return Err(bad_param(
+                    "cursor",
+                    "belongs to a listing with another from/to window",
+                ));
+            }
+            Window {
+                from: c.from,
+                to: c.to,
+                after: c.position,
+            }
+        }
+        None => {
+            let to = to.unwrap_or_else(|| Utc::now() + app.config.event_limits.max_future_skew);
+            let from = from.unwrap_or(to - app.config.default_list_span);
+            Window {
+                from,
+                to,
+                after: ListPosition::before(from),
+            }
+        }
     };
-    Ok(json_response(
-        StatusCode::OK,
-        &EventPage {
-            events,
-            next_cursor,
-        },
-    ))
+    if window.from >= window.to {
+        return Err(bad_param("from", "must be before to"));
+    }
+    if window.to - window.from > app.config.max_list_span {
+        return Err(bad_param(
+            "from",
+            &format!(
+                "and to may be at most {} days apart; page through shorter windows",
+                app.config.max_list_span.num_days()
+            ),
+        ));
+    }
+    Ok(window)
+}
+
+/// What `s` costs inside a JSON string (as the Lambda response envelope carries the body).
+fn escaped_len(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+                0..=0x1f => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 #[derive(Debug, Serialize)]
@@ -107,8 +194,8 @@ pub struct Realtime {
     pub date: NaiveDate,
     /// `redis`, or `postgres` when Redis could not answer or the day is older than the counters.
     pub source: &'static str,
-    /// Units per metric on that UTC day; metrics with none are omitted.
-    pub counters: BTreeMap<String, i64>,
+    /// Units per metric on that UTC day; metrics with none are omitted. Exact at any size.
+    pub counters: BTreeMap<String, i128>,
 }
 
 pub async fn realtime(
@@ -124,8 +211,12 @@ pub async fn realtime(
         .filter(|v| !v.is_empty())
     {
         None => now.date_naive(),
-        Some(v) => NaiveDate::parse_from_str(v, "%Y-%m-%d")
-            .map_err(|_| bad_param("date", "must be a date: YYYY-MM-DD"))?,
+        Some(v) => parse_day(v).map_err(|e| {
+            bad_param(
+                "date",
+                &format!("must be a day, YYYY-MM-DD: {}", e.message()),
+            )
+        })?,
     };
 
     if let Some(redis) = &app.services.redis {
@@ -150,7 +241,7 @@ pub async fn realtime(
         }
     }
 
-    let mut tx = app.services.db.tenant_tx(caller.tenant_id).await?;
+    let mut tx = app.services.db.tenant_read_tx(caller.tenant_id).await?;
     let totals = usage_events::day_totals(&mut tx, caller.tenant_id, date).await?;
     tx.commit().await.map_err(meterbridge::DbError::from)?;
     Ok(json_response(
@@ -163,33 +254,12 @@ pub async fn realtime(
     ))
 }
 
-fn bad_param(name: &str, problem: &str) -> ApiError {
+pub(crate) fn bad_param(name: &str, problem: &str) -> ApiError {
     ApiError::Malformed(format!("query parameter {name} {problem}"))
 }
 
-fn timestamp(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(value)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| bad_param(name, "must be an RFC 3339 timestamp"))
-}
-
-/// Cursors are opaque to clients: base64url of `<occurredAt>|<eventId>`.
-fn encode_cursor(at: DateTime<Utc>, event_id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!(
-        "{}|{event_id}",
-        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    ))
-}
-
-fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, String), ApiError> {
-    let invalid = || bad_param("cursor", "is not a cursor this API returned");
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let (at, id) = text.split_once('|').ok_or_else(invalid)?;
-    let at = DateTime::parse_from_rfc3339(at)
-        .map_err(|_| invalid())?
-        .with_timezone(&Utc);
-    Ok((at, id.to_owned()))
+fn instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    parse_instant(value).map_err(|e| bad_param(name, e.message()))
 }
 
 #[cfg(test)]
@@ -197,13 +267,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursors_round_trip_and_reject_garbage() {
-        let at = DateTime::parse_from_rfc3339("2026-11-25T10:00:00.123456Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let cursor = encode_cursor(at, "evt|1");
-        assert_eq!(decode_cursor(&cursor).unwrap(), (at, "evt|1".to_owned()));
-        assert!(decode_cursor("not a cursor").is_err());
-        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("x|y")).is_err());
+    fn escaped_lengths_count_what_json_adds() {
+        assert_eq!(escaped_len("abc"), 3);
+        assert_eq!(escaped_len(r#"{"a":"\\"}"#), 10 + 6);
+        assert_eq!(escaped_len("\u{1}"), 6);
+        assert_eq!(
+            escaped_len("é"),
+            2,
+            "non-ASCII is sent as UTF-8, not escaped"
+        );
+        for s in ["{\"k\":\"v\\n\"}", "plain", "\"\"\"", "a\u{7}b\tc"] {
+            assert_eq!(
+                escaped_len(s),
+                serde_json::Value::String(s.into()).to_string().len() - 2,
+                "{s:?}"
+            );
+        }
     }
 }

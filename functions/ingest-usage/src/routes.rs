@@ -6,6 +6,7 @@ use std::time::Instant;
 use lambda_http::http::{HeaderValue, Method};
 use lambda_http::{Body, Request, RequestExt, Response};
 use meterbridge::auth::Caller;
+use meterbridge::domain::Scope;
 use meterbridge::http::{correlation_id, presented_api_key, ApiError, CORRELATION_HEADER};
 use tracing::Instrument;
 
@@ -17,6 +18,16 @@ pub enum Route {
     PostEvents,
     ListEvents,
     Realtime,
+}
+
+impl Route {
+    /// The scope a key needs for this route; checked in one place, [`dispatch`].
+    pub fn scope(self) -> Scope {
+        match self {
+            Route::PostEvents => Scope::UsageWrite,
+            Route::ListEvents | Route::Realtime => Scope::UsageRead,
+        }
+    }
 }
 
 /// Matches the path with or without an API Gateway stage prefix (`/prod/v1/...`).
@@ -77,6 +88,7 @@ pub async fn handle(app: &App, request: Request) -> Response<Body> {
 async fn dispatch(app: &App, request: &Request) -> Result<Response<Body>, ApiError> {
     let route = route(request.method(), request.uri().path())?;
     let caller = authorize(app, request).await?;
+    caller.require(route.scope())?;
     match route {
         Route::PostEvents => ingest::post_events(app, &caller, request).await,
         Route::ListEvents => query::list_events(app, &caller, request).await,

@@ -43,11 +43,15 @@ async fn duplicates_and_conflicts_are_told_apart(owner: PgPool) {
     changed["quantity"] = json!(5);
     let r = send(&app, fx.post(key, &json!({"events": [changed]}))).await;
     assert_eq!(statuses(&r.body), ["conflict"]);
-    assert_eq!(r.body["results"][0]["code"], "idempotency_key_conflict");
+    assert_eq!(r.body["results"][0]["code"], "event_id_conflict");
 
     // A new event id reusing a stored idempotency key → conflict.
-    let mut reused = fx.event(2, "api.requests", 2);
-    reused["idempotencyKey"] = first["eventId"].clone();
+    let mut keyed = fx.event(2, "api.requests", 2);
+    keyed["idempotencyKey"] = json!(format!("{}-key", fx.run));
+    let r = send(&app, fx.post(key, &json!({"events": [keyed.clone()]}))).await;
+    assert_eq!(statuses(&r.body), ["accepted"]);
+    let mut reused = fx.event(5, "api.requests", 2);
+    reused["idempotencyKey"] = keyed["idempotencyKey"].clone();
     let r = send(&app, fx.post(key, &json!({"events": [reused]}))).await;
     assert_eq!(r.body["results"][0]["code"], "idempotency_key_conflict");
 
@@ -70,8 +74,8 @@ async fn duplicates_and_conflicts_are_told_apart(owner: PgPool) {
     assert_eq!(statuses(&r.body), ["accepted", "duplicate", "conflict"]);
     assert_eq!(r.body["results"][2]["code"], "batch_conflict");
 
-    assert_eq!(fx.stored_events().await, 2);
-    assert_eq!(fx.counter("api.requests").await, Some(2));
+    assert_eq!(fx.stored_events().await, 3);
+    assert_eq!(fx.counter("api.requests").await, Some(4));
     assert_eq!(fx.counter("leads.routed").await, Some(1));
 }
 

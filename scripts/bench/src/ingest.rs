@@ -141,7 +141,7 @@ pub struct Prepared {
     actor_id: Option<String>,
     correlation_id: String,
     classification: &'static str,
-    idempotency_key: String,
+    idempotency_key: Option<String>,
     metadata: Value,
     payload_hash: Vec<u8>,
 }
@@ -256,7 +256,10 @@ fn copy_text(rows: &[Prepared], tenant: &Tenant) -> Vec<u8> {
                 .unwrap_or_else(|| "\\N".into()),
             esc(&r.correlation_id),
             r.classification,
-            esc(&r.idempotency_key),
+            r.idempotency_key
+                .as_deref()
+                .map(esc)
+                .unwrap_or_else(|| "\\N".into()),
             esc(&r.metadata.to_string()),
             r.payload_hash
                 .iter()

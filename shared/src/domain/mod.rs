@@ -3,9 +3,10 @@
 pub mod api_key;
 pub mod metric;
 pub mod tenant;
+pub mod time;
 pub mod usage;
 
-pub use api_key::{SourceService, Trust};
+pub use api_key::{Scope, Scopes, SourceService, Trust};
 pub use metric::{Classification, MetricCatalog, MetricDefinition};
 pub use tenant::{Tenant, TenantId, TenantSlug, TenantStatus};
 

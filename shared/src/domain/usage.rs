@@ -1,11 +1,12 @@
 //! Usage events: the validation every submitted event passes, and the canonical payload hash
 //! that tells a duplicate (same key, same payload) from a conflict (same key, other payload).
 
-use chrono::{DateTime, Duration, SubsecRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::time::TimeError;
 use super::{Classification, MetricCatalog, SourceService, TenantId, Trust};
 
 /// Largest quantity one event may carry: keeps daily sums far from i64 overflow.
@@ -67,7 +68,9 @@ pub struct UsageEvent {
     pub occurred_at: DateTime<Utc>,
     pub actor_id: Option<String>,
     pub correlation_id: String,
-    pub idempotency_key: String,
+    /// The caller's own idempotency key, when it chose one other than the event id. Event ids
+    /// and idempotency keys are two separate key spaces, each unique per (tenant, source).
+    pub idempotency_key: Option<String>,
     pub metadata: Value,
     pub classification: Classification,
     pub payload_hash: [u8; 32],
@@ -139,7 +142,7 @@ pub fn validate_event(raw: Value, who: &Submitter<'_>) -> Result<UsageEvent, Rej
     let correlation_id = required_id(&obj, "correlationId", MAX_ID_CHARS)?;
     let actor_id = optional_id(&obj, "actorId", MAX_ID_CHARS)?;
     let idempotency_key = optional_id(&obj, "idempotencyKey", MAX_IDEMPOTENCY_KEY_CHARS)?
-        .unwrap_or_else(|| event_id.clone());
+        .filter(|key| *key != event_id);
 
     for field in ["tenantId", "tenant"] {
         if let Some(named) = optional_str(&obj, field)? {
@@ -226,7 +229,11 @@ pub fn validate_event(raw: Value, who: &Submitter<'_>) -> Result<UsageEvent, Rej
         ("actorId", actor_id.as_deref().unwrap_or("")),
         ("correlationId", &correlation_id),
         ("eventId", &event_id),
-        ("idempotencyKey", &idempotency_key),
+        // The effective key: an absent key and one equal to the event id are the same payload.
+        (
+            "idempotencyKey",
+            idempotency_key.as_deref().unwrap_or(&event_id),
+        ),
         ("metadata", &canonical_metadata),
         ("metric", &metric.name),
         (
@@ -275,10 +282,17 @@ fn required_str<'v>(obj: &'v Map<String, Value>, field: &str) -> Result<&'v str,
         .ok_or_else(|| Rejection::new("missing_field", field, format!("{field} is required")))
 }
 
-/// An identifier: 1..=max characters, no control characters, not blank.
-fn check_id(value: &str, field: &str, max: usize) -> Result<String, Rejection> {
+/// Largest number of characters of an event id (and of correlation and actor ids).
+pub const MAX_EVENT_ID_CHARS: usize = MAX_ID_CHARS;
+
+/// An identifier: 1..=max characters, no control characters (so no NUL), not blank.
+pub fn is_valid_id(value: &str, max: usize) -> bool {
     let chars = value.chars().count();
-    if chars == 0 || value.trim().is_empty() || chars > max || value.chars().any(char::is_control) {
+    chars > 0 && chars <= max && !value.trim().is_empty() && !value.chars().any(char::is_control)
+}
+
+fn check_id(value: &str, field: &str, max: usize) -> Result<String, Rejection> {
+    if !is_valid_id(value, max) {
         return Err(Rejection::new(
             "invalid_value",
             field,
@@ -354,15 +368,18 @@ fn quantity(obj: &Map<String, Value>) -> Result<i64, Rejection> {
 fn occurred_at(obj: &Map<String, Value>, who: &Submitter<'_>) -> Result<DateTime<Utc>, Rejection> {
     let field = "occurredAt";
     let raw = required_str(obj, field)?;
-    let parsed = DateTime::parse_from_rfc3339(raw).map_err(|_| {
-        Rejection::new(
-            "invalid_timestamp",
-            field,
-            "occurredAt must be an RFC 3339 timestamp, e.g. 2026-11-25T10:00:00Z",
-        )
+    let at = super::time::parse_instant(raw).map_err(|e| {
+        let message = match e {
+            TimeError::Unparsable => {
+                "occurredAt must be an RFC 3339 timestamp, e.g. 2026-11-25T10:00:00Z"
+            }
+            TimeError::LeapSecond => {
+                "occurredAt must not be a leap second (:60); send :59.999999 or the next second"
+            }
+            TimeError::OutOfRange => "occurredAt is outside 2000-01-01..2100-01-01",
+        };
+        Rejection::new("invalid_timestamp", field, message)
     })?;
-    // PostgreSQL keeps microseconds; so does the hash.
-    let at = parsed.with_timezone(&Utc).trunc_subsecs(6);
     if at < who.now - who.limits.max_age {
         return Err(Rejection::new(
             "occurred_at_too_old",
@@ -490,7 +507,12 @@ mod tests {
     #[test]
     fn a_valid_event_is_normalised() {
         let e = check(base(), Trust::Internal).unwrap();
-        assert_eq!(e.idempotency_key, "e-1");
+        assert_eq!(
+            e.idempotency_key, None,
+            "a key equal to the event id adds nothing"
+        );
+        let e = check(with("idempotencyKey", json!("k-1")), Trust::Internal).unwrap();
+        assert_eq!(e.idempotency_key.as_deref(), Some("k-1"));
         assert_eq!(e.classification, Classification::Billable);
         assert_eq!(
             e.occurred_at.to_rfc3339(),
@@ -552,6 +574,11 @@ mod tests {
         assert_eq!(
             code(with("occurredAt", json!("yesterday"))),
             "invalid_timestamp"
+        );
+        assert_eq!(
+            code(with("occurredAt", json!("2026-11-24T23:59:60Z"))),
+            "invalid_timestamp",
+            "a leap second would land on another day in Redis than in PostgreSQL"
         );
         assert_eq!(
             code(with("occurredAt", json!("2026-10-20T11:59:59Z"))),

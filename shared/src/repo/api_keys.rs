@@ -4,7 +4,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::db::DbError;
-use crate::domain::{SourceService, TenantId, TenantStatus, Trust};
+use crate::domain::{Scopes, SourceService, TenantId, TenantStatus, Trust};
 
 /// A key as listings show it: never the key, never its hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -15,6 +15,7 @@ pub struct ApiKeyRecord {
     pub prefix: String,
     pub source_service: String,
     pub trust: Trust,
+    pub scopes: Scopes,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
@@ -26,6 +27,7 @@ struct ApiKeyRow {
     prefix: String,
     source_service: String,
     trust: String,
+    scopes: Vec<String>,
     created_at: DateTime<Utc>,
     revoked_at: Option<DateTime<Utc>>,
     last_used_at: Option<DateTime<Utc>>,
@@ -40,6 +42,7 @@ impl TryFrom<ApiKeyRow> for ApiKeyRecord {
             prefix: row.prefix,
             source_service: row.source_service,
             trust: row.trust.parse()?,
+            scopes: Scopes::from_stored(&row.scopes)?,
             created_at: row.created_at,
             revoked_at: row.revoked_at,
             last_used_at: row.last_used_at,
@@ -54,17 +57,21 @@ pub async fn insert(
     key_hash: &[u8; 32],
     source: &SourceService,
     trust: Trust,
+    scopes: Scopes,
 ) -> Result<ApiKeyRecord, DbError> {
+    let scope_names = scopes.names();
     sqlx::query_as!(
         ApiKeyRow,
-        "INSERT INTO api_keys (tenant_id, prefix, key_hash, source_service, trust)
-         VALUES ($1, $2, $3, $4, $5)
-         RETURNING id, tenant_id, prefix, source_service, trust, created_at, revoked_at, last_used_at",
+        "INSERT INTO api_keys (tenant_id, prefix, key_hash, source_service, trust, scopes)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING id, tenant_id, prefix, source_service, trust, scopes, created_at, revoked_at,
+                   last_used_at",
         tenant.0,
         prefix,
         key_hash.as_slice(),
         source.as_str(),
-        trust.as_str()
+        trust.as_str(),
+        &scope_names as &[&str]
     )
     .fetch_one(db)
     .await?
@@ -79,7 +86,8 @@ pub async fn revoke(
     sqlx::query_as!(
         ApiKeyRow,
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE prefix = $1
-         RETURNING id, tenant_id, prefix, source_service, trust, created_at, revoked_at, last_used_at",
+         RETURNING id, tenant_id, prefix, source_service, trust, scopes, created_at, revoked_at,
+                   last_used_at",
         prefix
     )
     .fetch_optional(db)
@@ -94,7 +102,8 @@ pub async fn list_for_tenant(
 ) -> Result<Vec<ApiKeyRecord>, DbError> {
     sqlx::query_as!(
         ApiKeyRow,
-        "SELECT id, tenant_id, prefix, source_service, trust, created_at, revoked_at, last_used_at
+        "SELECT id, tenant_id, prefix, source_service, trust, scopes, created_at, revoked_at,
+                last_used_at
            FROM api_keys WHERE tenant_id = $1 ORDER BY created_at DESC",
         tenant.0
     )
@@ -115,6 +124,7 @@ pub struct KeyCandidate {
     pub key_hash: Vec<u8>,
     pub source_service: SourceService,
     pub trust: Trust,
+    pub scopes: Scopes,
     pub revoked: bool,
 }
 
@@ -128,7 +138,7 @@ pub async fn find_candidate(
         r#"SELECT key_id AS "key_id!", tenant_id AS "tenant_id!", tenant_slug AS "tenant_slug!",
                   tenant_status AS "tenant_status!",
                   key_hash AS "key_hash!", source_service AS "source_service!", trust AS "trust!",
-                  revoked AS "revoked!"
+                  scopes AS "scopes!", revoked AS "revoked!"
              FROM authenticate_api_key($1)"#,
         prefix
     )
@@ -143,6 +153,7 @@ pub async fn find_candidate(
             key_hash: r.key_hash,
             source_service: SourceService::parse(&r.source_service)?,
             trust: r.trust.parse()?,
+            scopes: Scopes::from_stored(&r.scopes)?,
             revoked: r.revoked,
         })
     })

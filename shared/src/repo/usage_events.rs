@@ -2,7 +2,7 @@
 //! event the insert skipped, and the reads. Every function here runs inside a tenant transaction;
 //! the explicit tenant filters below are belt and braces on top of row-level security.
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -20,7 +20,7 @@ struct Columns<'e> {
     actors: Vec<Option<&'e str>>,
     correlations: Vec<&'e str>,
     classifications: Vec<&'static str>,
-    keys: Vec<&'e str>,
+    keys: Vec<Option<&'e str>>,
     metadata: Vec<&'e Value>,
     hashes: Vec<&'e [u8]>,
 }
@@ -35,7 +35,10 @@ impl<'e> Columns<'e> {
             actors: events.iter().map(|e| e.actor_id.as_deref()).collect(),
             correlations: events.iter().map(|e| e.correlation_id.as_str()).collect(),
             classifications: events.iter().map(|e| e.classification.as_str()).collect(),
-            keys: events.iter().map(|e| e.idempotency_key.as_str()).collect(),
+            keys: events
+                .iter()
+                .map(|e| e.idempotency_key.as_deref())
+                .collect(),
             metadata: events.iter().map(|e| &e.metadata).collect(),
             hashes: events.iter().map(|e| e.payload_hash.as_slice()).collect(),
         }
@@ -69,7 +72,7 @@ pub async fn insert_all(
         &c.actors as &[Option<&str>],
         &c.correlations as &[&str],
         &c.classifications as &[&str],
-        &c.keys as &[&str],
+        &c.keys as &[Option<&str>],
         &c.metadata as &[&Value],
         &c.hashes as &[&[u8]]
     )
@@ -105,7 +108,7 @@ pub async fn insert_new(
         &c.actors as &[Option<&str>],
         &c.correlations as &[&str],
         &c.classifications as &[&str],
-        &c.keys as &[&str],
+        &c.keys as &[Option<&str>],
         &c.metadata as &[&Value],
         &c.hashes as &[&[u8]]
     )
@@ -117,47 +120,57 @@ pub async fn insert_new(
 /// A stored event that holds one of the unique keys a skipped event wanted.
 #[derive(Debug, Clone)]
 pub struct ExistingKeys {
+    pub source_service: String,
     pub event_id: String,
-    pub idempotency_key: String,
+    pub idempotency_key: Option<String>,
     pub correlation_id: String,
     pub metric: String,
     pub occurred_at: DateTime<Utc>,
     pub payload_hash: Vec<u8>,
 }
 
-/// The stored events that collide with `events` on any unique key.
+/// The stored events that collide with `events` (all from `source`) on any unique key: the same
+/// event id or idempotency key from the same source, or the same operation (correlation, metric,
+/// instant) from any source of the tenant.
 pub async fn find_colliding(
     conn: &mut PgConnection,
     tenant: TenantId,
+    source: &SourceService,
     events: &[&UsageEvent],
 ) -> Result<Vec<ExistingKeys>, DbError> {
-    let event_ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-    let keys: Vec<String> = events.iter().map(|e| e.idempotency_key.clone()).collect();
-    let correlations: Vec<String> = events.iter().map(|e| e.correlation_id.clone()).collect();
-    let metrics: Vec<String> = events.iter().map(|e| e.metric.clone()).collect();
+    let event_ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let keys: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.idempotency_key.as_deref())
+        .collect();
+    let correlations: Vec<&str> = events.iter().map(|e| e.correlation_id.as_str()).collect();
+    let metrics: Vec<&str> = events.iter().map(|e| e.metric.as_str()).collect();
     let occurred: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
     let rows = sqlx::query_as!(
         ExistingKeys,
-        r#"SELECT event_id AS "event_id!", idempotency_key AS "idempotency_key!",
-                  correlation_id AS "correlation_id!", metric AS "metric!",
+        r#"SELECT source_service AS "source_service!", event_id AS "event_id!",
+                  idempotency_key, correlation_id AS "correlation_id!", metric AS "metric!",
                   occurred_at AS "occurred_at!", payload_hash AS "payload_hash!"
              FROM usage_events
-            WHERE tenant_id = $1 AND event_id = ANY($2::text[])
+            WHERE tenant_id = $1 AND source_service = $2 AND event_id = ANY($3::text[])
            UNION
-           SELECT event_id, idempotency_key, correlation_id, metric, occurred_at, payload_hash
+           SELECT source_service, event_id, idempotency_key, correlation_id, metric, occurred_at,
+                  payload_hash
              FROM usage_events
-            WHERE tenant_id = $1 AND idempotency_key = ANY($3::text[])
+            WHERE tenant_id = $1 AND source_service = $2 AND idempotency_key = ANY($4::text[])
            UNION
-           SELECT u.event_id, u.idempotency_key, u.correlation_id, u.metric, u.occurred_at, u.payload_hash
+           SELECT u.source_service, u.event_id, u.idempotency_key, u.correlation_id, u.metric,
+                  u.occurred_at, u.payload_hash
              FROM usage_events u
-             JOIN UNNEST($4::text[], $5::text[], $6::timestamptz[]) AS k(correlation_id, metric, occurred_at)
+             JOIN UNNEST($5::text[], $6::text[], $7::timestamptz[]) AS k(correlation_id, metric, occurred_at)
                ON u.correlation_id = k.correlation_id AND u.metric = k.metric AND u.occurred_at = k.occurred_at
             WHERE u.tenant_id = $1"#,
         tenant.0,
-        &event_ids,
-        &keys,
-        &correlations,
-        &metrics,
+        source.as_str(),
+        &event_ids as &[&str],
+        &keys as &[&str],
+        &correlations as &[&str],
+        &metrics as &[&str],
         &occurred
     )
     .fetch_all(&mut *conn)
@@ -177,52 +190,74 @@ pub struct StoredUsageEvent {
     pub source_service: String,
     pub correlation_id: String,
     pub classification: String,
-    pub idempotency_key: String,
+    /// Present when the caller chose an idempotency key other than the event id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     pub metadata: Value,
     pub created_at: DateTime<Utc>,
 }
 
-/// Filters and the keyset position for listing events, oldest first.
-#[derive(Debug, Clone, Default)]
+/// A position in the listing order (occurred_at, source_service, event_id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPosition {
+    pub occurred_at: DateTime<Utc>,
+    pub source_service: String,
+    pub event_id: String,
+}
+
+impl ListPosition {
+    /// Just before every event at `at` (source services are never empty).
+    pub fn before(at: DateTime<Utc>) -> Self {
+        ListPosition {
+            occurred_at: at,
+            source_service: String::new(),
+            event_id: String::new(),
+        }
+    }
+}
+
+/// One page of the listing: the tenant's events in `[after, to)`, in listing order, optionally
+/// of one metric and/or one classification.
+#[derive(Debug, Clone)]
 pub struct EventFilter {
     pub metric: Option<String>,
     pub classification: Option<Classification>,
-    pub from: Option<DateTime<Utc>>,
-    pub to: Option<DateTime<Utc>>,
-    /// Start after this (occurred_at, event_id).
-    pub after: Option<(DateTime<Utc>, String)>,
+    /// Start strictly after this position (`ListPosition::before(from)` for a first page).
+    pub after: ListPosition,
+    /// End of the window (exclusive).
+    pub to: DateTime<Utc>,
     pub limit: i64,
 }
 
+/// The listing. Every shape is one index range: `(tenant, occurred_at, source, event_id)`, or
+/// the same behind `metric` or `classification`; the row comparison is the range's start, so a
+/// deep page costs what the first one does. Run it in a read transaction
+/// ([`crate::Database::tenant_read_tx`]), whose custom plans let PostgreSQL drop the absent
+/// filters and pick the index that serves the present one.
 pub async fn list(
     conn: &mut PgConnection,
     tenant: TenantId,
     filter: &EventFilter,
 ) -> Result<Vec<StoredUsageEvent>, DbError> {
-    let (after_at, after_id) = match &filter.after {
-        Some((at, id)) => (Some(*at), Some(id.clone())),
-        None => (None, None),
-    };
     let rows = sqlx::query_as!(
         StoredUsageEvent,
         r#"SELECT event_id, metric, quantity, occurred_at, actor_id, source_service, correlation_id,
                   classification, idempotency_key, metadata, created_at
              FROM usage_events
             WHERE tenant_id = $1
-              AND ($2::text IS NULL OR metric = $2)
-              AND ($3::text IS NULL OR classification = $3)
-              AND ($4::timestamptz IS NULL OR occurred_at >= $4)
-              AND ($5::timestamptz IS NULL OR occurred_at < $5)
-              AND ($6::timestamptz IS NULL OR (occurred_at, event_id) > ($6, $7::text))
-            ORDER BY occurred_at, event_id
+              AND (occurred_at, source_service, event_id) > ($2::timestamptz, $3::text, $4::text)
+              AND occurred_at < $5
+              AND ($6::text IS NULL OR metric = $6)
+              AND ($7::text IS NULL OR classification = $7)
+            ORDER BY occurred_at, source_service, event_id
             LIMIT $8"#,
         tenant.0,
+        filter.after.occurred_at,
+        filter.after.source_service,
+        filter.after.event_id,
+        filter.to,
         filter.metric.as_deref(),
         filter.classification.map(Classification::as_str),
-        filter.from,
-        filter.to,
-        after_at,
-        after_id,
         filter.limit
     )
     .fetch_all(&mut *conn)
@@ -230,19 +265,19 @@ pub async fn list(
     Ok(rows)
 }
 
-/// Units per metric for one UTC day: what the real-time counters hold, recomputed.
+/// Units per metric for one UTC day: what the real-time counters hold, recomputed. Sums are
+/// exact (`numeric`, read as `i128`): no number of stored events can overflow them.
 pub async fn day_totals(
     conn: &mut PgConnection,
     tenant: TenantId,
     day: NaiveDate,
-) -> Result<Vec<(String, i64)>, DbError> {
-    let start = day
-        .and_hms_opt(0, 0, 0)
-        .map(|t| t.and_utc())
-        .ok_or_else(|| DbError::Decode("bad day".into()))?;
-    let end = start + chrono::Duration::days(1);
+) -> Result<Vec<(String, i128)>, DbError> {
+    let start = day.and_time(NaiveTime::MIN).and_utc();
+    let end = start
+        .checked_add_signed(chrono::Duration::days(1))
+        .ok_or_else(|| DbError::Decode(format!("no day after {day}")))?;
     let rows = sqlx::query!(
-        r#"SELECT metric, sum(quantity)::int8 AS "total!"
+        r#"SELECT metric, sum(quantity)::text AS "total!"
              FROM usage_events
             WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
             GROUP BY metric ORDER BY metric"#,
@@ -252,5 +287,13 @@ pub async fn day_totals(
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.metric, r.total)).collect())
+    rows.into_iter()
+        .map(|r| {
+            let total = r
+                .total
+                .parse::<i128>()
+                .map_err(|_| DbError::Decode(format!("sum {:?} is not an integer", r.total)))?;
+            Ok((r.metric, total))
+        })
+        .collect()
 }

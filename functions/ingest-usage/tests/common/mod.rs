@@ -114,7 +114,7 @@ impl Fixture {
         event["rawQueryString"] = Value::String(
             query
                 .iter()
-                .map(|(k, v)| format!("{k}={v}"))
+                .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
                 .collect::<Vec<_>>()
                 .join("&"),
         );
@@ -142,7 +142,7 @@ impl Fixture {
     }
 
     /// Today's Redis counter for a metric of this tenant.
-    pub async fn counter(&self, metric: &str) -> Option<i64> {
+    pub async fn counter(&self, metric: &str) -> Option<i128> {
         let client = redis::Client::open(redis_url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let key = meterbridge::redis::keys::usage_counter(
@@ -150,11 +150,14 @@ impl Fixture {
             chrono::Utc::now().date_naive(),
             metric,
         );
-        redis::cmd("GET")
+        let (hi, lo): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
             .arg(key)
+            .arg("hi")
+            .arg("lo")
             .query_async(&mut conn)
             .await
-            .unwrap()
+            .unwrap();
+        ingest_usage::counters::join(hi, lo)
     }
 }
 
@@ -171,6 +174,19 @@ pub async fn app_with(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
     let ingest = IngestConfig::from(&env).unwrap();
     let services = Services::build_with_aws(config, None).await.unwrap();
     App::new(services, ingest)
+}
+
+/// A query-string component as a client sends it (API Gateway passes the decoded values in
+/// `queryStringParameters`).
+pub fn percent_encode(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 pub fn events_dir() -> PathBuf {

@@ -1,0 +1,249 @@
+//! Least privilege, proven from the catalog: every privilege each application role holds is in
+//! the reviewed list below (a migration that widens a role fails here until the list is
+//! reviewed), and the SECURITY DEFINER functions cannot be hijacked through temporary objects.
+
+use meterbridge::domain::Trust;
+use meterbridge::repo::api_keys;
+use meterbridge::testing::{
+    create_api_key, create_tenant, database_name, pool_as, API_ROLE, OPS_ROLE,
+};
+use sqlx::PgPool;
+
+/// The reviewed list. Change it only together with the migration that needs the change, and
+/// say in that migration why the role needs it.
+const REVIEWED: &[&str] = &[
+    // The API role: connects; reads its own tenant's row and the catalog; inserts and reads its
+    // own tenant's usage events; authenticates only through the two SECURITY DEFINER functions.
+    "meterbridge_api: CONNECT ON DATABASE",
+    "meterbridge_api: EXECUTE ON FUNCTION authenticate_api_key(text)",
+    "meterbridge_api: EXECUTE ON FUNCTION current_tenant_id()",
+    "meterbridge_api: EXECUTE ON FUNCTION touch_api_key(uuid)",
+    "meterbridge_api: INSERT ON TABLE usage_events",
+    "meterbridge_api: POLICY api_own_tenant ALL ON usage_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: POLICY api_own_tenant SELECT ON tenants USING (id = current_tenant_id())",
+    "meterbridge_api: ROLE LOGIN",
+    "meterbridge_api: SELECT ON TABLE metrics",
+    "meterbridge_api: SELECT ON TABLE tenants",
+    "meterbridge_api: SELECT ON TABLE usage_events",
+    "meterbridge_api: SET idle_in_transaction_session_timeout=30s",
+    "meterbridge_api: SET lock_timeout=5s",
+    "meterbridge_api: SET statement_timeout=30s",
+    "meterbridge_api: USAGE ON SCHEMA public",
+    // The owner of the SECURITY DEFINER functions: cannot log in; reads the columns key lookup
+    // needs and writes last_used_at, nothing else.
+    "meterbridge_definer: EXECUTE ON FUNCTION authenticate_api_key(text)",
+    "meterbridge_definer: EXECUTE ON FUNCTION touch_api_key(uuid)",
+    "meterbridge_definer: OWNER OF FUNCTION authenticate_api_key(text)",
+    "meterbridge_definer: OWNER OF FUNCTION touch_api_key(uuid)",
+    "meterbridge_definer: POLICY definer_look_up SELECT ON api_keys USING true",
+    "meterbridge_definer: POLICY definer_look_up SELECT ON tenants USING true",
+    "meterbridge_definer: POLICY definer_touch UPDATE ON api_keys USING true WITH CHECK true",
+    "meterbridge_definer: ROLE NOLOGIN",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.id",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.key_hash",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.last_used_at",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.prefix",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.revoked_at",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.scopes",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.source_service",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.tenant_id",
+    "meterbridge_definer: SELECT ON COLUMN api_keys.trust",
+    "meterbridge_definer: SELECT ON COLUMN tenants.id",
+    "meterbridge_definer: SELECT ON COLUMN tenants.slug",
+    "meterbridge_definer: SELECT ON COLUMN tenants.status",
+    "meterbridge_definer: UPDATE ON COLUMN api_keys.last_used_at",
+    "meterbridge_definer: USAGE ON SCHEMA public",
+    // The scheduled functions' role: reads across tenants what aggregation and the relay read;
+    // nothing on api_keys, no writes to tenants.
+    "meterbridge_ops: CONNECT ON DATABASE",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON tenants USING true",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON usage_events USING true",
+    "meterbridge_ops: ROLE LOGIN",
+    "meterbridge_ops: SELECT ON TABLE metrics",
+    "meterbridge_ops: SELECT ON TABLE tenants",
+    "meterbridge_ops: SELECT ON TABLE usage_events",
+    "meterbridge_ops: SET idle_in_transaction_session_timeout=60s",
+    "meterbridge_ops: SET lock_timeout=5s",
+    "meterbridge_ops: USAGE ON SCHEMA public",
+    // PUBLIC (every role): nothing at all in this database.
+];
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn each_role_holds_exactly_the_reviewed_privileges(owner: PgPool) {
+    let held: Vec<String> = sqlx::query_scalar(include_str!("privileges.sql"))
+        .fetch_all(&owner)
+        .await
+        .unwrap();
+    let unexpected: Vec<&String> = held
+        .iter()
+        .filter(|p| !REVIEWED.contains(&p.as_str()))
+        .collect();
+    let missing: Vec<&&str> = REVIEWED
+        .iter()
+        .filter(|p| !held.iter().any(|h| h == **p))
+        .collect();
+    assert!(
+        unexpected.is_empty() && missing.is_empty(),
+        "privileges not in the reviewed list: {unexpected:#?}\nreviewed but not held: {missing:#?}"
+    );
+}
+
+/// A SECURITY DEFINER function runs with its owner's rights; every one must search only
+/// pg_catalog (pg_temp last, so nothing a caller creates can shadow a name) and be owned by a
+/// role that cannot log in and is not a superuser.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn security_definer_functions_are_pinned_and_powerless(owner: PgPool) {
+    let functions: Vec<(String, Vec<String>, String, bool, bool)> = sqlx::query_as(
+        "SELECT p.oid::regprocedure::text, coalesce(p.proconfig, '{}'), r.rolname::text,
+                r.rolsuper, r.rolcanlogin
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+           JOIN pg_roles r ON r.oid = p.proowner
+          WHERE n.nspname = 'public' AND p.prosecdef ORDER BY 1",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    assert_eq!(functions.len(), 2, "{functions:?}");
+    for (name, config, owner_role, superuser, login) in functions {
+        assert_eq!(
+            config,
+            ["search_path=pg_catalog, pg_temp"],
+            "{name} must pin its search_path"
+        );
+        assert_eq!(owner_role, "meterbridge_definer", "{name}");
+        assert!(!superuser && !login, "{name} is owned by a powerful role");
+    }
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn application_roles_cannot_create_temporary_objects(owner: PgPool) {
+    for role in [API_ROLE, OPS_ROLE] {
+        let pool = pool_as(&owner, role).await;
+        let err = sqlx::query("CREATE TEMP TABLE api_keys (id uuid)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{role}: {err}"
+        );
+    }
+}
+
+/// Even if TEMP were granted again by mistake, temporary look-alike tables change nothing: the
+/// functions name `public.` tables and search pg_temp last.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn temporary_tables_cannot_hijack_the_definer_functions(owner: PgPool) {
+    let acme = create_tenant(&owner, "acme").await;
+    let globex = create_tenant(&owner, "globex").await;
+    let key = create_api_key(&owner, &acme, "crm", Trust::Internal).await;
+    let stored_events = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    sqlx::query(&format!(
+        "GRANT TEMPORARY ON DATABASE \"{}\" TO meterbridge_api",
+        database_name(&owner)
+    ))
+    .execute(&owner)
+    .await
+    .unwrap();
+    let api = pool_as(&owner, API_ROLE).await;
+    let mut conn = api.acquire().await.unwrap();
+    for statement in [
+        "CREATE TEMP TABLE tenants (id uuid, slug text, status text)",
+        "CREATE TEMP TABLE api_keys (id uuid, tenant_id uuid, prefix text, key_hash bytea,
+             source_service text, trust text, scopes text[], revoked_at timestamptz,
+             last_used_at timestamptz)",
+        "CREATE TEMP TABLE loot (events bigint)",
+        // A forged internal key for globex, whose hash the attacker knows.
+        &format!(
+            "INSERT INTO pg_temp.tenants VALUES ('{}', 'globex', 'active')",
+            globex.id
+        ),
+        &format!(
+            "INSERT INTO pg_temp.api_keys (id, tenant_id, prefix, key_hash, source_service, trust,
+                                           scopes)
+             VALUES ('{}', '{}', 'f0f0f0f0f0f0', decode(repeat('11', 32), 'hex'), 'crm',
+                     'internal', '{{usage:read}}')",
+            uuid::Uuid::new_v4(),
+            globex.id
+        ),
+        // A trigger that would run as the function's owner and read every tenant's events.
+        "CREATE FUNCTION pg_temp.steal() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO pg_temp.loot SELECT count(*) FROM public.usage_events; RETURN NEW; END $$",
+        "CREATE TRIGGER steal BEFORE UPDATE ON pg_temp.api_keys
+             FOR EACH ROW EXECUTE FUNCTION pg_temp.steal()",
+        &format!(
+            "INSERT INTO pg_temp.api_keys (id, prefix) SELECT id, prefix FROM (VALUES ('{}'::uuid, '{}')) v(id, prefix)",
+            api_keys::find_candidate(&api, &meterbridge::auth::parse_presented_key(&key.key).unwrap().prefix)
+                .await
+                .unwrap()
+                .unwrap()
+                .key_id,
+            "hijack"
+        ),
+    ] {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+
+    let forged = api_keys::find_candidate(&mut *conn, "f0f0f0f0f0f0")
+        .await
+        .unwrap();
+    assert!(
+        forged.is_none(),
+        "a temporary table forged a key: {forged:?}"
+    );
+
+    let presented = meterbridge::auth::parse_presented_key(&key.key).unwrap();
+    let real = api_keys::find_candidate(&mut *conn, &presented.prefix)
+        .await
+        .unwrap()
+        .expect("the real key is still found");
+    api_keys::touch(&mut *conn, real.key_id).await.unwrap();
+    let loot: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_temp.loot")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(loot, 0, "the attacker's trigger ran inside touch_api_key");
+    assert_eq!(stored_events(owner.clone()).await, 0);
+    let touched = api_keys::list_for_tenant(&owner, acme.id).await.unwrap();
+    assert!(
+        touched[0].last_used_at.is_some(),
+        "the real row was touched"
+    );
+}
+
+/// The scheduled role reads; it cannot change tenants or keys, or read keys at all.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn the_ops_role_cannot_rewrite_tenants_or_keys(owner: PgPool) {
+    let acme = create_tenant(&owner, "acme").await;
+    let key = create_api_key(&owner, &acme, "crm", Trust::Internal).await;
+    api_keys::revoke(&owner, &key.prefix).await.unwrap();
+    meterbridge::repo::tenants::disable(&owner, &acme.slug)
+        .await
+        .unwrap();
+    let ops = pool_as(&owner, OPS_ROLE).await;
+    for statement in [
+        "UPDATE api_keys SET revoked_at = NULL",
+        "UPDATE tenants SET status = 'active', disabled_at = NULL",
+        "INSERT INTO api_keys (tenant_id, prefix, key_hash, source_service, trust)
+         SELECT id, 'abcdefabcdef', decode(repeat('00', 32), 'hex'), 'x', 'internal' FROM tenants",
+        "SELECT count(*) FROM api_keys",
+        "DELETE FROM usage_events",
+        "INSERT INTO metrics (name, classification, unit) VALUES ('x.y', 'INFO', 'u')",
+    ] {
+        let err = sqlx::query(statement).execute(&ops).await.unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{statement}: {err}"
+        );
+    }
+    let listed = meterbridge::repo::tenants::list(&ops).await.unwrap();
+    assert_eq!(listed.len(), 1, "ops reads tenants across the database");
+    assert!(api_keys::list_for_tenant(&owner, acme.id).await.unwrap()[0]
+        .revoked_at
+        .is_some());
+}
