@@ -21,12 +21,20 @@ use meterbridge::redis::{keys, Redis, RedisError};
 pub const LOW_BASE: i128 = 1_000_000_000_000_000;
 
 /// KEYS: counters; ARGV[1]: TTL in seconds; ARGV[2i], ARGV[2i+1]: the high and low parts of
-/// what to add to KEYS[i] (either may be negative; the result is normalised).
+/// what to add to KEYS[i] (either may be negative; the result is normalised). A counter written
+/// by an earlier version as a plain `INCRBY` string is converted first.
 static ADD: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local base = 1000000000000000
 for i, key in ipairs(KEYS) do
+  if redis.call('TYPE', key).ok == 'string' then
+    local legacy = redis.call('GET', key)
+    redis.call('DEL', key)
+    local hi = string.sub(legacy, 1, -16)
+    if hi == '' or hi == '-' then hi = '0' end
+    redis.call('HSET', key, 'hi', hi, 'lo', string.format('%.0f', tonumber(string.sub(legacy, -15))))
+  end
   local lo = redis.call('HINCRBY', key, 'lo', ARGV[2 * i + 1])
   local carry = math.floor(lo / base)
   if carry ~= 0 then
@@ -39,6 +47,27 @@ for i, key in ipairs(KEYS) do
   redis.call('EXPIRE', key, ARGV[1])
 end
 return #KEYS
+",
+    )
+});
+
+/// KEYS: counters. Returns `[hi, lo]` per key (nil parts when absent); an earlier version's
+/// plain string counter comes back as `[nil, value]`.
+static READ: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'hash' then
+    out[i] = redis.call('HMGET', key, 'hi', 'lo')
+  elseif kind == 'string' then
+    out[i] = {false, redis.call('GET', key)}
+  else
+    out[i] = {false, false}
+  end
+end
+return out
 ",
     )
 });
@@ -114,15 +143,12 @@ pub async fn read_day<'m>(
     if metrics.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let mut pipe = redis::pipe();
+    let mut invocation = READ.prepare_invoke();
     for metric in &metrics {
-        pipe.cmd("HMGET")
-            .arg(keys::usage_counter(tenant, day, metric))
-            .arg("hi")
-            .arg("lo");
+        invocation.key(keys::usage_counter(tenant, day, metric));
     }
     let mut conn = redis.connection().await?;
-    let values: Vec<(Option<i64>, Option<i64>)> = match pipe.query_async(&mut conn).await {
+    let values: Vec<(Option<i64>, Option<i64>)> = match invocation.invoke_async(&mut conn).await {
         Ok(values) => values,
         Err(e) => {
             redis.forget_connection_on(&e).await;

@@ -194,3 +194,59 @@ async fn repeated_json_keys_are_malformed(owner: PgPool) {
     }
     assert_eq!(fx.stored_events().await, 0);
 }
+
+/// Counters written by the previous version (plain `INCRBY` strings) are read as they are and
+/// converted on their next increment: an upgrade loses no count.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn counters_of_the_previous_version_keep_counting(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let client = redis::Client::open(meterbridge::testing::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let today = chrono::Utc::now().date_naive();
+    let legacy =
+        |metric: &str| meterbridge::redis::keys::usage_counter(fx.tenant.id, today, metric);
+    for (metric, value) in [
+        ("api.requests", "9223372036854775000"),
+        ("leads.routed", "5"),
+    ] {
+        let () = redis::cmd("SET")
+            .arg(legacy(metric))
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (status, text) = body_text(&app, fx.get(&fx.internal.key, "/v1/usage/realtime", &[])).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"source\":\"redis\""), "{text}");
+    assert!(
+        text.contains("\"api.requests\":9223372036854775000"),
+        "{text}"
+    );
+    assert!(text.contains("\"leads.routed\":5"), "{text}");
+
+    let r = fx
+        .submit(
+            &app,
+            json!({ "events": [fx.event(1, "api.requests", 1000)] }),
+        )
+        .await;
+    assert_eq!(r.body["accepted"], 1);
+    assert_eq!(
+        fx.counter("api.requests").await,
+        Some(9_223_372_036_854_776_000)
+    );
+    let kind: String = redis::cmd("TYPE")
+        .arg(legacy("api.requests"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(legacy("api.requests"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the converted counter keeps a TTL");
+}
