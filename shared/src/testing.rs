@@ -132,6 +132,48 @@ pub async fn create_scoped_api_key(
     new_key
 }
 
+/// A new, migrated database of its own on the cluster at `DATABASE_URL`, for tests that cannot
+/// use `#[sqlx::test]` (which owns the async runtime): the caller drops it with
+/// [`drop_database`].
+pub async fn fresh_database() -> PgPool {
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test cluster");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("PostgreSQL at DATABASE_URL");
+    let name = format!("mb_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    let options = (*admin.connect_options()).clone().database(&name);
+    admin.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .expect("connect to the new database");
+    crate::db::MIGRATOR.run(&pool).await.expect("migrations");
+    pool
+}
+
+/// Drops a database made by [`fresh_database`].
+pub async fn drop_database(pool: PgPool) {
+    let name = database_name(&pool);
+    let options = (*pool.connect_options()).clone().database("postgres");
+    pool.close().await;
+    if let Ok(admin) = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+    {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await;
+    }
+}
+
 /// Applies the embedded migrations up to and including `version` (for tests of a later
 /// migration against data written under an earlier schema).
 pub async fn migrate_up_to(pool: &PgPool, version: i64) {

@@ -71,7 +71,7 @@ pub async fn list_events(
     let filter = EventFilter {
         metric,
         classification,
-        after: window.after.clone(),
+        after: window.after,
         to: window.to,
         limit: limit + 1,
     };
@@ -106,11 +106,7 @@ pub async fn list_events(
     body.push(']');
     if let (true, Some(event)) = (more, last) {
         let next = Cursor {
-            position: ListPosition {
-                occurred_at: event.occurred_at,
-                source_service: event.source_service.clone(),
-                event_id: event.event_id.clone(),
-            },
+            position: ListPosition::of(event),
             from: window.from,
             to: window.to,
         };

@@ -63,15 +63,19 @@ async fn every_listing_reads_one_bounded_index_range(owner: PgPool) {
     let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
     let now = chrono::Utc::now();
     let from = now - chrono::Duration::days(31);
+    let deep: (chrono::DateTime<chrono::Utc>, i64) =
+        sqlx::query_as("SELECT occurred_at, seq FROM usage_events WHERE event_id = 'bulk-14400'")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
     let deep = ListPosition {
-        occurred_at: now - chrono::Duration::days(10),
-        source_service: "crm".into(),
-        event_id: "bulk-14400".into(),
+        occurred_at: deep.0,
+        seq: deep.1,
     };
     let cases: Vec<Case> = vec![
         ("first page", None, None, ListPosition::before(from), 101),
-        ("deep page", None, None, deep.clone(), 101),
-        ("metric", Some("api.requests"), None, deep.clone(), 101),
+        ("deep page", None, None, deep, 101),
+        ("metric", Some("api.requests"), None, deep, 101),
         (
             "metric that matches nothing",
             Some("leads.routed"),
@@ -83,7 +87,7 @@ async fn every_listing_reads_one_bounded_index_range(owner: PgPool) {
             "classification",
             None,
             Some(Classification::NonBillable),
-            deep.clone(),
+            deep,
             101,
         ),
         (

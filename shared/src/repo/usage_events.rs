@@ -182,6 +182,9 @@ pub async fn find_colliding(
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredUsageEvent {
+    /// Arrival order, the listing's tiebreaker; internal (cursors carry it opaquely).
+    #[serde(skip)]
+    pub seq: i64,
     pub event_id: String,
     pub metric: String,
     pub quantity: i64,
@@ -197,26 +200,31 @@ pub struct StoredUsageEvent {
     pub created_at: DateTime<Utc>,
 }
 
-/// A position in the listing order (occurred_at, source_service, event_id).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A position in the listing order (occurred_at, seq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListPosition {
     pub occurred_at: DateTime<Utc>,
-    pub source_service: String,
-    pub event_id: String,
+    pub seq: i64,
 }
 
 impl ListPosition {
-    /// Just before every event at `at` (source services are never empty).
+    /// Just before every event at `at`.
     pub fn before(at: DateTime<Utc>) -> Self {
         ListPosition {
             occurred_at: at,
-            source_service: String::new(),
-            event_id: String::new(),
+            seq: i64::MIN,
+        }
+    }
+
+    pub fn of(event: &StoredUsageEvent) -> Self {
+        ListPosition {
+            occurred_at: event.occurred_at,
+            seq: event.seq,
         }
     }
 }
 
-/// One page of the listing: the tenant's events in `[after, to)`, in listing order, optionally
+/// One page of the listing: the tenant's events in `(after, to)`, in listing order, optionally
 /// of one metric and/or one classification.
 #[derive(Debug, Clone)]
 pub struct EventFilter {
@@ -229,9 +237,9 @@ pub struct EventFilter {
     pub limit: i64,
 }
 
-/// The listing. Every shape is one index range: `(tenant, occurred_at, source, event_id)`, or
-/// the same behind `metric` or `classification`; the row comparison is the range's start, so a
-/// deep page costs what the first one does. Run it in a read transaction
+/// The listing. Every shape is one index range: `(tenant, occurred_at, seq)`, or the same
+/// behind `metric` or `classification`; the row comparison is the range's start, so a deep page
+/// costs what the first one does. Run it in a read transaction
 /// ([`crate::Database::tenant_read_tx`]), whose custom plans let PostgreSQL drop the absent
 /// filters and pick the index that serves the present one.
 pub async fn list(
@@ -241,20 +249,19 @@ pub async fn list(
 ) -> Result<Vec<StoredUsageEvent>, DbError> {
     let rows = sqlx::query_as!(
         StoredUsageEvent,
-        r#"SELECT event_id, metric, quantity, occurred_at, actor_id, source_service, correlation_id,
-                  classification, idempotency_key, metadata, created_at
+        r#"SELECT seq, event_id, metric, quantity, occurred_at, actor_id, source_service,
+                  correlation_id, classification, idempotency_key, metadata, created_at
              FROM usage_events
             WHERE tenant_id = $1
-              AND (occurred_at, source_service, event_id) > ($2::timestamptz, $3::text, $4::text)
-              AND occurred_at < $5
-              AND ($6::text IS NULL OR metric = $6)
-              AND ($7::text IS NULL OR classification = $7)
-            ORDER BY occurred_at, source_service, event_id
-            LIMIT $8"#,
+              AND (occurred_at, seq) > ($2::timestamptz, $3::int8)
+              AND occurred_at < $4
+              AND ($5::text IS NULL OR metric = $5)
+              AND ($6::text IS NULL OR classification = $6)
+            ORDER BY occurred_at, seq
+            LIMIT $7"#,
         tenant.0,
         filter.after.occurred_at,
-        filter.after.source_service,
-        filter.after.event_id,
+        filter.after.seq,
         filter.to,
         filter.metric.as_deref(),
         filter.classification.map(Classification::as_str),
