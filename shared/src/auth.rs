@@ -4,11 +4,13 @@
 //! the whole key is stored; with that much entropy a slow hash adds nothing.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rand::RngCore;
 use tokio::sync::Mutex;
 
+use crate::clock::{Clock, Stamp};
 use crate::db::{Database, DbError};
 use crate::domain::{Scope, Scopes, SourceService, TenantId, TenantStatus, Trust};
 use crate::repo::api_keys;
@@ -128,21 +130,28 @@ enum Verdict {
     TenantDisabled,
 }
 
-/// Authenticates API keys, remembering each verdict for at most `ttl` (≤ 60 s), so a revocation
-/// or a disabled tenant takes effect within that time in every container.
+/// Authenticates API keys, remembering each verdict for at most `ttl` (≤ 60 s) by the wall clock
+/// as well as the monotonic one, so a revocation or a disabled tenant takes effect within that
+/// time in every container, however long a container was frozen.
 pub struct Authenticator {
     ttl: Duration,
     max_entries: usize,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Verdict)>>,
+    clock: Arc<dyn Clock>,
+    cache: Mutex<HashMap<[u8; 32], (Stamp, Verdict)>>,
 }
 
 impl Authenticator {
     pub const MAX_TTL: Duration = Duration::from_secs(60);
 
     pub fn new(ttl: Duration) -> Self {
+        Self::with_clock(ttl, crate::clock::system())
+    }
+
+    pub fn with_clock(ttl: Duration, clock: Arc<dyn Clock>) -> Self {
         Authenticator {
             ttl: ttl.min(Self::MAX_TTL),
             max_entries: 10_000,
+            clock,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -163,7 +172,7 @@ impl Authenticator {
             .lock()
             .await
             .get(&presented.hash)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .filter(|(at, _)| !at.is_older_than(self.clock.as_ref(), self.ttl))
             .map(|(_, verdict)| verdict.clone());
         let verdict = match cached {
             Some(verdict) => verdict,
@@ -171,13 +180,16 @@ impl Authenticator {
                 let verdict = self.look_up(db, &presented).await?;
                 let mut cache = self.cache.lock().await;
                 if cache.len() >= self.max_entries {
-                    let ttl = self.ttl;
-                    cache.retain(|_, (at, _)| at.elapsed() < ttl);
+                    let (ttl, clock) = (self.ttl, self.clock.as_ref());
+                    cache.retain(|_, (at, _)| !at.is_older_than(clock, ttl));
                     if cache.len() >= self.max_entries {
                         cache.clear();
                     }
                 }
-                cache.insert(presented.hash, (Instant::now(), verdict.clone()));
+                cache.insert(
+                    presented.hash,
+                    (Stamp::now(self.clock.as_ref()), verdict.clone()),
+                );
                 verdict
             }
         };

@@ -3,6 +3,7 @@
 //! other's.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod db;

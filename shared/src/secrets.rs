@@ -1,13 +1,20 @@
 //! Secrets Manager through AWS's caching client: values are cached in-process for the
 //! configured TTL, and [`Secrets::get_json`] with `refresh = true` bypasses the cache (used once
-//! after an authentication failure, so a rotated password heals without a redeploy).
+//! after an authentication failure, so a rotated password heals without a redeploy). The
+//! caching client measures its TTL on the monotonic clock, which may stand still while Lambda
+//! freezes the container; each secret is therefore also re-read once its TTL has passed by the
+//! wall clock.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_secretsmanager_caching::SecretsManagerCachingClient;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+use crate::clock::{Clock, Stamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
@@ -24,16 +31,33 @@ pub enum SecretsError {
 /// Cached access to Secrets Manager; one per container.
 pub struct Secrets {
     client: SecretsManagerCachingClient,
+    ttl: Duration,
+    clock: Arc<dyn Clock>,
+    /// When each secret was last read from Secrets Manager (rather than the cache).
+    fetched: Mutex<HashMap<String, Stamp>>,
 }
 
 impl Secrets {
     pub async fn new(sdk: &aws_config::SdkConfig, ttl: Duration) -> Result<Self, SecretsError> {
+        Self::with_clock(sdk, ttl, crate::clock::system()).await
+    }
+
+    pub async fn with_clock(
+        sdk: &aws_config::SdkConfig,
+        ttl: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SecretsError> {
         let builder = aws_sdk_secretsmanager::config::Builder::from(sdk);
         let max_entries = NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN);
         let client = SecretsManagerCachingClient::from_builder(builder, max_entries, ttl, false)
             .await
             .map_err(|e| SecretsError::Client(e.to_string()))?;
-        Ok(Secrets { client })
+        Ok(Secrets {
+            client,
+            ttl,
+            clock,
+            fetched: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The secret's string value parsed as JSON; `refresh` skips the cache.
@@ -43,14 +67,22 @@ impl Secrets {
         refresh: bool,
     ) -> Result<T, SecretsError> {
         let value = self.get_string(secret_id, refresh).await?;
-        serde_json::from_str(&value).map_err(|e| SecretsError::Shape {
+        parse_secret(&value).map_err(|reason| SecretsError::Shape {
             secret_id: secret_id.to_owned(),
-            // serde's message names the field; it never echoes the secret's values.
-            reason: e.to_string(),
+            reason,
         })
     }
 
     async fn get_string(&self, secret_id: &str, refresh: bool) -> Result<String, SecretsError> {
+        let now = Stamp::now(self.clock.as_ref());
+        let stale = {
+            let fetched = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+            match fetched.get(secret_id) {
+                Some(at) => at.is_older_than(self.clock.as_ref(), self.ttl),
+                None => false,
+            }
+        };
+        let refresh = refresh || stale;
         // The caching client's error is not Send: turn it into ours before anything else awaits.
         let output = match self
             .client
@@ -65,10 +97,47 @@ impl Secrets {
                 })
             }
         };
+        {
+            let mut fetched = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+            if refresh || !fetched.contains_key(secret_id) {
+                fetched.insert(secret_id.to_owned(), now);
+            }
+        }
         output.secret_string.ok_or_else(|| SecretsError::NotString {
             secret_id: secret_id.to_owned(),
         })
     }
+}
+
+/// Parses a secret's JSON. The error names the field and what is wrong with it, never a value:
+/// serde's own messages quote the offending value (`invalid type: integer `12345``), and in a
+/// secret that value is the password.
+fn parse_secret<T: DeserializeOwned>(value: &str) -> Result<T, String> {
+    let mut deserializer = serde_json::Deserializer::from_str(value);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let message = inner.to_string();
+                if message.starts_with("missing field") || message.starts_with("unknown field") {
+                    // These quote a field name, which is not secret.
+                    message
+                        .split(" at line")
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                } else {
+                    format!("field {path} has the wrong type or an invalid value")
+                }
+            }
+            _ => format!(
+                "not a JSON document (error at line {} column {})",
+                inner.line(),
+                inner.column()
+            ),
+        }
+    })
 }
 
 /// Database credentials in the shape RDS writes them; host, port and dbname may come from the
@@ -151,6 +220,28 @@ mod tests {
             serde_json::from_str(r#"{"username":"u","password":"p","port":"6432"}"#).unwrap();
         assert_eq!(c.port, Some(6432));
         assert_eq!(c.host, None);
+    }
+
+    #[test]
+    fn shape_errors_name_the_field_never_the_value() {
+        for (doc, field) in [
+            (r#"{"username": "u", "password": 12345678}"#, "password"),
+            (r#"{"username": "u", "password": ["hunter2x"]}"#, "password"),
+            (
+                r#"{"username": "u", "password": "p", "port": "99hunter2x"}"#,
+                "port",
+            ),
+            (r#"{"username": "u"}"#, "password"),
+        ] {
+            let err = parse_secret::<DbCredentials>(doc).unwrap_err();
+            assert!(err.contains(field), "{doc}: {err}");
+            for secret in ["12345678", "hunter2x"] {
+                assert!(!err.contains(secret), "{doc}: {err}");
+            }
+        }
+        let err = parse_secret::<DbCredentials>(r#"{"password": "hunter2x"#).unwrap_err();
+        assert!(!err.contains("hunter2x") && err.contains("line 1"), "{err}");
+        assert!(parse_secret::<DbCredentials>(r#"{"username":"u","password":"p"}"#).is_ok());
     }
 
     #[test]

@@ -5,7 +5,79 @@
 
 use tracing_subscriber::EnvFilter;
 
-const DEFAULT_FILTER: &str = "info,aws_secretsmanager_caching=warn,aws_config=warn,sqlx=warn";
+const DEFAULT_FILTER: &str = "info,aws_config=warn,sqlx=warn";
+
+/// Crates whose verbose levels log what must never reach the logs: `lambda_runtime` and
+/// `lambda_http` log raw invocation events (with their `Authorization` headers) at TRACE, the
+/// HTTP and AWS SDK stacks log request and response bodies (Secrets Manager's hold passwords).
+/// Their levels are fixed here, whatever `RUST_LOG` says.
+const PINNED: &[(&str, &str)] = &[
+    ("lambda_runtime", "info"),
+    ("lambda_runtime_api_client", "info"),
+    ("lambda_http", "info"),
+    ("hyper", "info"),
+    ("hyper_util", "info"),
+    ("h2", "info"),
+    ("reqwest", "info"),
+    ("aws_smithy_runtime", "info"),
+    ("aws_smithy_runtime_api", "info"),
+    ("aws_smithy_http", "info"),
+    ("aws_smithy_http_client", "info"),
+    ("aws_sdk_secretsmanager", "info"),
+    ("aws_sdk_eventbridge", "info"),
+    // Debug builds log every cache hit at INFO.
+    ("aws_secretsmanager_caching", "warn"),
+];
+
+/// The log filter: `RUST_LOG` (or the default) for everything but the [`PINNED`] crates, which
+/// log at their pinned level or quieter: a directive that names a pinned crate is kept only when
+/// it asks for `info` or less, and one that names a module inside a pinned crate is dropped.
+pub fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let pinned_crate = |directive: &str| -> Option<(&'static str, bool)> {
+        let (target, level) = directive.split_once('=').unwrap_or((directive, ""));
+        let target = target.split('[').next().unwrap_or_default().trim();
+        PINNED.iter().find_map(|(krate, _)| {
+            if target == *krate {
+                let quiet = matches!(
+                    level.trim().to_ascii_lowercase().as_str(),
+                    "off" | "error" | "warn" | "info"
+                );
+                Some((*krate, quiet && !directive.contains('[')))
+            } else if target
+                .strip_prefix(krate)
+                .is_some_and(|rest| rest.starts_with("::"))
+            {
+                Some((*krate, false))
+            } else {
+                None
+            }
+        })
+    };
+    let mut quieted = Vec::new();
+    let wanted: Vec<&str> = rust_log
+        .unwrap_or(DEFAULT_FILTER)
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| match pinned_crate(d) {
+            None => true,
+            Some((krate, quiet)) => {
+                if quiet {
+                    quieted.push(krate);
+                }
+                quiet
+            }
+        })
+        .collect();
+    let mut filter =
+        EnvFilter::try_new(wanted.join(",")).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    for (krate, level) in PINNED.iter().filter(|(k, _)| !quieted.contains(k)) {
+        if let Ok(directive) = format!("{krate}={level}").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
 
 /// Where log lines go: stdout inside Lambda, stderr for command-line tools (whose stdout is
 /// their output).
@@ -15,10 +87,10 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// Installs the JSON log subscriber; a second call is a no-op. `RUST_LOG` overrides the level.
+/// Installs the JSON log subscriber; a second call is a no-op. `RUST_LOG` sets the levels,
+/// except those [`log_filter`] pins.
 pub fn init_tracing(target: LogTarget) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
@@ -43,4 +115,67 @@ pub fn init_metrics(
         .lambda_cold_start_metric("ColdStart")
         .with_lambda_request_id("RequestId")
         .init()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged_with(rust_log: &str) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(log_filter(Some(rust_log)))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "lambda_runtime::layers::api_response", body = "Authorization: Bearer mbk_secret", "raw JSON event received from Lambda");
+            tracing::debug!(target: "aws_smithy_runtime::client::http", body = "{\"password\":\"hunter2\"}", "read response body");
+            tracing::trace!(target: "lambda_http", "request headers: mbk_secret");
+            tracing::trace!(target: "ingest_usage::ingest", "own trace line");
+            tracing::info!(target: "lambda_runtime", "runtime started");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn rust_log_cannot_open_the_runtime_and_sdk_logs() {
+        for rust_log in [
+            "trace",
+            "trace,lambda_runtime=trace",
+            "lambda_runtime::layers=trace,aws_smithy_runtime=trace,lambda_http=trace,ingest_usage=trace",
+            "lambda_runtime[span]=trace,trace",
+        ] {
+            let logged = logged_with(rust_log);
+            assert!(!logged.contains("mbk_secret"), "{rust_log}: {logged}");
+            assert!(!logged.contains("hunter2"), "{rust_log}: {logged}");
+            assert!(logged.contains("runtime started"), "{rust_log}: {logged}");
+            assert!(logged.contains("own trace line"), "{rust_log}: {logged}");
+        }
+        let quiet = logged_with("warn");
+        assert!(!quiet.contains("own trace line"));
+        assert!(
+            quiet.contains("runtime started"),
+            "pinned crates keep their level"
+        );
+        assert!(!logged_with("warn,lambda_runtime=warn").contains("runtime started"));
+        assert!(logged_with("not a [ filter").contains("runtime started"));
+    }
 }

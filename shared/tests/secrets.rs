@@ -146,6 +146,60 @@ async fn a_secret_of_the_wrong_shape_is_named_without_echoing_it() {
     assert!(!message.contains("hunter2"));
 }
 
+#[tokio::test]
+async fn a_numeric_password_is_named_not_echoed() {
+    let sdk = moto_sdk_config().await;
+    let secret_id = unique("numeric-password");
+    put_secret(
+        &SecretsClient::new(&sdk),
+        &secret_id,
+        json!({"username": "u", "password": 80417723}),
+    )
+    .await;
+    let err = Services::build_with_aws(config(&[("DB_SECRET_ID", secret_id.clone())]), Some(sdk))
+        .await
+        .err()
+        .expect("must fail");
+    let message = err.to_string();
+    assert!(message.contains("password"), "{message}");
+    assert!(!message.contains("80417723"), "{message}");
+}
+
+/// The caching client's TTL runs on the monotonic clock, which a frozen Lambda container may not
+/// advance; the wall clock re-reads the secret all the same.
+#[tokio::test]
+async fn a_secret_is_reread_once_its_ttl_passes_on_the_wall_clock() {
+    let sdk = moto_sdk_config().await;
+    let client = SecretsClient::new(&sdk);
+    let secret_id = unique("wall-clock");
+    put_secret(&client, &secret_id, json!({"url": "redis://old:6379"})).await;
+    let clock = meterbridge::clock::FrozenClock::new();
+    let secrets = meterbridge::secrets::Secrets::with_clock(
+        &sdk,
+        std::time::Duration::from_secs(300),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let url = |v: meterbridge::secrets::RedisSecret| v.url;
+    assert_eq!(
+        url(secrets.get_json(&secret_id, false).await.unwrap()),
+        "redis://old:6379"
+    );
+    put_secret_value(&client, &secret_id, json!({"url": "redis://new:6379"})).await;
+    assert_eq!(
+        url(secrets.get_json(&secret_id, false).await.unwrap()),
+        "redis://old:6379",
+        "within the TTL the cached value serves"
+    );
+    clock.advance_wall(std::time::Duration::from_secs(301));
+    assert_eq!(
+        url(secrets.get_json(&secret_id, false).await.unwrap()),
+        "redis://new:6379",
+        "past the TTL by the wall clock, the secret is read again"
+    );
+}
+
 /// A private Redis that demands a password, on a free port; stopped when dropped.
 struct PasswordRedis {
     child: std::process::Child,

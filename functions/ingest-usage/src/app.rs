@@ -2,9 +2,9 @@
 //! and the metric catalog. Built once per container.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use meterbridge::auth::Authenticator;
+use meterbridge::clock::{Stamp, SystemClock};
 use meterbridge::domain::MetricCatalog;
 use meterbridge::repo::metrics;
 use meterbridge::{DbError, Services, StartupError};
@@ -16,7 +16,7 @@ pub struct App {
     pub services: Services,
     pub config: IngestConfig,
     pub auth: Authenticator,
-    catalog: RwLock<Option<(Instant, Arc<MetricCatalog>)>>,
+    catalog: RwLock<Option<(Stamp, Arc<MetricCatalog>)>>,
 }
 
 impl App {
@@ -37,20 +37,21 @@ impl App {
 
     /// The metric catalog, read from PostgreSQL at most once per `catalog_ttl`.
     pub async fn catalog(&self) -> Result<Arc<MetricCatalog>, DbError> {
+        let fresh = |at: &Stamp| !at.is_older_than(&SystemClock, self.config.catalog_ttl);
         if let Some((at, catalog)) = self.catalog.read().await.as_ref() {
-            if at.elapsed() < self.config.catalog_ttl {
+            if fresh(at) {
                 return Ok(Arc::clone(catalog));
             }
         }
         let mut slot = self.catalog.write().await;
         if let Some((at, catalog)) = slot.as_ref() {
-            if at.elapsed() < self.config.catalog_ttl {
+            if fresh(at) {
                 return Ok(Arc::clone(catalog));
             }
         }
         let mut conn = self.services.db.acquire().await?;
         let catalog = Arc::new(MetricCatalog::new(metrics::catalog(&mut *conn).await?));
-        *slot = Some((Instant::now(), Arc::clone(&catalog)));
+        *slot = Some((Stamp::now(&SystemClock), Arc::clone(&catalog)));
         Ok(catalog)
     }
 }

@@ -1,0 +1,125 @@
+//! Time for cache expiry. Lambda freezes a container between invocations, and the monotonic
+//! clock may not advance while it is frozen: an entry stamped with `Instant` alone could outlive
+//! its TTL by the whole freeze. A [`Stamp`] records both clocks and is stale when either says
+//! the TTL has passed (or when the wall clock went backwards), so a revoked key or a rotated
+//! secret bites within the documented time however long the container slept.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub trait Clock: Send + Sync {
+    fn monotonic(&self) -> Instant;
+    fn wall(&self) -> SystemTime;
+}
+
+/// The process's clocks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn monotonic(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+pub fn system() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
+}
+
+/// When something was cached, by both clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    monotonic: Instant,
+    wall: SystemTime,
+}
+
+impl Stamp {
+    pub fn now(clock: &dyn Clock) -> Self {
+        Stamp {
+            monotonic: clock.monotonic(),
+            wall: clock.wall(),
+        }
+    }
+
+    /// Whether at least `ttl` has passed by either clock.
+    pub fn is_older_than(&self, clock: &dyn Clock, ttl: Duration) -> bool {
+        let by_monotonic = clock.monotonic().saturating_duration_since(self.monotonic);
+        let by_wall = clock.wall().duration_since(self.wall);
+        by_monotonic >= ttl || by_wall.map_or(true, |age| age >= ttl)
+    }
+}
+
+/// A clock whose wall time a test moves while its monotonic time stands still, as in a frozen
+/// Lambda container.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug)]
+pub struct FrozenClock {
+    monotonic: Instant,
+    wall: std::sync::Mutex<SystemTime>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl FrozenClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(FrozenClock {
+            monotonic: Instant::now(),
+            wall: std::sync::Mutex::new(SystemTime::now()),
+        })
+    }
+
+    pub fn advance_wall(&self, by: Duration) {
+        if let Ok(mut wall) = self.wall.lock() {
+            *wall += by;
+        }
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Clock for FrozenClock {
+    fn monotonic(&self) -> Instant {
+        self.monotonic
+    }
+
+    fn wall(&self) -> SystemTime {
+        self.wall
+            .lock()
+            .map(|w| *w)
+            .unwrap_or_else(|_| SystemTime::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamp_expires_by_either_clock() {
+        let clock = FrozenClock::new();
+        let stamp = Stamp::now(clock.as_ref());
+        let ttl = Duration::from_secs(60);
+        assert!(!stamp.is_older_than(clock.as_ref(), ttl));
+        clock.advance_wall(Duration::from_secs(59));
+        assert!(!stamp.is_older_than(clock.as_ref(), ttl));
+        clock.advance_wall(Duration::from_secs(1));
+        assert!(
+            stamp.is_older_than(clock.as_ref(), ttl),
+            "the monotonic clock stood still; the wall clock says 60 s"
+        );
+        let real = SystemClock;
+        let stamp = Stamp::now(&real);
+        assert!(!stamp.is_older_than(&real, ttl));
+        assert!(stamp.is_older_than(&real, Duration::ZERO));
+        let backwards = Stamp {
+            monotonic: Instant::now(),
+            wall: SystemTime::now() + Duration::from_secs(3600),
+        };
+        assert!(
+            backwards.is_older_than(&real, ttl),
+            "a wall clock that went backwards expires the entry"
+        );
+    }
+}
