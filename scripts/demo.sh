@@ -29,9 +29,11 @@ secret_json() { # username password
 new_password() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 
 say "secrets in moto (Secrets Manager)"
-"$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py \
-  "meterbridge/local/db-admin=$(secret_json postgres "$(new_password)")" \
-  "meterbridge/local/redis={\"url\":\"redis://127.0.0.1:$REDIS_PORT\"}"
+# Secrets travel on standard input, never on a command line (visible to all in `ps`).
+{
+  printf 'meterbridge/local/db-admin=%s\n' "$(secret_json postgres "$(new_password)")"
+  printf 'meterbridge/local/redis={"url":"redis://127.0.0.1:%s"}\n' "$REDIS_PORT"
+} | "$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py
 
 say "cargo lambda watch on :$WATCH_PORT (log: $MB_CACHE/watch.log)"
 # Restart it, so the functions run the code as it is now.
@@ -68,11 +70,14 @@ admin "$(cat events/admin/migrate.json)" | json_get '", ".join(str(m["version"])
 
 say "database roles for the API and scheduled functions, with generated passwords"
 API_PASSWORD=$(new_password); OPS_PASSWORD=$(new_password)
-psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q \
-  -c "ALTER ROLE meterbridge_api PASSWORD '$API_PASSWORD'" -c "ALTER ROLE meterbridge_ops PASSWORD '$OPS_PASSWORD'"
-"$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py \
-  "meterbridge/local/db-api=$(secret_json meterbridge_api "$API_PASSWORD")" \
-  "meterbridge/local/db-ops=$(secret_json meterbridge_ops "$OPS_PASSWORD")"
+psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q <<SQL
+ALTER ROLE meterbridge_api PASSWORD '$API_PASSWORD';
+ALTER ROLE meterbridge_ops PASSWORD '$OPS_PASSWORD';
+SQL
+{
+  printf 'meterbridge/local/db-api=%s\n' "$(secret_json meterbridge_api "$API_PASSWORD")"
+  printf 'meterbridge/local/db-ops=%s\n' "$(secret_json meterbridge_ops "$OPS_PASSWORD")"
+} | "$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py
 
 say "admin: tenant $TENANT"
 if admin '{"action":"tenant.list"}' | json_get "any(t['slug'] == '$TENANT' for t in d['tenants'])" | grep -q True; then
@@ -84,7 +89,7 @@ fi
 say "admin: API keys (earlier demo keys are revoked)"
 if [ -f "$KEYS_FILE" ]; then
   for prefix in $(sed -n 's/^[A-Z_]*_PREFIX=//p' "$KEYS_FILE"); do
-    admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$prefix\"}" >/dev/null || true
+    admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$prefix\"}" >/dev/null 2>&1 || true
   done
 fi
 INTERNAL=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"crm\",\"trust\":\"internal\"}")

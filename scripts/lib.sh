@@ -33,19 +33,29 @@ apt_install() {
 }
 
 ensure_postgres() {
-  if pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then return; fi
-  command -v pg_ctlcluster >/dev/null || apt_install postgresql postgresql-client
-  if [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then apt_install postgresql; fi
-  local v; v=$(ls /etc/postgresql | sort -V | tail -n 1)
-  say "starting PostgreSQL $v"
-  pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
-  for _ in $(seq 1 50); do pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && break; sleep 0.2; done
-  pg_isready -h "$PG_HOST" -p "$PG_PORT" >/dev/null || { echo "PostgreSQL did not come up on $PG_HOST:$PG_PORT" >&2; exit 1; }
-  # A fresh Debian cluster asks for passwords on TCP; the local stack uses trust auth like the dev machines.
+  local created=0 v
+  if ! pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then
+    if ! command -v pg_ctlcluster >/dev/null || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+      apt_install postgresql postgresql-client
+      created=1   # Debian's package creates the main cluster: this run made it
+    fi
+    v=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $v"
+    pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
+    for _ in $(seq 1 50); do pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && break; sleep 0.2; done
+    pg_isready -h "$PG_HOST" -p "$PG_PORT" >/dev/null || { echo "PostgreSQL did not come up on $PG_HOST:$PG_PORT" >&2; exit 1; }
+    # A fresh Debian cluster asks for passwords on TCP; the local stack uses trust auth like the
+    # dev machines. Only a cluster this run created is changed, and only its own pg_hba.conf.
+    if [ "$created" = 1 ] && ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -Atc 'select 1' >/dev/null 2>&1; then
+      sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "/etc/postgresql/$v/main/pg_hba.conf"
+      pg_ctlcluster --skip-systemctl-redirect "$v" main reload
+    fi
+  fi
   if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -Atc 'select 1' >/dev/null 2>&1; then
-    local hba; hba=$(su postgres -c "psql -Atc 'show hba_file'")
-    sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
-    su postgres -c "psql -Atc 'select pg_reload_conf()'" >/dev/null
+    echo "PostgreSQL at $PG_HOST:$PG_PORT refuses user postgres without a password. These scripts" \
+         "change the authentication only of a cluster they created; give them access (PGPASSWORD" \
+         "or ~/.pgpass) or point PG_PORT at a cluster with trust auth for 127.0.0.1." >&2
+    exit 1
   fi
 }
 

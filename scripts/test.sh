@@ -26,8 +26,16 @@ say "template lint (cfn-lint, sam validate --lint)"
 
 say "end to end: scripts/demo.sh (every function under cargo lambda watch, secrets from moto)"
 # The demo checks every response it prints; it runs before the suite so the test runner's
-# summary closes the output.
-(unset DATABASE_URL REDIS_URL; bash scripts/demo.sh)
+# summary closes the output. It runs under strace, which records the command line of every
+# program it starts: none may carry a key or a password (ps shows them to every user).
+command -v strace >/dev/null || apt_install strace
+EXECVE_LOG=$MB_CACHE/demo-execve.log
+(unset DATABASE_URL REDIS_URL
+ strace -f -qq -b execve -e trace=execve -e signal=none -s 65536 -o "$EXECVE_LOG" bash scripts/demo.sh)
+"$MB_TOOLS_VENV/bin/python" scripts/check_argv_secrets.py "$EXECVE_LOG" "$MB_CACHE/demo-keys.env"
+
+say "local stack scripts (scripts/tests)"
+for script_test in scripts/tests/*.sh; do bash "$script_test"; done
 
 say "tests"
 if command -v cargo-nextest >/dev/null 2>&1; then

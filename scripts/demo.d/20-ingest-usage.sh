@@ -3,10 +3,13 @@ URL="http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage"
 RUN_ID=demo-$(date +%s)
 NOW_TS=$(date -u +%Y-%m-%dT%H:%M:%S.000Z)
 render_body() { python3 scripts/render_event.py --body "events/ingest-usage/$1" "RUN=$RUN_ID" "NOW=$NOW_TS"; }
+# The key goes to curl in a header file (mode 600), never on its command line.
+AUTH_HEADER=$(mktemp)
 http() { # METHOD PATH KEY [BODY] — prints "status body"
   local out status
   out=$(mktemp)
-  status=$(curl -sS -o "$out" -w '%{http_code}' -X "$1" "$URL$2" -H "authorization: Bearer $3" \
+  printf 'authorization: Bearer %s\n' "$3" >"$AUTH_HEADER"
+  status=$(curl -sS -o "$out" -w '%{http_code}' -X "$1" "$URL$2" -H @"$AUTH_HEADER" \
     -H 'content-type: application/json' -H "x-correlation-id: $RUN_ID" ${4:+--data-binary "$4"})
   printf '%s %s\n' "$status" "$(cat "$out")"; rm -f "$out"
 }
@@ -31,6 +34,7 @@ http GET /v1/usage/realtime "$INTERNAL_KEY" | python3 scripts/demo_show.py realt
 say "ingest-usage: GET /v1/usage/events — this run's events, 3 per page"
 http GET "/v1/usage/events?limit=3&from=$NOW_TS" "$INTERNAL_KEY" | python3 scripts/demo_show.py events 200
 say "ingest-usage: the same function through the Lambda invoke API (cargo lambda invoke)"
-python3 scripts/render_event.py events/ingest-usage/realtime.json "INTERNAL_KEY=$INTERNAL_KEY" >"$MB_CACHE/realtime-event.json"
+printf 'INTERNAL_KEY=%s\n' "$INTERNAL_KEY" | python3 scripts/render_event.py --stdin events/ingest-usage/realtime.json >"$MB_CACHE/realtime-event.json"
 cargo lambda invoke ingest-usage --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" --data-file "$MB_CACHE/realtime-event.json" \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  statusCode", r["statusCode"], "source", json.loads(r["body"])["source"]); sys.exit(r["statusCode"] != 200)'
+rm -f "$AUTH_HEADER"
