@@ -37,4 +37,17 @@ say "ingest-usage: the same function through the Lambda invoke API (cargo lambda
 printf 'INTERNAL_KEY=%s\n' "$INTERNAL_KEY" | python3 scripts/render_event.py --stdin events/ingest-usage/realtime.json >"$MB_CACHE/realtime-event.json"
 cargo lambda invoke ingest-usage --invoke-address 127.0.0.1 --invoke-port "$WATCH_PORT" --data-file "$MB_CACHE/realtime-event.json" \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  statusCode", r["statusCode"], "source", json.loads(r["body"])["source"]); sys.exit(r["statusCode"] != 200)'
-rm -f "$AUTH_HEADER"
+say "ingest-usage: a raw query string that is not a valid URI (a quote, a space) — 400, the container lives on"
+python3 - "$MB_CACHE/realtime-event.json" >"$MB_CACHE/hostile-event.json" <<'PY'
+import json, sys
+event = json.load(open(sys.argv[1]))
+event["rawQueryString"] = 'date="2026-11-25" x'
+event["queryStringParameters"] = {"date": '"2026-11-25" x'}
+print(json.dumps(event))
+PY
+for _ in 1 2; do
+  curl -sS --max-time 60 -X POST "http://127.0.0.1:$WATCH_PORT/2015-03-31/functions/ingest-usage/invocations" \
+    -H 'content-type: application/json' --data-binary @"$MB_CACHE/hostile-event.json" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); b=json.loads(r["body"]); print("  statusCode", r["statusCode"], b["code"]); sys.exit(r["statusCode"] != 400)'
+done
+rm -f "$AUTH_HEADER" "$MB_CACHE/hostile-event.json"

@@ -12,6 +12,7 @@ pub mod http;
 pub mod json;
 pub mod redis;
 pub mod repo;
+pub mod request_guard;
 pub mod secrets;
 pub mod telemetry;
 #[cfg(feature = "testing")]
