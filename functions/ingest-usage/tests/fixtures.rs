@@ -96,6 +96,12 @@ async fn every_fixture_runs_through_the_handler(owner: PgPool) {
     assert_eq!(r.body["events"][0]["metadata"]["region"], "eu-west-1");
     assert_eq!(r.body["events"][0]["sourceService"], "crm");
 
+    // A partner's key writes usage; it reads none of the tenant's.
+    let r = send(&app, run("list-events-external-key.json")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("usage:read"));
+    assert!(r.body.get("events").is_none());
+
     let r = send(&app, run("realtime.json")).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["source"], "redis");
