@@ -4,20 +4,11 @@
 
 mod common;
 
-use common::{send, Fixture};
+use common::{send, statuses, Fixture};
 use meterbridge::domain::{Scope, Scopes, Trust};
 use meterbridge::testing::{create_scoped_api_key, create_tenant, migrate_up_to};
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::PgPool;
-
-fn statuses(body: &Value) -> Vec<String> {
-    body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_str().unwrap().to_owned())
-        .collect()
-}
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn each_route_needs_its_scope(owner: PgPool) {

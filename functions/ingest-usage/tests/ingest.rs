@@ -6,21 +6,12 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{app_with, send, Fixture};
+use common::{app_with, send, statuses, Fixture};
 use meterbridge::repo::api_keys;
 use meterbridge::testing::{create_api_key, create_tenant, pool_as, API_ROLE};
 use meterbridge::Database;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-
-fn statuses(body: &Value) -> Vec<String> {
-    body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_str().unwrap().to_owned())
-        .collect()
-}
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn duplicates_and_conflicts_are_told_apart(owner: PgPool) {

@@ -6,24 +6,12 @@
 mod common;
 
 use common::{send, Fixture};
+use meterbridge::domain::usage::KNOWN_FIELDS;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Map, Value};
 
-const FIELDS: &[&str] = &[
-    "eventId",
-    "metric",
-    "quantity",
-    "occurredAt",
-    "correlationId",
-    "actorId",
-    "idempotencyKey",
-    "metadata",
-    "tenantId",
-    "tenant",
-    "source",
-    "sourceService",
-];
+const FIELDS: &[&str] = KNOWN_FIELDS;
 const METRICS: &[&str] = &[
     "api.requests",
     "sla.timers.started",

@@ -15,7 +15,7 @@ const MAX_ID_CHARS: usize = 128;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 256;
 
 /// The fields an event may carry (camelCase on the wire).
-const KNOWN_FIELDS: &[&str] = &[
+pub const KNOWN_FIELDS: &[&str] = &[
     "eventId",
     "metric",
     "quantity",

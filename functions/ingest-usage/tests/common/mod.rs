@@ -189,6 +189,16 @@ pub fn percent_encode(raw: &str) -> String {
         .collect()
 }
 
+/// The `status` of each per-event result of a POST.
+pub fn statuses(body: &Value) -> Vec<String> {
+    body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 pub fn events_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../events/ingest-usage")
 }
