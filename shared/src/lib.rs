@@ -8,6 +8,7 @@ pub mod config;
 pub mod context;
 pub mod db;
 pub mod domain;
+pub mod edge;
 pub mod http;
 pub mod json;
 pub mod redis;

@@ -1,14 +1,13 @@
-//! The HTTP edge: route → authorize → endpoint, with every error mapped to problem+json in one
-//! place, and one span per request carrying request, tenant and correlation ids.
+//! The routes of the usage API and the scope each needs; the shared edge
+//! ([`meterbridge::edge`]) authenticates, authorizes, maps errors and logs.
 
-use std::time::Instant;
-
-use lambda_http::http::{HeaderValue, Method};
-use lambda_http::{Body, Request, RequestExt, Response};
-use meterbridge::auth::Caller;
+use lambda_http::http::Method;
+use lambda_http::{Body, Request, Response};
+use meterbridge::auth::Authenticator;
 use meterbridge::domain::Scope;
-use meterbridge::http::{correlation_id, presented_api_key, ApiError, CORRELATION_HEADER};
-use tracing::Instrument;
+use meterbridge::edge::{self, Access, Call, HttpApi};
+use meterbridge::http::ApiError;
+use meterbridge::Database;
 
 use crate::app::App;
 use crate::{ingest, query};
@@ -21,7 +20,7 @@ pub enum Route {
 }
 
 impl Route {
-    /// The scope a key needs for this route; checked in one place, [`dispatch`].
+    /// The scope a key needs for this route.
     pub fn scope(self) -> Scope {
         match self {
             Route::PostEvents => Scope::UsageWrite,
@@ -30,10 +29,8 @@ impl Route {
     }
 }
 
-/// Matches the path with or without an API Gateway stage prefix (`/prod/v1/...`).
+/// Matches a path (with any stage prefix removed by the edge).
 pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
-    let path = path.trim_end_matches('/');
-    let path = path.find("/v1/").map_or(path, |at| &path[at..]);
     match (path, method) {
         ("/v1/usage/events", &Method::POST) => Ok(Route::PostEvents),
         ("/v1/usage/events", &Method::GET) => Ok(Route::ListEvents),
@@ -43,74 +40,41 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     }
 }
 
+impl HttpApi for App {
+    type Route = Route;
+
+    fn database(&self) -> &Database {
+        &self.services.db
+    }
+
+    fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    fn route(&self, method: &Method, path: &str) -> Result<(Route, Access), ApiError> {
+        let route = route(method, path)?;
+        Ok((route, Access::ApiKey(route.scope())))
+    }
+
+    async fn call(&self, route: Route, call: Call<'_>) -> Result<Response<Body>, ApiError> {
+        let caller = call.caller()?;
+        match route {
+            Route::PostEvents => ingest::post_events(self, caller, call.request).await,
+            Route::ListEvents => query::list_events(self, caller, call.request).await,
+            Route::Realtime => query::realtime(self, caller, call.request).await,
+        }
+    }
+}
+
 /// The whole request, start to finish; never fails (errors become problem+json responses).
 pub async fn handle(app: &App, request: Request) -> Response<Body> {
-    let correlation = correlation_id(request.headers());
-    let request_id = request
-        .lambda_context_ref()
-        .map(|c| c.request_id.clone())
-        .unwrap_or_default();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        correlation_id = %correlation,
-        tenant_id = tracing::field::Empty,
-        api_key = tracing::field::Empty,
-        method = %request.method(),
-        path = %request.uri().path(),
-    );
-    async {
-        let started = Instant::now();
-        let path = request.uri().path().to_owned();
-        let mut response = match dispatch(app, &request).await {
-            Ok(response) => response,
-            Err(error) => {
-                if matches!(error, ApiError::Internal) {
-                    tracing::error!("request failed with an internal error");
-                }
-                error.into_response(Some(&path), Some(&correlation))
-            }
-        };
-        if let Ok(value) = HeaderValue::from_str(&correlation) {
-            response.headers_mut().insert(CORRELATION_HEADER, value);
-        }
-        tracing::info!(
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request handled"
-        );
-        response
-    }
-    .instrument(span)
-    .await
-}
-
-async fn dispatch(app: &App, request: &Request) -> Result<Response<Body>, ApiError> {
-    let route = route(request.method(), request.uri().path())?;
-    let caller = authorize(app, request).await?;
-    caller.require(route.scope())?;
-    match route {
-        Route::PostEvents => ingest::post_events(app, &caller, request).await,
-        Route::ListEvents => query::list_events(app, &caller, request).await,
-        Route::Realtime => query::realtime(app, &caller, request).await,
-    }
-}
-
-async fn authorize(app: &App, request: &Request) -> Result<Caller, ApiError> {
-    let caller = app
-        .auth
-        .authenticate(&app.services.db, presented_api_key(request.headers()))
-        .await?;
-    let span = tracing::Span::current();
-    span.record("tenant_id", tracing::field::display(caller.tenant_id));
-    // The prefix is the key's public id (shown in listings); the key itself is never logged.
-    span.record("api_key", caller.key_prefix.as_str());
-    Ok(caller)
+    edge::handle(app, request).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meterbridge::edge::api_path;
 
     #[test]
     fn routes_with_and_without_a_stage() {
@@ -119,7 +83,7 @@ mod tests {
             Route::PostEvents
         );
         assert_eq!(
-            route(&Method::POST, "/prod/v1/usage/events/").unwrap(),
+            route(&Method::POST, api_path("/prod/v1/usage/events/")).unwrap(),
             Route::PostEvents
         );
         assert_eq!(

@@ -1,0 +1,160 @@
+//! The HTTP edge every API function shares: route → authenticate and authorize → endpoint, every
+//! error mapped to problem+json in one place, one span per request carrying the request, tenant
+//! and correlation ids, and one "request handled" line per request. A function describes its
+//! routes by implementing [`HttpApi`]; [`handle`] does the rest.
+
+use std::future::Future;
+use std::time::Instant;
+
+use lambda_http::http::{HeaderValue, Method};
+use lambda_http::{Body, Request, RequestExt, Response};
+use tracing::Instrument;
+
+use crate::auth::{Authenticator, Caller};
+use crate::db::Database;
+use crate::domain::Scope;
+use crate::http::{correlation_id, presented_api_key, ApiError, CORRELATION_HEADER};
+
+/// How a route proves who calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// An API key holding this scope; the endpoint receives the [`Caller`].
+    ApiKey(Scope),
+    /// No API key: the endpoint authenticates the request itself (a signed provider webhook).
+    Public,
+}
+
+/// What a request is, as the edge hands it to an endpoint.
+pub struct Call<'r> {
+    pub request: &'r Request,
+    /// Present exactly when the route's access is [`Access::ApiKey`].
+    pub caller: Option<Caller>,
+    /// From `x-correlation-id`, or generated; echoed in the response.
+    pub correlation_id: String,
+}
+
+impl Call<'_> {
+    /// The authenticated caller of an [`Access::ApiKey`] route.
+    pub fn caller(&self) -> Result<&Caller, ApiError> {
+        self.caller.as_ref().ok_or(ApiError::Internal)
+    }
+}
+
+pub trait HttpApi: Sync {
+    /// A matched route, with whatever it took from the path.
+    type Route: Send;
+
+    fn database(&self) -> &Database;
+    fn authenticator(&self) -> &Authenticator;
+
+    /// Matches a path (already stripped of any stage prefix, see [`api_path`]): 404 for no
+    /// such path, 405 for a known path with another method.
+    fn route(&self, method: &Method, path: &str) -> Result<(Self::Route, Access), ApiError>;
+
+    fn call<'a>(
+        &'a self,
+        route: Self::Route,
+        call: Call<'a>,
+    ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send + 'a;
+}
+
+/// The path from `/v1/` on: API Gateway may prefix a stage (`/prod/v1/...`); a trailing slash
+/// is ignored.
+pub fn api_path(path: &str) -> &str {
+    let path = path.trim_end_matches('/');
+    path.find("/v1/").map_or(path, |at| &path[at..])
+}
+
+/// The whole request, start to finish; never fails (errors become problem+json responses).
+pub async fn handle<A: HttpApi>(api: &A, request: Request) -> Response<Body> {
+    let correlation = correlation_id(request.headers());
+    let request_id = request
+        .lambda_context_ref()
+        .map(|c| c.request_id.clone())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        correlation_id = %correlation,
+        tenant_id = tracing::field::Empty,
+        api_key = tracing::field::Empty,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    async {
+        let started = Instant::now();
+        let path = request.uri().path().to_owned();
+        let mut response = match dispatch(api, &request, &correlation).await {
+            Ok(response) => response,
+            Err(error) => {
+                if matches!(error, ApiError::Internal) {
+                    tracing::error!("request failed with an internal error");
+                }
+                error.into_response(Some(&path), Some(&correlation))
+            }
+        };
+        if let Ok(value) = HeaderValue::from_str(&correlation) {
+            response.headers_mut().insert(CORRELATION_HEADER, value);
+        }
+        tracing::info!(
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request handled"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dispatch<A: HttpApi>(
+    api: &A,
+    request: &Request,
+    correlation: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (route, access) = api.route(request.method(), api_path(request.uri().path()))?;
+    let caller = match access {
+        Access::Public => None,
+        Access::ApiKey(scope) => {
+            let caller = api
+                .authenticator()
+                .authenticate(api.database(), presented_api_key(request.headers()))
+                .await?;
+            record_tenant(&caller);
+            caller.require(scope)?;
+            Some(caller)
+        }
+    };
+    let call = Call {
+        request,
+        caller,
+        correlation_id: correlation.to_owned(),
+    };
+    api.call(route, call).await
+}
+
+/// Puts the caller's tenant and key prefix on the request span (the key itself is never
+/// logged: the prefix is its public id).
+fn record_tenant(caller: &Caller) {
+    let span = tracing::Span::current();
+    span.record("tenant_id", tracing::field::display(caller.tenant_id));
+    span.record("api_key", caller.key_prefix.as_str());
+}
+
+/// Puts a tenant established by other means (a webhook's signature) on the request span.
+pub fn record_tenant_id(tenant: crate::domain::TenantId) {
+    tracing::Span::current().record("tenant_id", tracing::field::display(tenant));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_prefixes_and_trailing_slashes_are_ignored() {
+        assert_eq!(api_path("/v1/usage/events"), "/v1/usage/events");
+        assert_eq!(api_path("/prod/v1/usage/events/"), "/v1/usage/events");
+        assert_eq!(api_path("/other"), "/other");
+        assert_eq!(api_path("/"), "");
+    }
+}
