@@ -20,6 +20,7 @@ pub enum StartupError {
 pub struct Services {
     pub config: Config,
     aws: tokio::sync::OnceCell<aws_config::SdkConfig>,
+    secrets: tokio::sync::OnceCell<Arc<Secrets>>,
     pub db: Database,
     /// Present when the function was configured with Redis.
     pub redis: Option<Redis>,
@@ -57,12 +58,30 @@ impl Services {
             .redis
             .clone()
             .map(|source| Redis::new(source, secrets.clone(), config.redis_timeout));
+        let secrets = match secrets {
+            Some(secrets) => tokio::sync::OnceCell::new_with(Some(secrets)),
+            None => tokio::sync::OnceCell::new(),
+        };
         Ok(Services {
             config,
             aws,
+            secrets,
             db,
             redis,
         })
+    }
+
+    /// The cached Secrets Manager client: the one the credentials were read with, or one built
+    /// on first use.
+    pub async fn secrets(&self) -> Result<Arc<Secrets>, SecretsError> {
+        let ttl = self.config.secrets_ttl;
+        self.secrets
+            .get_or_try_init(|| async {
+                let sdk = self.aws().await;
+                Secrets::new(sdk, ttl).await.map(Arc::new)
+            })
+            .await
+            .cloned()
     }
 
     /// The AWS SDK configuration (region, credentials, `AWS_ENDPOINT_URL`), loaded once.

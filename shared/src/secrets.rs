@@ -22,6 +22,8 @@ pub enum SecretsError {
     Client(String),
     #[error("could not read secret {secret_id}: {reason}")]
     Fetch { secret_id: String, reason: String },
+    #[error("secret {secret_id} does not exist")]
+    NotFound { secret_id: String },
     #[error("secret {secret_id} has no string value")]
     NotString { secret_id: String },
     #[error("secret {secret_id} is not the expected JSON: {reason}")]
@@ -48,7 +50,9 @@ impl Secrets {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, SecretsError> {
         let builder = aws_sdk_secretsmanager::config::Builder::from(sdk);
-        let max_entries = NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN);
+        // Database and Redis credentials, and one signing secret per (tenant, provider) for a
+        // function that receives webhooks.
+        let max_entries = NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN);
         let client = SecretsManagerCachingClient::from_builder(builder, max_entries, ttl, false)
             .await
             .map_err(|e| SecretsError::Client(e.to_string()))?;
@@ -91,10 +95,23 @@ impl Secrets {
         {
             Ok(output) => output,
             Err(e) => {
-                return Err(SecretsError::Fetch {
-                    secret_id: secret_id.to_owned(),
-                    reason: e.to_string(),
-                })
+                let not_found = e
+                    .downcast_ref::<aws_sdk_secretsmanager::error::SdkError<
+                        aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError,
+                    >>()
+                    .and_then(|e| e.as_service_error())
+                    .is_some_and(|e| e.is_resource_not_found_exception())
+                    || e.to_string().contains("ResourceNotFoundException");
+                return Err(if not_found {
+                    SecretsError::NotFound {
+                        secret_id: secret_id.to_owned(),
+                    }
+                } else {
+                    SecretsError::Fetch {
+                        secret_id: secret_id.to_owned(),
+                        reason: e.to_string(),
+                    }
+                });
             }
         };
         {

@@ -217,3 +217,50 @@ pub fn render(template: &str, values: &[(&str, &str)]) -> String {
             text.replace(&format!("{{{{{name}}}}}"), value)
         })
 }
+
+/// An API Gateway (v2) request from its JSON, as Lambda would deliver it.
+pub fn request_from_json(json: &str) -> lambda_http::Request {
+    lambda_http::request::from_str(json).expect("an API Gateway v2 request")
+}
+
+/// A query-string component as a client sends it (API Gateway passes the decoded values in
+/// `queryStringParameters`).
+pub fn percent_encode(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A handler's response, its body parsed as JSON (`Null` when empty).
+pub struct Reply {
+    pub status: lambda_http::http::StatusCode,
+    pub headers: lambda_http::http::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Reply {
+    pub fn of(response: lambda_http::Response<lambda_http::Body>) -> Reply {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes: Vec<u8> = match response.into_body() {
+            lambda_http::Body::Text(t) => t.into_bytes(),
+            lambda_http::Body::Binary(b) => b,
+            _ => Vec::new(),
+        };
+        let body = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("a JSON response body")
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+}

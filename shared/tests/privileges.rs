@@ -29,12 +29,41 @@ const REVIEWED: &[&str] = &[
     "meterbridge_api: SET lock_timeout=5s",
     "meterbridge_api: SET statement_timeout=30s",
     "meterbridge_api: USAGE ON SCHEMA public",
+    // Payments (migration 0004): a payment, its audit rows, its outbox events, webhook events
+    // seen and idempotent responses are inserted and read for the own tenant; of a payment
+    // only the columns a transition changes may be updated; nothing is ever deleted.
+    "meterbridge_api: EXECUTE ON FUNCTION webhook_tenant(text)",
+    "meterbridge_api: INSERT ON TABLE idempotency_records",
+    "meterbridge_api: INSERT ON TABLE outbox_events",
+    "meterbridge_api: INSERT ON TABLE payment_audit",
+    "meterbridge_api: INSERT ON TABLE payments",
+    "meterbridge_api: INSERT ON TABLE webhook_events",
+    "meterbridge_api: POLICY api_own_tenant ALL ON idempotency_records USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: POLICY api_own_tenant ALL ON outbox_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: POLICY api_own_tenant ALL ON payment_audit USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: POLICY api_own_tenant ALL ON payments USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: POLICY api_own_tenant ALL ON webhook_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: SELECT ON TABLE currencies",
+    "meterbridge_api: SELECT ON TABLE idempotency_records",
+    "meterbridge_api: SELECT ON TABLE outbox_events",
+    "meterbridge_api: SELECT ON TABLE payment_audit",
+    "meterbridge_api: SELECT ON TABLE payments",
+    "meterbridge_api: SELECT ON TABLE webhook_events",
+    "meterbridge_api: UPDATE ON COLUMN payments.provider_reference",
+    "meterbridge_api: UPDATE ON COLUMN payments.status",
+    "meterbridge_api: UPDATE ON COLUMN payments.updated_at",
+    "meterbridge_api: UPDATE ON COLUMN payments.verification_method",
+    "meterbridge_api: UPDATE ON COLUMN payments.verified_at",
+    "meterbridge_api: UPDATE ON COLUMN payments.verified_by",
+    "meterbridge_api: UPDATE ON COLUMN payments.version",
     // The owner of the SECURITY DEFINER functions: cannot log in; reads the columns key lookup
     // needs and writes last_used_at, nothing else.
     "meterbridge_definer: EXECUTE ON FUNCTION authenticate_api_key(text)",
     "meterbridge_definer: EXECUTE ON FUNCTION touch_api_key(uuid)",
+    "meterbridge_definer: EXECUTE ON FUNCTION webhook_tenant(text)",
     "meterbridge_definer: OWNER OF FUNCTION authenticate_api_key(text)",
     "meterbridge_definer: OWNER OF FUNCTION touch_api_key(uuid)",
+    "meterbridge_definer: OWNER OF FUNCTION webhook_tenant(text)",
     "meterbridge_definer: POLICY definer_look_up SELECT ON api_keys USING true",
     "meterbridge_definer: POLICY definer_look_up SELECT ON tenants USING true",
     "meterbridge_definer: POLICY definer_touch UPDATE ON api_keys USING true WITH CHECK true",
@@ -62,6 +91,11 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: SELECT ON TABLE metrics",
     "meterbridge_ops: SELECT ON TABLE tenants",
     "meterbridge_ops: SELECT ON TABLE usage_events",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON outbox_events USING true",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON payments USING true",
+    "meterbridge_ops: SELECT ON TABLE currencies",
+    "meterbridge_ops: SELECT ON TABLE outbox_events",
+    "meterbridge_ops: SELECT ON TABLE payments",
     "meterbridge_ops: SET idle_in_transaction_session_timeout=60s",
     "meterbridge_ops: SET lock_timeout=5s",
     "meterbridge_ops: USAGE ON SCHEMA public",
@@ -103,7 +137,7 @@ async fn security_definer_functions_are_pinned_and_powerless(owner: PgPool) {
     .fetch_all(&owner)
     .await
     .unwrap();
-    assert_eq!(functions.len(), 2, "{functions:?}");
+    assert_eq!(functions.len(), 3, "{functions:?}");
     for (name, config, owner_role, superuser, login) in functions {
         assert_eq!(
             config,

@@ -2,6 +2,8 @@
 
 pub mod api_key;
 pub mod metric;
+pub mod outbox;
+pub mod payment;
 pub mod tenant;
 pub mod time;
 pub mod usage;

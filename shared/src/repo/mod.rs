@@ -2,6 +2,11 @@
 //! executor, so callers choose the transaction (and with it the tenant RLS sees).
 
 pub mod api_keys;
+pub mod idempotency;
 pub mod metrics;
+pub mod outbox;
+pub mod payment_audit;
+pub mod payments;
 pub mod tenants;
 pub mod usage_events;
+pub mod webhook_events;

@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use ingest_usage::{App, IngestConfig};
-use lambda_http::http::{HeaderMap, StatusCode};
-use lambda_http::{Body, Request};
+use lambda_http::Request;
 use meterbridge::auth::NewApiKey;
 use meterbridge::config::{Config, Env};
 use meterbridge::domain::{Tenant, Trust};
@@ -16,6 +15,7 @@ use meterbridge::repo::{api_keys, tenants};
 use meterbridge::testing::{
     create_api_key, create_tenant, database_url_as, redis_url, render, require_redis, API_ROLE,
 };
+pub use meterbridge::testing::{percent_encode, request_from_json, Reply};
 use meterbridge::Services;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -176,19 +176,6 @@ pub async fn app_with(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
     App::new(services, ingest)
 }
 
-/// A query-string component as a client sends it (API Gateway passes the decoded values in
-/// `queryStringParameters`).
-pub fn percent_encode(raw: &str) -> String {
-    raw.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// The `status` of each per-event result of a POST.
 pub fn statuses(body: &Value) -> Vec<String> {
     body["results"]
@@ -207,34 +194,6 @@ pub fn fixture_text(name: &str) -> String {
     std::fs::read_to_string(events_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-pub fn request_from_json(json: &str) -> Request {
-    lambda_http::request::from_str(json).expect("an API Gateway v2 request")
-}
-
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Value,
-}
-
 pub async fn send(app: &App, request: Request) -> Reply {
-    let response = ingest_usage::handle(app, request).await;
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes: Vec<u8> = match response.into_body() {
-        Body::Empty => Vec::new(),
-        Body::Text(t) => t.into_bytes(),
-        Body::Binary(b) => b,
-        _ => Vec::new(),
-    };
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply::of(ingest_usage::handle(app, request).await)
 }

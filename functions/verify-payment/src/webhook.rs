@@ -1,0 +1,329 @@
+//! `POST /v1/webhooks/{provider}/{tenantSlug}`: a provider tells us about a payment. No API key:
+//! the tenant is named in the path and proven by the signature, checked against that tenant's
+//! signing secrets (Secrets Manager, `<prefix>/<provider>/<tenant slug>`,
+//! `{"signingSecrets": ["whsec_…", …]}` — two while a secret is being rotated).
+//!
+//! An unknown tenant, a tenant without secrets and a bad, stale or missing signature all get the
+//! same 401, so the route tells an outsider nothing about which tenants exist; for a known
+//! tenant, a refused delivery leaves an audit row and nothing else. Each provider event is acted
+//! on once: a replay answers 200 and changes nothing.
+
+use lambda_http::http::StatusCode;
+use lambda_http::{Body, Response};
+use meterbridge::db::retry_transient;
+use meterbridge::domain::payment::{PaymentAction, VerificationMethod};
+use meterbridge::domain::TenantId;
+use meterbridge::edge::{record_tenant_id, Call};
+use meterbridge::http::{json_response, ApiError};
+use meterbridge::repo::payment_audit::{self, AuditEntry};
+use meterbridge::repo::webhook_events;
+use meterbridge::secrets::SecretsError;
+use meterbridge::DbError;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::signature::{self, SignatureError};
+use crate::transition::{self, Actor, Outcome, Target};
+use crate::verify::respond;
+
+/// Providers whose webhooks this function understands.
+pub const PROVIDERS: &[&str] = &["stripe"];
+
+#[derive(Deserialize)]
+struct SigningSecrets {
+    #[serde(rename = "signingSecrets")]
+    signing_secrets: Vec<String>,
+}
+
+/// A Stripe event, as much of it as we read.
+#[derive(Deserialize)]
+struct StripeEvent {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: StripeData,
+}
+
+#[derive(Deserialize)]
+struct StripeData {
+    object: Value,
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::Unauthorized("the webhook signature is missing, invalid or stale".into())
+}
+
+pub async fn receive(
+    app: &App,
+    call: &Call<'_>,
+    provider: &str,
+    tenant_slug: &str,
+) -> Result<Response<Body>, ApiError> {
+    let body = call.request.body().as_ref();
+    if body.len() > app.config.webhook_max_body_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the body is {} bytes; the limit is {}",
+            body.len(),
+            app.config.webhook_max_body_bytes
+        )));
+    }
+    let Some(tenant) = tenant(app, tenant_slug).await? else {
+        tracing::warn!(provider, "webhook for an unknown or disabled tenant");
+        return Err(unauthorized());
+    };
+    record_tenant_id(tenant);
+    let secrets = match signing_secrets(app, provider, tenant_slug).await {
+        Ok(secrets) => secrets,
+        Err(SecretsError::NotFound { .. }) => {
+            tracing::warn!(
+                provider,
+                "no webhook signing secret is configured for this tenant"
+            );
+            return Err(unauthorized());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "webhook signing secrets unavailable");
+            return Err(ApiError::Unavailable {
+                detail: "the signing secrets could not be read; retry later".into(),
+                retry_after_secs: 5,
+            });
+        }
+    };
+    let header = call
+        .request
+        .headers()
+        .get(signature::HEADER)
+        .and_then(|v| v.to_str().ok());
+    let tolerance = app.config.webhook_tolerance.as_secs() as i64;
+    if let Err(refused) = signature::verify(
+        header,
+        body,
+        &secrets,
+        chrono::Utc::now().timestamp(),
+        tolerance,
+    ) {
+        tracing::warn!(
+            reason = refused.code(),
+            provider,
+            "webhook signature refused"
+        );
+        metrics::counter!("WebhookSignaturesRefused").increment(1);
+        audit_refusal(app, tenant, provider, refused, &call.correlation_id).await?;
+        return Err(unauthorized());
+    }
+
+    let event: StripeEvent = serde_json::from_slice(body).map_err(|e| {
+        ApiError::Malformed(format!("the signed body is not a {provider} event: {e}"))
+    })?;
+    if event.id.is_empty() || event.id.len() > 255 {
+        return Err(ApiError::Malformed(
+            "the event id must be 1-255 characters".into(),
+        ));
+    }
+    handle_event(app, tenant, provider, &event, &call.correlation_id).await
+}
+
+async fn tenant(app: &App, slug: &str) -> Result<Option<TenantId>, DbError> {
+    if slug.is_empty() || slug.len() > 63 {
+        return Ok(None);
+    }
+    let mut conn = app.services.db.acquire().await?;
+    webhook_events::tenant_by_slug(&mut conn, slug).await
+}
+
+async fn signing_secrets(
+    app: &App,
+    provider: &str,
+    tenant_slug: &str,
+) -> Result<Vec<String>, SecretsError> {
+    let secrets = app.services.secrets().await?;
+    let id = format!(
+        "{}/{provider}/{tenant_slug}",
+        app.config.webhook_secret_prefix
+    );
+    let found: SigningSecrets = secrets.get_json(&id, false).await?;
+    Ok(found.signing_secrets)
+}
+
+async fn audit_refusal(
+    app: &App,
+    tenant: TenantId,
+    provider: &str,
+    refused: SignatureError,
+    correlation_id: &str,
+) -> Result<(), DbError> {
+    let actor = format!("webhook:{provider}");
+    let mut tx = app.services.db.tenant_tx(tenant).await?;
+    payment_audit::insert(
+        &mut tx,
+        tenant,
+        &AuditEntry {
+            payment_id: None,
+            action: "webhook",
+            accepted: false,
+            from_status: None,
+            to_status: None,
+            actor: &actor,
+            actor_detail: None,
+            method: None,
+            reason: refused.code(),
+            correlation_id,
+            details: json!({}),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What an event asks of which payment.
+struct Asked {
+    action: PaymentAction,
+    /// The provider's reference of the payment.
+    reference: String,
+    amount_minor: Option<i64>,
+    currency: Option<String>,
+}
+
+/// What a Stripe event asks, if anything; `Err` names what a relevant event lacks.
+fn requested(event: &StripeEvent) -> Result<Option<Asked>, &'static str> {
+    let object = &event.data.object;
+    let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
+    match event.kind.as_str() {
+        "payment_intent.succeeded" => {
+            let reference = text("id").ok_or("data.object.id is missing")?;
+            let amount = object
+                .get("amount_received")
+                .or_else(|| object.get("amount"))
+                .and_then(Value::as_i64)
+                .ok_or("data.object.amount is missing")?;
+            let currency = text("currency").ok_or("data.object.currency is missing")?;
+            Ok(Some(Asked {
+                action: PaymentAction::Verify,
+                reference,
+                amount_minor: Some(amount),
+                currency: Some(currency),
+            }))
+        }
+        "payment_intent.payment_failed" => {
+            let reference = text("id").ok_or("data.object.id is missing")?;
+            Ok(Some(Asked {
+                action: PaymentAction::Fail,
+                reference,
+                amount_minor: None,
+                currency: None,
+            }))
+        }
+        // A full refund; a partial one leaves the payment as it is.
+        "charge.refunded" if object.get("refunded").and_then(Value::as_bool) == Some(true) => {
+            let reference =
+                text("payment_intent").ok_or("data.object.payment_intent is missing")?;
+            Ok(Some(Asked {
+                action: PaymentAction::Refund,
+                reference,
+                amount_minor: None,
+                currency: None,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn handle_event(
+    app: &App,
+    tenant: TenantId,
+    provider: &str,
+    event: &StripeEvent,
+    correlation_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let requested = requested(event)
+        .map_err(|problem| ApiError::Malformed(format!("the {} event: {problem}", event.kind)))?;
+    let actor = Actor {
+        label: format!("webhook:{provider}"),
+        source_service: provider,
+        detail: Some(&event.id),
+    };
+    let verified_by = format!("{provider}-webhook");
+    enum Handled {
+        Replay(Option<String>),
+        Ignored,
+        Transition(Box<Outcome>),
+    }
+    let handled = retry_transient(|| async {
+        let mut tx = app.services.db.tenant_tx(tenant).await?;
+        let Some(asked) = &requested else {
+            let first = webhook_events::record(
+                &mut tx,
+                tenant,
+                provider,
+                &event.id,
+                &event.kind,
+                None,
+                "ignored",
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(if first {
+                Handled::Ignored
+            } else {
+                Handled::Replay(None)
+            });
+        };
+        let request = transition::Request {
+            action: asked.action,
+            verified_by: Some(&verified_by),
+            method: Some(VerificationMethod::ProviderWebhook),
+            provider_reference: None,
+            expect_amount_minor: asked.amount_minor,
+            expect_currency: asked.currency.as_deref(),
+            correlation_id,
+        };
+        let target = Target::Reference {
+            provider,
+            reference: &asked.reference,
+        };
+        let outcome = transition::apply(&mut tx, tenant, target, &request, &actor).await?;
+        let recorded = match &outcome {
+            Outcome::Applied(p) => Some((p.id, "applied")),
+            Outcome::AlreadyDone(p) => Some((p.id, "unchanged")),
+            // A refusal keeps its audit row; the event is not marked seen, so a corrected
+            // redelivery can still act. An unknown payment may be created in a moment: the
+            // provider retries a 404.
+            Outcome::Refused { .. } | Outcome::NotFound => None,
+        };
+        if let Some((payment_id, outcome_code)) = recorded {
+            let first = webhook_events::record(
+                &mut tx,
+                tenant,
+                provider,
+                &event.id,
+                &event.kind,
+                Some(payment_id),
+                outcome_code,
+            )
+            .await?;
+            if !first {
+                tx.rollback().await?;
+                let mut tx = app.services.db.tenant_read_tx(tenant).await?;
+                let earlier = webhook_events::outcome(&mut tx, tenant, provider, &event.id).await?;
+                tx.commit().await?;
+                return Ok(Handled::Replay(earlier));
+            }
+        }
+        tx.commit().await?;
+        Ok(Handled::Transition(Box::new(outcome)))
+    })
+    .await?;
+    match handled {
+        Handled::Replay(earlier) => Ok(json_response(
+            StatusCode::OK,
+            &json!({ "received": true, "outcome": "duplicate", "firstOutcome": earlier }),
+        )),
+        Handled::Ignored => Ok(json_response(
+            StatusCode::OK,
+            &json!({ "received": true, "outcome": "ignored" }),
+        )),
+        Handled::Transition(outcome) => respond(*outcome),
+    }
+}
