@@ -11,6 +11,7 @@ pub mod domain;
 pub mod edge;
 pub mod http;
 pub mod json;
+pub mod payment_transition;
 pub mod redis;
 pub mod repo;
 pub mod request_guard;

@@ -27,6 +27,22 @@ enum Action {
         #[command(subcommand)]
         action: ApiKeyAction,
     },
+    /// Act on payments
+    Payment {
+        #[command(subcommand)]
+        action: PaymentCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PaymentCommand {
+    /// Mark a verified payment refunded (publishes payment.refunded)
+    Refund {
+        tenant: String,
+        payment_id: uuid::Uuid,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +102,17 @@ impl Cli {
                 },
                 ApiKeyAction::Revoke { prefix } => Command::ApiKeyRevoke { prefix },
                 ApiKeyAction::List { tenant } => Command::ApiKeyList { tenant },
+            },
+            Action::Payment { action } => match action {
+                PaymentCommand::Refund {
+                    tenant,
+                    payment_id,
+                    reason,
+                } => Command::PaymentRefund {
+                    tenant,
+                    payment_id,
+                    reason,
+                },
             },
         }
     }

@@ -35,6 +35,15 @@ pub enum Command {
     ApiKeyRevoke { prefix: String },
     #[serde(rename = "api-key.list")]
     ApiKeyList { tenant: String },
+    /// Marks a verified payment refunded (PAID_VERIFIED → REFUNDED), audited, with its
+    /// `payment.refunded` event, as a provider's `charge.refunded` webhook would.
+    #[serde(rename = "payment.refund")]
+    PaymentRefund {
+        tenant: String,
+        #[serde(rename = "paymentId")]
+        payment_id: uuid::Uuid,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -47,6 +56,7 @@ impl Command {
             Command::ApiKeyCreate { .. } => "api-key.create",
             Command::ApiKeyRevoke { .. } => "api-key.revoke",
             Command::ApiKeyList { .. } => "api-key.list",
+            Command::PaymentRefund { .. } => "payment.refund",
         }
     }
 }

@@ -1,7 +1,10 @@
 //! parse → validate → one statement or transaction → respond, for each admin action.
 
 use meterbridge::auth::generate_api_key;
+use meterbridge::db::retry_transient;
+use meterbridge::domain::payment::PaymentAction;
 use meterbridge::domain::{Scopes, SourceService, TenantSlug, TenantStatus, Trust};
+use meterbridge::payment_transition::{self, Actor, Outcome, Request, Target};
 use meterbridge::repo::{api_keys, tenants};
 use meterbridge::Database;
 use serde_json::{json, Value};
@@ -97,6 +100,11 @@ pub async fn execute(db: &Database, command: Command) -> Result<Value, AdminErro
             })?;
             Ok(json!({"apiKey": record}))
         }
+        Command::PaymentRefund {
+            tenant,
+            payment_id,
+            reason,
+        } => Box::pin(refund(db, &tenant, payment_id, &reason)).await,
         Command::ApiKeyList { tenant } => {
             let found = tenants::find_by_slug(db.pool(), &tenant)
                 .await?
@@ -105,6 +113,57 @@ pub async fn execute(db: &Database, command: Command) -> Result<Value, AdminErro
                 json!({"tenant": found.slug, "apiKeys": api_keys::list_for_tenant(db.pool(), found.id).await?}),
             )
         }
+    }
+}
+
+async fn refund(
+    db: &Database,
+    tenant_slug: &str,
+    payment_id: uuid::Uuid,
+    reason: &str,
+) -> Result<Value, AdminError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > 255 || reason.chars().any(char::is_control) {
+        return Err(AdminError::BadRequest(
+            "reason: use 1-255 characters without control characters".into(),
+        ));
+    }
+    let tenant = tenants::find_by_slug(db.pool(), tenant_slug)
+        .await?
+        .ok_or_else(|| no_tenant(tenant_slug))?;
+    let correlation_id = format!("admin-refund-{}", uuid::Uuid::new_v4());
+    let request = Request {
+        action: PaymentAction::Refund,
+        verified_by: None,
+        method: None,
+        provider_reference: None,
+        expect_amount_minor: None,
+        expect_currency: None,
+        correlation_id: &correlation_id,
+    };
+    let actor = Actor {
+        label: "admin".into(),
+        source_service: "admin",
+        detail: Some(reason),
+    };
+    let outcome = retry_transient(|| async {
+        let mut tx = db.tenant_tx(tenant.id).await?;
+        let outcome =
+            payment_transition::apply(&mut tx, tenant.id, Target::Id(payment_id), &request, &actor)
+                .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    })
+    .await?;
+    match outcome {
+        Outcome::Applied(payment) => Ok(json!({"outcome": "applied", "payment": payment})),
+        Outcome::AlreadyDone(payment) => Ok(json!({"outcome": "unchanged", "payment": payment})),
+        Outcome::Refused { reason, detail, .. } => {
+            Err(AdminError::Conflict(format!("{detail} ({reason})")))
+        }
+        Outcome::NotFound => Err(AdminError::NotFound(format!(
+            "tenant {tenant_slug:?} has no payment {payment_id}"
+        ))),
     }
 }
 

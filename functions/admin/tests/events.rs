@@ -108,6 +108,33 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
             .revoked
     );
 
+    // A refund: the fixture names a fixed payment id; give the tenant a verified payment with it.
+    sqlx::query(
+        "INSERT INTO payments (tenant_id, id, amount_minor, currency, provider, status, verified_at,
+                               verified_by, verification_method, correlation_id, source_service)
+         SELECT id, '0192f3a0-0000-7000-8000-000000000001', 4999, 'USD', 'stripe', 'PAID_VERIFIED',
+                now(), 'ops', 'manual', 'c-1', 'billing' FROM tenants WHERE slug = 'demo'",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    let out = ok(&db, run("payment-refund.json")).await;
+    assert_eq!(out["outcome"], "applied");
+    assert_eq!(out["payment"]["status"], "REFUNDED");
+    let out = ok(&db, "payment-refund.json").await;
+    assert_eq!(
+        out["outcome"], "unchanged",
+        "a second refund changes nothing"
+    );
+    let (events, audit): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_events WHERE event_type = 'payment.refunded'),
+                (SELECT count(*) FROM payment_audit WHERE actor = 'admin')",
+    )
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!((events, audit), (1, 2), "one event; both attempts audited");
+
     let out = ok(&db, run("tenant-disable.json")).await;
     assert_eq!(out["tenant"]["status"], "disabled");
     assert!(out["tenant"]["disabledAt"].is_string());
@@ -176,6 +203,24 @@ async fn missing_things_and_bad_arguments_have_clear_errors(owner: PgPool) {
             serde_json::json!({"action": "tenant.create", "slug": "ok", "name": " "}),
             "BadRequest",
             "name",
+        ),
+        (
+            serde_json::json!({"action": "payment.refund", "tenant": "ghost",
+                               "paymentId": "0192f3a0-0000-7000-8000-000000000001", "reason": "x"}),
+            "NotFound",
+            "no tenant",
+        ),
+        (
+            serde_json::json!({"action": "payment.refund", "tenant": "ghost",
+                               "paymentId": "0192f3a0-0000-7000-8000-000000000001", "reason": " "}),
+            "BadRequest",
+            "reason",
+        ),
+        (
+            serde_json::json!({"action": "payment.refund", "tenant": "ghost",
+                               "paymentId": "not-a-uuid", "reason": "x"}),
+            "BadRequest",
+            "invalid admin payload",
         ),
         (
             serde_json::json!("migrate"),

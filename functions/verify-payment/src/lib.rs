@@ -11,7 +11,6 @@ pub mod config;
 pub mod payments;
 pub mod routes;
 pub mod signature;
-pub mod transition;
 pub mod verify;
 pub mod webhook;
 

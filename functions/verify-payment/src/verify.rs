@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::body::Fields;
 use crate::payments::{actor_label, not_found};
-use crate::transition::{self, Actor, Outcome, Target};
+use meterbridge::payment_transition::{self as transition, Actor, Outcome, Target};
 
 struct VerifyRequest {
     verified_by: String,

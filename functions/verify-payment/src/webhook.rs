@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::signature::{self, SignatureError};
-use crate::transition::{self, Actor, Outcome, Target};
 use crate::verify::respond;
+use meterbridge::payment_transition::{self as transition, Actor, Outcome, Target};
 
 /// Providers whose webhooks this function understands.
 pub const PROVIDERS: &[&str] = &["stripe"];

@@ -4,15 +4,15 @@
 //! all of it. Every route (internal verification, provider webhook) and the admin refund go
 //! through [`apply`].
 
-use meterbridge::domain::outbox::{
+use crate::db::DbError;
+use crate::domain::outbox::{
     Envelope, PaymentEventData, PAYMENT_AGGREGATE, PAYMENT_EVENT_SCHEMA_VERSION,
 };
-use meterbridge::domain::payment::{decide, Decision, PaymentAction, VerificationMethod};
-use meterbridge::domain::TenantId;
-use meterbridge::repo::outbox;
-use meterbridge::repo::payment_audit::{self, AuditEntry};
-use meterbridge::repo::payments::{self, Change, Payment};
-use meterbridge::DbError;
+use crate::domain::payment::{decide, Decision, PaymentAction, VerificationMethod};
+use crate::domain::TenantId;
+use crate::repo::outbox;
+use crate::repo::payment_audit::{self, AuditEntry};
+use crate::repo::payments::{self, Change, Payment};
 use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
