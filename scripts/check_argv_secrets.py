@@ -4,7 +4,7 @@ Usage: check_argv_secrets.py EXECVE_LOG KEYS_FILE   (run with the tools virtuale
 EXECVE_LOG is `strace -f -b execve -e trace=execve` output of scripts/demo.sh: the argv of
 every command the demo ran. A command line is visible to every user of the machine (`ps`,
 /proc/PID/cmdline), so no API key and no database password may appear in one. The secrets are
-the demo's API keys (KEYS_FILE, and anything shaped like a key) and the database passwords the
+the demo's API keys and webhook secret (KEYS_FILE, and anything shaped like a key) and the database passwords the
 demo stored in Secrets Manager (moto).
 """
 import json
@@ -18,7 +18,7 @@ secrets = {}
 with open(keys_path) as keys:
     for line in keys:
         name, _, value = line.strip().partition("=")
-        if name.endswith("_KEY") and value:
+        if name.endswith(("_KEY", "_SECRET")) and value:
             secrets[value] = name
 client = boto3.client("secretsmanager")
 for name in ("meterbridge/local/db-admin", "meterbridge/local/db-api", "meterbridge/local/db-ops"):

@@ -95,21 +95,45 @@ fi
 INTERNAL=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"crm\",\"trust\":\"internal\"}")
 EXTERNAL=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$TENANT\",\"source\":\"web-widget\",\"trust\":\"external\"}")
 umask 077
+STRIPE_WEBHOOK_SECRET=whsec_$(new_password)
 {
   echo "INTERNAL_KEY=$(printf '%s' "$INTERNAL" | json_get 'd["key"]')"
   echo "INTERNAL_PREFIX=$(printf '%s' "$INTERNAL" | json_get 'd["apiKey"]["prefix"]')"
   echo "EXTERNAL_KEY=$(printf '%s' "$EXTERNAL" | json_get 'd["key"]')"
   echo "EXTERNAL_PREFIX=$(printf '%s' "$EXTERNAL" | json_get 'd["apiKey"]["prefix"]')"
+  echo "STRIPE_WEBHOOK_SECRET=$STRIPE_WEBHOOK_SECRET"
 } >"$KEYS_FILE"
 admin "{\"action\":\"api-key.list\",\"tenant\":\"$TENANT\"}" | python3 scripts/demo_show.py keys
 
-# shellcheck source=/dev/null
+say "webhook signing secret for $TENANT's Stripe endpoint (Secrets Manager)"
+printf 'meterbridge/local/webhooks/stripe/%s={"signingSecrets":["%s"]}\n' "$TENANT" "$STRIPE_WEBHOOK_SECRET" \
+  | "$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py
+
+RUN_ID=demo-$(date +%s)
+# api FUNCTION METHOD PATH KEY [BODY] [HEADER ...] — calls a function's HTTP API through cargo
+# lambda watch and prints "status body". The key and any extra header travel to curl in a file
+# (mode 600), never on its command line.
+HEADER_FILE=$(mktemp)
+api() {
+  local fn=$1 method=$2 path=$3 key=$4 body=${5-} out status
+  {
+    [ -n "$key" ] && printf 'authorization: Bearer %s\n' "$key"
+    printf 'x-correlation-id: %s\n' "$RUN_ID"
+    [ $# -gt 5 ] && printf '%s\n' "${@:6}"
+  } >"$HEADER_FILE"
+  out=$(mktemp)
+  status=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" "http://127.0.0.1:$WATCH_PORT/lambda-url/$fn$path" \
+    -H @"$HEADER_FILE" -H 'content-type: application/json' ${body:+--data-binary "$body"})
+  printf '%s %s\n' "$status" "$(cat "$out")"; rm -f "$out"
+}
+
 source "$KEYS_FILE"
 for step in scripts/demo.d/*.sh; do
   [ -e "$step" ] || continue
   # shellcheck source=/dev/null
   source "$step"
 done
+rm -f "$HEADER_FILE"
 
 cat <<SUMMARY
 
@@ -118,6 +142,7 @@ meterbridge is running locally:
   functions   http://127.0.0.1:$WATCH_PORT (cargo lambda watch, pid $(cat "$MB_CACHE/watch.pid" 2>/dev/null || echo '?'))
   API keys    $KEYS_FILE (the keys are shown nowhere else)
   usage API   http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage/v1/usage/{events,realtime}
+  payments    http://127.0.0.1:$WATCH_PORT/lambda-url/verify-payment/v1/payments, .../v1/webhooks/stripe/$TENANT
 Invoke the admin function:  cargo lambda invoke admin --invoke-address 127.0.0.1 --invoke-port $WATCH_PORT --data-file events/admin/tenant-list.json
 Stop the functions:         kill \$(cat $MB_CACHE/watch.pid)
 SUMMARY

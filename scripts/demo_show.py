@@ -1,6 +1,6 @@
 """Pretty-prints the demo's responses. Reads "STATUS BODY" (or a bare JSON body) on stdin.
 
-Usage: demo_show.py ingest|realtime|events|keys [STATUS] [FIELD=VALUE ...]
+Usage: demo_show.py ingest|realtime|events|payment|keys [STATUS] [FIELD=VALUE ...]
 With STATUS and FIELD=VALUE expectations (e.g. `ingest 200 accepted=3`), a response that differs
 fails the demo, so the demo doubles as the end-to-end check that scripts/test.sh runs.
 """
@@ -22,9 +22,15 @@ def fail(why):
 
 if expect_status and status != expect_status:
     fail("status %s, expected %s" % (status, expect_status))
+def lookup(doc, dotted):
+    for part in dotted.split("."):
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    return doc
+
+
 for field, value in expect_fields.items():
-    if str(d.get(field)) != value:
-        fail("%s is %r, expected %s" % (field, d.get(field), value))
+    if str(lookup(d, field)) != value:
+        fail("%s is %r, expected %s" % (field, lookup(d, field), value))
 
 if what == "ingest":
     if "results" in d:
@@ -47,6 +53,15 @@ elif what == "events":
     for e in d["events"]:
         print("    %s  %-28s %4d  %s" % (e["occurredAt"], e["metric"], e["quantity"], e["eventId"]))
     print("  next page cursor:", d.get("nextCursor", "(last page)"))
+elif what == "payment":
+    p = d.get("payment")
+    if p is None:
+        print("  HTTP %s %s: %s" % (status, d.get("title", d.get("outcome")), d.get("detail", "")))
+    else:
+        print("  HTTP %s %s: payment %s  %s %s  %s  v%d%s" % (
+            status, d.get("outcome", ""), p["id"], p["amountMinor"], p["currency"], p["status"],
+            p["version"], ("  verified by %s (%s)" % (p["verifiedBy"], p["verificationMethod"])
+                            if p.get("verifiedBy") else "")))
 elif what == "keys":
     for k in d["apiKeys"]:
         print("  %s  %-11s %-9s %s" % (k["prefix"], k["sourceService"], k["trust"], "revoked" if k["revokedAt"] else "active"))

@@ -1,18 +1,7 @@
 # Sourced by scripts/demo.sh: usage ingestion over HTTP (cargo lambda watch's lambda-url).
-URL="http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage"
-RUN_ID=demo-$(date +%s)
 NOW_TS=$(date -u +%Y-%m-%dT%H:%M:%S.000Z)
 render_body() { python3 scripts/render_event.py --body "events/ingest-usage/$1" "RUN=$RUN_ID" "NOW=$NOW_TS"; }
-# The key goes to curl in a header file (mode 600), never on its command line.
-AUTH_HEADER=$(mktemp)
-http() { # METHOD PATH KEY [BODY] — prints "status body"
-  local out status
-  out=$(mktemp)
-  printf 'authorization: Bearer %s\n' "$3" >"$AUTH_HEADER"
-  status=$(curl -sS -o "$out" -w '%{http_code}' -X "$1" "$URL$2" -H @"$AUTH_HEADER" \
-    -H 'content-type: application/json' -H "x-correlation-id: $RUN_ID" ${4:+--data-binary "$4"})
-  printf '%s %s\n' "$status" "$(cat "$out")"; rm -f "$out"
-}
+http() { api ingest-usage "$@"; } # METHOD PATH KEY [BODY]
 summary() { python3 scripts/demo_show.py ingest "$@"; }
 
 say "ingest-usage: POST /v1/usage/events (3 events, internal key)"
@@ -50,4 +39,4 @@ for _ in 1 2; do
     -H 'content-type: application/json' --data-binary @"$MB_CACHE/hostile-event.json" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); b=json.loads(r["body"]); print("  statusCode", r["statusCode"], b["code"]); sys.exit(r["statusCode"] != 400)'
 done
-rm -f "$AUTH_HEADER" "$MB_CACHE/hostile-event.json"
+rm -f "$MB_CACHE/hostile-event.json"
