@@ -1,16 +1,20 @@
-//! meterbridge benchmark: ingestion throughput through the real handler (in-process, real
-//! PostgreSQL and Redis) beside two baselines on the same table in the same run:
-//! (a) the older per-row design — one INSERT per event, each its own transaction — and
-//! (b) the raw limit — `COPY` of the same rows.
+//! meterbridge benchmark, each workload beside its baselines in the same run:
+//! - `ingest`: usage ingestion through the real handler (in-process, real PostgreSQL and Redis)
+//!   beside (a) the older per-row design — one INSERT per event, each its own transaction — and
+//!   (b) the raw limit — `COPY` of the same rows;
+//! - `verify`: payment verifications through the real handler beside the raw limit — the same
+//!   statements as a plain SQL transaction.
 //!
-//! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_EVENTS` (20000),
-//! `BENCH_REPEAT` (3), `BENCH_BATCHES` (100,500,1000) and `BENCH_CALLERS` (1,4) size the run. Needs PostgreSQL as a
+//! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_WORKLOADS`
+//! (ingest,verify), `BENCH_EVENTS` (20000), `BENCH_VERIFICATIONS` (2000), `BENCH_REPEAT` (3),
+//! `BENCH_BATCHES` (100,500,1000) and `BENCH_CALLERS` (1,4) size the run. Needs PostgreSQL as a
 //! superuser at `BENCH_DATABASE_URL` (default postgres://postgres@127.0.0.1:5432/postgres) and
 //! Redis at `REDIS_URL`; it creates and drops its own database.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program: fail loudly
 
 mod ingest;
 mod measure;
+mod verify;
 
 use meterbridge::domain::{MetricCatalog, Trust};
 use meterbridge::repo::metrics;
@@ -42,6 +46,11 @@ async fn main() {
     };
     let batches = list("BENCH_BATCHES", &[100, 500, 1000]);
     let caller_counts = list("BENCH_CALLERS", &[1, 4]);
+    let workloads = std::env::var("BENCH_WORKLOADS").unwrap_or_else(|_| "ingest,verify".into());
+    let verifications: usize = std::env::var("BENCH_VERIFICATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
 
     let owner = fresh_database(&admin_url).await;
     meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
@@ -55,7 +64,7 @@ async fn main() {
         .await
         .unwrap();
 
-    println!("meterbridge ingestion benchmark — {total} events per handler/COPY run, {per_row_total} per per-row run, median of {repeat} runs");
+    println!("meterbridge benchmark ({workloads}) — ingest: {total} events per handler/COPY run, {per_row_total} per per-row run; verify: {verifications} verifications per run; median of {repeat} runs");
     println!(
         "PostgreSQL {}, Redis {}",
         server_version(&owner).await,
@@ -64,7 +73,12 @@ async fn main() {
     // Each configuration runs BENCH_REPEAT times (workloads interleaved, each on an emptied,
     // checkpointed table); the run with the median rate is reported.
     let mut rows = Vec::new();
-    for &batch in &batches {
+    let ingest_batches = if workloads.contains("ingest") {
+        batches.clone()
+    } else {
+        Vec::new()
+    };
+    for &batch in &ingest_batches {
         for &callers in &caller_counts {
             let apps = build_apps(&api_url, callers).await;
             let (mut handler, mut per_row, mut copy) = (Vec::new(), Vec::new(), Vec::new());
@@ -85,6 +99,19 @@ async fn main() {
                 copy.push(run_copy(&owner, prepared, &tenant, batch, callers).await);
             }
             rows.extend([handler, per_row, copy].into_iter().map(measure::median));
+        }
+    }
+    if workloads.contains("verify") {
+        for &callers in &caller_counts {
+            let apps = verify::build_apps(&api_url, callers).await;
+            let (mut handler, mut raw) = (Vec::new(), Vec::new());
+            for _ in 0..repeat {
+                let payments = verify::seed(&owner, &tenant, verifications).await;
+                handler.push(verify::run_handler(&apps, &key.key, payments, callers).await);
+                let payments = verify::seed(&owner, &tenant, verifications).await;
+                raw.push(verify::run_raw(&api_pool, &tenant, payments, callers).await);
+            }
+            rows.extend([handler, raw].into_iter().map(measure::median));
         }
     }
     measure::report(&rows);

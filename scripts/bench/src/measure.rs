@@ -122,5 +122,18 @@ pub fn report(rows: &[Row]) {
                 if vs_row >= 20.0 { "met" } else { "NOT met" }
             );
         }
+        let verify = |name: &str| {
+            rows.iter()
+                .find(|r| r.workload == name && r.callers == callers)
+        };
+        if let (Some(h), Some(raw)) = (verify(crate::verify::HANDLER), verify(crate::verify::RAW)) {
+            let ratio = h.rate() / raw.rate() * 100.0;
+            println!(
+                "verify, {callers} caller(s): handler = {ratio:.0}% of the raw transaction (target >= 60%: {}); handler p50 {:.2} ms, p99 {:.2} ms",
+                if ratio >= 60.0 { "met" } else { "NOT met" },
+                h.percentile(0.50),
+                h.percentile(0.99)
+            );
+        }
     }
 }
