@@ -58,6 +58,22 @@ pub trait HttpApi: Sync {
     ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send + 'a;
 }
 
+/// Runs an HTTP function in the Lambda runtime: every request through [`handle`], behind the
+/// [`crate::request_guard::RequestGuard`], with EMF metrics flushed after each invocation.
+pub async fn serve<A>(
+    api: std::sync::Arc<A>,
+    metrics: &'static metrics_cloudwatch_embedded::Collector,
+) -> Result<(), lambda_runtime::Error>
+where
+    A: HttpApi + Send + 'static,
+{
+    crate::request_guard::run_http(metrics, move |request| {
+        let api = std::sync::Arc::clone(&api);
+        async move { Ok::<_, lambda_runtime::Error>(handle(api.as_ref(), request).await) }
+    })
+    .await
+}
+
 /// The path from `/v1/` on: API Gateway may prefix a stage (`/prod/v1/...`); a trailing slash
 /// is ignored.
 pub fn api_path(path: &str) -> &str {

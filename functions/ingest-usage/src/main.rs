@@ -13,9 +13,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         &app.services.config.metrics_namespace,
         &app.services.config.service,
     )?;
-    meterbridge::request_guard::run_http(metrics, move |request| {
-        let app = Arc::clone(&app);
-        async move { Ok::<_, lambda_runtime::Error>(ingest_usage::handle(&app, request).await) }
-    })
-    .await
+    meterbridge::edge::serve(app, metrics).await
 }
