@@ -151,6 +151,7 @@ fn is_auth_failure(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")))
 }
 
+#[derive(Clone)]
 enum Credentials {
     Url,
     Secret {
@@ -162,7 +163,8 @@ enum Credentials {
     },
 }
 
-/// The pool and where its credentials come from. One per container.
+/// The pool and where its credentials come from. One per container; clones share the pool.
+#[derive(Clone)]
 pub struct Database {
     pool: PgPool,
     credentials: Credentials,

@@ -31,6 +31,8 @@ pub struct Call<'r> {
     pub caller: Option<Caller>,
     /// From `x-correlation-id`, or generated; echoed in the response.
     pub correlation_id: String,
+    /// The invocation's X-Ray trace header (`Root=…;Parent=…;Sampled=…`), when traced.
+    pub trace_header: Option<String>,
 }
 
 impl Call<'_> {
@@ -141,10 +143,15 @@ async fn dispatch<A: HttpApi>(
             Some(caller)
         }
     };
+    let trace_header = request
+        .lambda_context_ref()
+        .and_then(|c| c.xray_trace_id.clone())
+        .filter(|t| !t.is_empty() && t.len() <= 512);
     let call = Call {
         request,
         caller,
         correlation_id: correlation.to_owned(),
+        trace_header,
     };
     api.call(route, call).await
 }

@@ -13,6 +13,7 @@ pub mod http;
 pub mod json;
 pub mod payment_transition;
 pub mod redis;
+pub mod relay;
 pub mod repo;
 pub mod request_guard;
 pub mod secrets;

@@ -52,12 +52,17 @@ pub struct Request<'a> {
     pub expect_amount_minor: Option<i64>,
     pub expect_currency: Option<&'a str>,
     pub correlation_id: &'a str,
+    /// The X-Ray trace of the request, carried to EventBridge with the event.
+    pub trace_header: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The payment moved; its event is in the outbox.
-    Applied(Payment),
+    /// The payment moved; its event (`event_id`) is in the outbox.
+    Applied {
+        payment: Payment,
+        event_id: Uuid,
+    },
     /// The payment already was where the action leads: nothing changed.
     AlreadyDone(Payment),
     /// Not allowed: `reason` is a stable code, `detail` a sentence. Audited.
@@ -145,8 +150,11 @@ pub async fn apply(
                 past_tense(request.action),
             )
             .await?;
-            publish(tx, tenant, &changed, request, actor).await?;
-            Ok(Outcome::Applied(changed))
+            let event_id = publish(tx, tenant, &changed, request, actor).await?;
+            Ok(Outcome::Applied {
+                payment: changed,
+                event_id,
+            })
         }
     }
 }
@@ -232,14 +240,14 @@ async fn audit(
     .await
 }
 
-/// The outbox row of an applied transition, in the same transaction.
+/// The outbox row of an applied transition, in the same transaction; returns its event id.
 async fn publish(
     tx: &mut PgConnection,
     tenant: TenantId,
     payment: &Payment,
     request: &Request<'_>,
     actor: &Actor<'_>,
-) -> Result<(), DbError> {
+) -> Result<Uuid, DbError> {
     let sequence = outbox::next_sequence(tx, tenant, PAYMENT_AGGREGATE, payment.id).await?;
     let envelope = Envelope {
         event_id: Uuid::now_v7(),
@@ -265,6 +273,6 @@ async fn publish(
             verification_method: payment.verification_method.map(|m| m.as_str().to_owned()),
         },
     };
-    outbox::insert(tx, &envelope).await?;
-    Ok(())
+    outbox::insert(tx, &envelope, request.trace_header).await?;
+    Ok(envelope.event_id)
 }

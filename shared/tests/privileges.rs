@@ -49,6 +49,15 @@ const REVIEWED: &[&str] = &[
     "meterbridge_api: SELECT ON TABLE payment_audit",
     "meterbridge_api: SELECT ON TABLE payments",
     "meterbridge_api: SELECT ON TABLE webhook_events",
+    // The fast path (migration 0005): verify-payment publishes its own fresh event and marks
+    // it, changing only the delivery columns.
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.attempts",
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.claim_token",
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.last_error",
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.lease_until",
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.next_attempt_at",
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.published_at",
+    "meterbridge_api: UPDATE ON COLUMN outbox_events.status",
     "meterbridge_api: UPDATE ON COLUMN payments.provider_reference",
     "meterbridge_api: UPDATE ON COLUMN payments.status",
     "meterbridge_api: UPDATE ON COLUMN payments.updated_at",
@@ -91,6 +100,19 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: SELECT ON TABLE metrics",
     "meterbridge_ops: SELECT ON TABLE tenants",
     "meterbridge_ops: SELECT ON TABLE usage_events",
+    // The relay (migration 0005): claims and marks every tenant's outbox rows (the delivery
+    // columns only) and deletes published ones past their retention — the policy allows no
+    // other delete.
+    "meterbridge_ops: DELETE ON TABLE outbox_events",
+    "meterbridge_ops: POLICY ops_relay UPDATE ON outbox_events USING true WITH CHECK true",
+    "meterbridge_ops: POLICY ops_retention DELETE ON outbox_events USING (status = 'PUBLISHED'::text)",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.attempts",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.claim_token",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.last_error",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.lease_until",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.next_attempt_at",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.published_at",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.status",
     "meterbridge_ops: POLICY ops_read_all SELECT ON outbox_events USING true",
     "meterbridge_ops: POLICY ops_read_all SELECT ON payments USING true",
     "meterbridge_ops: SELECT ON TABLE currencies",
@@ -277,6 +299,30 @@ async fn the_ops_role_cannot_rewrite_tenants_or_keys(owner: PgPool) {
     }
     let listed = meterbridge::repo::tenants::list(&ops).await.unwrap();
     assert_eq!(listed.len(), 1, "ops reads tenants across the database");
+
+    // The relay may delete published outbox rows only, and change only delivery columns.
+    sqlx::query(
+        "INSERT INTO outbox_events (tenant_id, event_id, event_type, schema_version, payload,
+                                    correlation_id, idempotency_key, aggregate_type, aggregate_id,
+                                    aggregate_sequence, source_service)
+         VALUES ($1, gen_random_uuid(), 'payment.paid', 1, '{}', 'c', 'k', 'payment',
+                 gen_random_uuid(), 1, 'test')",
+    )
+    .bind(acme.id)
+    .execute(&owner)
+    .await
+    .unwrap();
+    let deleted = sqlx::query("DELETE FROM outbox_events")
+        .execute(&ops)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 0, "a pending event is not the relay's to delete");
+    let err = sqlx::query("UPDATE outbox_events SET payload = '{\"forged\": true}'")
+        .execute(&ops)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
     assert!(api_keys::list_for_tenant(&owner, acme.id).await.unwrap()[0]
         .revoked_at
         .is_some());

@@ -140,6 +140,7 @@ async fn refund(
         expect_amount_minor: None,
         expect_currency: None,
         correlation_id: &correlation_id,
+        trace_header: None,
     };
     let actor = Actor {
         label: "admin".into(),
@@ -156,7 +157,7 @@ async fn refund(
     })
     .await?;
     match outcome {
-        Outcome::Applied(payment) => Ok(json!({"outcome": "applied", "payment": payment})),
+        Outcome::Applied { payment, .. } => Ok(json!({"outcome": "applied", "payment": payment})),
         Outcome::AlreadyDone(payment) => Ok(json!({"outcome": "unchanged", "payment": payment})),
         Outcome::Refused { reason, detail, .. } => {
             Err(AdminError::Conflict(format!("{detail} ({reason})")))

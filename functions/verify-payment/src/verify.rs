@@ -91,6 +91,7 @@ pub async fn verify(app: &App, call: &Call<'_>, id: Uuid) -> Result<Response<Bod
         expect_amount_minor: asked.amount_minor,
         expect_currency: asked.currency.as_deref(),
         correlation_id: &call.correlation_id,
+        trace_header: call.trace_header.as_deref(),
     };
     let outcome = retry_transient(|| async {
         let mut tx = app.services.db.tenant_tx(caller.tenant_id).await?;
@@ -107,7 +108,7 @@ pub async fn verify(app: &App, call: &Call<'_>, id: Uuid) -> Result<Response<Bod
 /// already had, 409 when refused, 404 when there is no such payment.
 pub fn respond(outcome: Outcome) -> Result<Response<Body>, ApiError> {
     match outcome {
-        Outcome::Applied(payment) => Ok(json_response(
+        Outcome::Applied { payment, .. } => Ok(json_response(
             StatusCode::OK,
             &json!({ "outcome": "applied", "payment": payment }),
         )),

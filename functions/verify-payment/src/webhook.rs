@@ -121,7 +121,7 @@ pub async fn receive(
             "the event id must be 1-255 characters".into(),
         ));
     }
-    handle_event(app, tenant, provider, &event, &call.correlation_id).await
+    handle_event(app, tenant, provider, &event, call).await
 }
 
 async fn tenant(app: &App, slug: &str) -> Result<Option<TenantId>, DbError> {
@@ -235,8 +235,10 @@ async fn handle_event(
     tenant: TenantId,
     provider: &str,
     event: &StripeEvent,
-    correlation_id: &str,
+    call: &Call<'_>,
 ) -> Result<Response<Body>, ApiError> {
+    let correlation_id = call.correlation_id.as_str();
+    let trace_header = call.trace_header.as_deref();
     let requested = requested(event)
         .map_err(|problem| ApiError::Malformed(format!("the {} event: {problem}", event.kind)))?;
     let actor = Actor {
@@ -278,6 +280,7 @@ async fn handle_event(
             expect_amount_minor: asked.amount_minor,
             expect_currency: asked.currency.as_deref(),
             correlation_id,
+            trace_header,
         };
         let target = Target::Reference {
             provider,
@@ -285,7 +288,7 @@ async fn handle_event(
         };
         let outcome = transition::apply(&mut tx, tenant, target, &request, &actor).await?;
         let recorded = match &outcome {
-            Outcome::Applied(p) => Some((p.id, "applied")),
+            Outcome::Applied { payment, .. } => Some((payment.id, "applied")),
             Outcome::AlreadyDone(p) => Some((p.id, "unchanged")),
             // A refusal keeps its audit row; the event is not marked seen, so a corrected
             // redelivery can still act. An unknown payment may be created in a moment: the
