@@ -264,3 +264,111 @@ impl Reply {
         }
     }
 }
+
+/// A bus of the test's own in moto, with a rule routing our source to a queue.
+pub struct Bus {
+    pub name: String,
+    pub queue_url: String,
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+impl Bus {
+    pub async fn create(with_queue: bool) -> Bus {
+        let sdk = moto_sdk_config().await;
+        let events = aws_sdk_eventbridge::Client::new(&sdk);
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let name = format!("test-{}", uuid::Uuid::new_v4().simple());
+        events
+            .create_event_bus()
+            .name(&name)
+            .send()
+            .await
+            .expect("moto");
+        let mut queue_url = String::new();
+        if with_queue {
+            queue_url = sqs
+                .create_queue()
+                .queue_name(&name)
+                .send()
+                .await
+                .expect("moto")
+                .queue_url()
+                .expect("moto")
+                .to_owned();
+            let arn = sqs
+                .get_queue_attributes()
+                .queue_url(&queue_url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .expect("moto")
+                .attributes()
+                .expect("moto")[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+                .clone();
+            events
+                .put_rule()
+                .name(&name)
+                .event_bus_name(&name)
+                .event_pattern(serde_json::json!({"source": ["meterbridge.payments"]}).to_string())
+                .send()
+                .await
+                .expect("moto");
+            events
+                .put_targets()
+                .rule(&name)
+                .event_bus_name(&name)
+                .targets(
+                    aws_sdk_eventbridge::types::Target::builder()
+                        .id("queue")
+                        .arn(arn)
+                        .build()
+                        .expect("moto"),
+                )
+                .send()
+                .await
+                .expect("moto");
+        }
+        Bus {
+            name,
+            queue_url,
+            sqs,
+        }
+    }
+
+    /// Every message on the queue (waits briefly for stragglers), each an EventBridge envelope.
+    pub async fn drain(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut empty_polls = 0;
+        while empty_polls < 2 {
+            let received = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.queue_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .expect("moto");
+            let messages = received.messages();
+            if messages.is_empty() {
+                empty_polls += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+            for m in messages {
+                out.push(
+                    serde_json::from_str(m.body().expect("a body"))
+                        .expect("an EventBridge envelope"),
+                );
+                self.sqs
+                    .delete_message()
+                    .queue_url(&self.queue_url)
+                    .receipt_handle(m.receipt_handle().expect("moto"))
+                    .send()
+                    .await
+                    .expect("moto");
+            }
+        }
+        out
+    }
+}

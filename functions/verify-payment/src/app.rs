@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use meterbridge::auth::Authenticator;
 use meterbridge::clock::{Stamp, SystemClock};
+use meterbridge::domain::TenantId;
+use meterbridge::relay::Relay;
 use meterbridge::repo::payments;
 use meterbridge::{DbError, Services, StartupError};
 use tokio::sync::RwLock;
@@ -20,6 +22,8 @@ pub struct App {
     pub config: PaymentsConfig,
     pub auth: Authenticator,
     currencies: RwLock<Option<(Stamp, Arc<Currencies>)>>,
+    /// The fast path's publisher, built on first use.
+    relay: tokio::sync::OnceCell<Relay>,
 }
 
 impl App {
@@ -35,6 +39,47 @@ impl App {
             services,
             config,
             currencies: RwLock::new(None),
+            relay: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The fast path: publishes a transition's event right after its commit. Whatever happens
+    /// here, the request has succeeded: an event not published now stays in the outbox for the
+    /// scheduled relay (a failed call gives it back at once; a timed-out one after its short
+    /// lease).
+    pub async fn publish_now(&self, tenant: TenantId, event_id: uuid::Uuid) {
+        let Some(config) = &self.config.fast_path else {
+            return;
+        };
+        let relay = self
+            .relay
+            .get_or_init(|| async {
+                let events = Relay::eventbridge_client(
+                    self.services.aws().await,
+                    self.config.fast_path_timeout,
+                );
+                Relay::new(self.services.db.clone(), events, config.clone())
+            })
+            .await;
+        match tokio::time::timeout(
+            self.config.fast_path_timeout,
+            relay.publish_now(tenant, event_id),
+        )
+        .await
+        {
+            Ok(Ok(true)) => metrics::counter!("FastPathPublished").increment(1),
+            Ok(Ok(false)) => {
+                metrics::counter!("FastPathDeferred").increment(1);
+                tracing::info!(%event_id, "event left to the relay (not published now)");
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("FastPathDeferred").increment(1);
+                tracing::warn!(%event_id, error = %e, "fast path failed; the relay will publish");
+            }
+            Err(_) => {
+                metrics::counter!("FastPathDeferred").increment(1);
+                tracing::warn!(%event_id, "fast path timed out; the relay will publish");
+            }
         }
     }
 

@@ -21,6 +21,11 @@ pub struct PaymentsConfig {
     /// How long the currency catalog is reused.
     pub currency_ttl: Duration,
     pub max_page_size: i64,
+    /// The fast path: when set (`EVENT_BUS_NAME` and the relay's variables), a transition's
+    /// event is published right after its commit; the scheduled relay is the safety net.
+    pub fast_path: Option<meterbridge::relay::RelayConfig>,
+    /// How long the fast path may add to a request before it leaves the event to the relay.
+    pub fast_path_timeout: Duration,
 }
 
 impl PaymentsConfig {
@@ -63,6 +68,16 @@ impl PaymentsConfig {
                 0..=86_400,
             )?),
             max_page_size: 100,
+            fast_path: match env.optional("EVENT_BUS_NAME") {
+                None => None,
+                Some(_) => {
+                    let mut relay = meterbridge::relay::RelayConfig::from(env)?;
+                    // A claim the fast path could not finish goes back to the relay soon.
+                    relay.lease = Duration::from_secs(15);
+                    Some(relay)
+                }
+            },
+            fast_path_timeout: env.millis_or("FAST_PATH_TIMEOUT_MS", 1000, 10..=10_000)?,
         })
     }
 }

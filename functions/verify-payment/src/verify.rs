@@ -101,6 +101,9 @@ pub async fn verify(app: &App, call: &Call<'_>, id: Uuid) -> Result<Response<Bod
         Ok(outcome)
     })
     .await?;
+    if let Outcome::Applied { event_id, .. } = &outcome {
+        app.publish_now(caller.tenant_id, *event_id).await;
+    }
     respond(outcome)
 }
 

@@ -327,6 +327,11 @@ async fn handle_event(
             StatusCode::OK,
             &json!({ "received": true, "outcome": "ignored" }),
         )),
-        Handled::Transition(outcome) => respond(*outcome),
+        Handled::Transition(outcome) => {
+            if let Outcome::Applied { event_id, .. } = outcome.as_ref() {
+                app.publish_now(tenant, *event_id).await;
+            }
+            respond(*outcome)
+        }
     }
 }

@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use aws_sdk_eventbridge::Client as EventBridge;
-use aws_sdk_sqs::Client as Sqs;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -19,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meterbridge::config::{Config, Env};
 use meterbridge::domain::Tenant;
 use meterbridge::relay::RelayConfig;
+pub use meterbridge::testing::Bus;
 use meterbridge::testing::{
     create_tenant, database_url_as, moto_endpoint, moto_sdk_config, OPS_ROLE,
 };
@@ -258,106 +257,6 @@ async fn forward(
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     (status, Response::from_parts(parts, Full::new(body)))
-}
-
-/// A bus of the test's own in moto, with a rule routing our source to a queue.
-pub struct Bus {
-    pub name: String,
-    pub queue_url: String,
-    pub sqs: Sqs,
-}
-
-impl Bus {
-    pub async fn create(with_queue: bool) -> Bus {
-        let sdk = moto_sdk_config().await;
-        let events = EventBridge::new(&sdk);
-        let sqs = Sqs::new(&sdk);
-        let name = format!("test-{}", Uuid::new_v4().simple());
-        events.create_event_bus().name(&name).send().await.unwrap();
-        let mut queue_url = String::new();
-        if with_queue {
-            queue_url = sqs
-                .create_queue()
-                .queue_name(&name)
-                .send()
-                .await
-                .unwrap()
-                .queue_url()
-                .unwrap()
-                .to_owned();
-            let arn = sqs
-                .get_queue_attributes()
-                .queue_url(&queue_url)
-                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-                .send()
-                .await
-                .unwrap()
-                .attributes()
-                .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
-                .clone();
-            events
-                .put_rule()
-                .name(&name)
-                .event_bus_name(&name)
-                .event_pattern(json!({"source": ["meterbridge.payments"]}).to_string())
-                .send()
-                .await
-                .unwrap();
-            events
-                .put_targets()
-                .rule(&name)
-                .event_bus_name(&name)
-                .targets(
-                    aws_sdk_eventbridge::types::Target::builder()
-                        .id("queue")
-                        .arn(arn)
-                        .build()
-                        .unwrap(),
-                )
-                .send()
-                .await
-                .unwrap();
-        }
-        Bus {
-            name,
-            queue_url,
-            sqs,
-        }
-    }
-
-    /// Every message on the queue (waits briefly for stragglers), each an EventBridge envelope.
-    pub async fn drain(&self) -> Vec<Value> {
-        let mut out = Vec::new();
-        let mut empty_polls = 0;
-        while empty_polls < 2 {
-            let received = self
-                .sqs
-                .receive_message()
-                .queue_url(&self.queue_url)
-                .max_number_of_messages(10)
-                .wait_time_seconds(0)
-                .send()
-                .await
-                .unwrap();
-            let messages = received.messages();
-            if messages.is_empty() {
-                empty_polls += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-            for m in messages {
-                out.push(serde_json::from_str(m.body().unwrap()).unwrap());
-                self.sqs
-                    .delete_message()
-                    .queue_url(&self.queue_url)
-                    .receipt_handle(m.receipt_handle().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
-        out
-    }
 }
 
 /// A relay App as the Lambda builds it (as meterbridge_ops), publishing through `endpoint`.
