@@ -46,7 +46,7 @@ pub async fn moto_sdk_config() -> aws_config::SdkConfig {
     require_listening(
         "moto",
         &endpoint,
-        "run scripts/test.sh (it starts moto) or scripts/dev-up.sh",
+        "run scripts/test.sh or scripts/demo.sh (they start moto)",
     );
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(Region::new("us-east-1"))

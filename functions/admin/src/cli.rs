@@ -32,6 +32,34 @@ enum Action {
         #[command(subcommand)]
         action: PaymentCommand,
     },
+    /// Inspect and operate the outbox
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// The backlog by event type and status
+    Status,
+    /// Put DEAD events back to PENDING (by id, or every one of an event type)
+    Redrive {
+        #[arg(long = "event-id")]
+        event_ids: Vec<uuid::Uuid>,
+        #[arg(long)]
+        event_type: Option<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Pass over DEAD events for good, releasing their aggregates' later events
+    Skip {
+        event_ids: Vec<uuid::Uuid>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// One relay run now (needs EVENT_BUS_NAME)
+    Relay,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +130,25 @@ impl Cli {
                 },
                 ApiKeyAction::Revoke { prefix } => Command::ApiKeyRevoke { prefix },
                 ApiKeyAction::List { tenant } => Command::ApiKeyList { tenant },
+            },
+            Action::Outbox { action } => match action {
+                OutboxCommand::Status => Command::OutboxStatus,
+                OutboxCommand::Redrive {
+                    event_ids,
+                    event_type,
+                    reason,
+                } => Command::OutboxRedrive {
+                    event_ids,
+                    event_type,
+                    reason,
+                    actor: std::env::var("USER").ok(),
+                },
+                OutboxCommand::Skip { event_ids, reason } => Command::OutboxSkip {
+                    event_ids,
+                    reason,
+                    actor: std::env::var("USER").ok(),
+                },
+                OutboxCommand::Relay => Command::OutboxRelay,
             },
             Action::Payment { action } => match action {
                 PaymentCommand::Refund {

@@ -44,6 +44,34 @@ pub enum Command {
         payment_id: uuid::Uuid,
         reason: String,
     },
+    /// The outbox's backlog: rows per event type and status, due now, oldest pending age.
+    #[serde(rename = "outbox.status")]
+    OutboxStatus,
+    /// DEAD events (by id, or all of one event type) back to PENDING with their attempts reset;
+    /// audited in outbox_admin_log.
+    #[serde(rename = "outbox.redrive")]
+    OutboxRedrive {
+        #[serde(default, rename = "eventIds")]
+        event_ids: Vec<uuid::Uuid>,
+        #[serde(default, rename = "eventType")]
+        event_type: Option<String>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// DEAD events passed over for good, so the later events of their aggregates may go;
+    /// audited in outbox_admin_log.
+    #[serde(rename = "outbox.skip")]
+    OutboxSkip {
+        #[serde(rename = "eventIds")]
+        event_ids: Vec<uuid::Uuid>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// One relay run, now.
+    #[serde(rename = "outbox.relay")]
+    OutboxRelay,
 }
 
 impl Command {
@@ -57,6 +85,10 @@ impl Command {
             Command::ApiKeyRevoke { .. } => "api-key.revoke",
             Command::ApiKeyList { .. } => "api-key.list",
             Command::PaymentRefund { .. } => "payment.refund",
+            Command::OutboxStatus => "outbox.status",
+            Command::OutboxRedrive { .. } => "outbox.redrive",
+            Command::OutboxSkip { .. } => "outbox.skip",
+            Command::OutboxRelay => "outbox.relay",
         }
     }
 }

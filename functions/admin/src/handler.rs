@@ -5,6 +5,8 @@ use meterbridge::db::retry_transient;
 use meterbridge::domain::payment::PaymentAction;
 use meterbridge::domain::{Scopes, SourceService, TenantSlug, TenantStatus, Trust};
 use meterbridge::payment_transition::{self, Actor, Outcome, Request, Target};
+use meterbridge::relay::Relay;
+use meterbridge::repo::outbox;
 use meterbridge::repo::{api_keys, tenants};
 use meterbridge::Database;
 use serde_json::{json, Value};
@@ -14,16 +16,84 @@ use crate::error::AdminError;
 
 const UNIQUE_VIOLATION: &str = "23505";
 
-/// A Lambda payload: parses the action, then runs it.
-pub async fn handle_event(db: &Database, payload: Value) -> Result<Value, AdminError> {
-    let command: Command = serde_json::from_value(payload)
-        .map_err(|e| AdminError::BadRequest(format!("invalid admin payload: {e}")))?;
-    execute(db, command).await
+/// What the admin actions act on: the database (as its owner), and the outbox relay when an
+/// event bus is configured.
+pub struct Admin {
+    pub db: Database,
+    pub relay: Option<Relay>,
 }
 
-pub async fn execute(db: &Database, command: Command) -> Result<Value, AdminError> {
+impl Admin {
+    pub fn new(db: Database) -> Self {
+        Admin { db, relay: None }
+    }
+}
+
+/// A Lambda payload: parses the action, then runs it.
+pub async fn handle_event(admin: &Admin, payload: Value) -> Result<Value, AdminError> {
+    let command: Command = serde_json::from_value(payload)
+        .map_err(|e| AdminError::BadRequest(format!("invalid admin payload: {e}")))?;
+    execute(admin, command).await
+}
+
+pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminError> {
     tracing::info!(action = command.name(), "admin action");
+    let db = &admin.db;
     match command {
+        Command::OutboxStatus => Box::pin(outbox_status(db)).await,
+        Command::OutboxRedrive {
+            event_ids,
+            event_type,
+            reason,
+            actor,
+        } => {
+            if event_ids.is_empty() && event_type.is_none() {
+                return Err(AdminError::BadRequest(
+                    "name the DEAD events to redrive: eventIds, or eventType".into(),
+                ));
+            }
+            Box::pin(outbox_change(
+                db,
+                "redrive",
+                &event_ids,
+                event_type.as_deref(),
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
+        Command::OutboxSkip {
+            event_ids,
+            reason,
+            actor,
+        } => {
+            if event_ids.is_empty() {
+                return Err(AdminError::BadRequest(
+                    "eventIds: name the DEAD events to skip".into(),
+                ));
+            }
+            Box::pin(outbox_change(
+                db,
+                "skip",
+                &event_ids,
+                None,
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
+        Command::OutboxRelay => {
+            let relay = admin.relay.as_ref().ok_or_else(|| {
+                AdminError::BadRequest(
+                    "no event bus is configured for the admin function (EVENT_BUS_NAME)".into(),
+                )
+            })?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let report = Box::pin(relay.run(deadline)).await.map_err(|e| match e {
+                meterbridge::relay::RelayError::Database(db) => AdminError::Database(db),
+            })?;
+            Ok(json!({ "relay": report }))
+        }
         Command::Migrate => {
             db.migrate().await?;
             let applied: Vec<Value> = meterbridge::db::MIGRATOR
@@ -166,6 +236,68 @@ async fn refund(
             "tenant {tenant_slug:?} has no payment {payment_id}"
         ))),
     }
+}
+
+async fn outbox_status(db: &Database) -> Result<Value, AdminError> {
+    let mut conn = db.acquire().await?;
+    let lines = outbox::status_lines(&mut conn).await?;
+    let (backlog, oldest) = outbox::backlog(&mut conn).await?;
+    let total = |status: &str| -> i64 {
+        lines
+            .iter()
+            .filter(|l| l.status == status)
+            .map(|l| l.count)
+            .sum()
+    };
+    let due: i64 = lines.iter().map(|l| l.due).sum();
+    Ok(json!({
+        "pending": total("PENDING"),
+        "processing": total("PROCESSING"),
+        "failed": total("FAILED"),
+        "dead": total("DEAD"),
+        "published": total("PUBLISHED"),
+        "skipped": total("SKIPPED"),
+        "due": due,
+        "backlog": backlog,
+        "oldestPendingAgeSeconds": oldest,
+        "byEventType": lines,
+    }))
+}
+
+/// Redrives or skips DEAD events, and records who did it and why, in one transaction.
+async fn outbox_change(
+    db: &Database,
+    action: &str,
+    event_ids: &[uuid::Uuid],
+    event_type: Option<&str>,
+    reason: &str,
+    actor: Option<&str>,
+) -> Result<Value, AdminError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > 500 {
+        return Err(AdminError::BadRequest(
+            "reason: use 1-500 characters".into(),
+        ));
+    }
+    let actor = actor
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .unwrap_or("admin");
+    if actor.chars().count() > 128 {
+        return Err(AdminError::BadRequest(
+            "actor: use at most 128 characters".into(),
+        ));
+    }
+    let mut tx = db.begin().await?;
+    let changed = match action {
+        "redrive" => outbox::redrive(&mut tx, event_ids, event_type).await?,
+        _ => outbox::skip(&mut tx, event_ids).await?,
+    };
+    if !changed.is_empty() {
+        outbox::log_admin_action(&mut tx, action, actor, reason, &changed).await?;
+    }
+    tx.commit().await.map_err(meterbridge::DbError::from)?;
+    Ok(json!({ "action": action, "eventIds": changed, "count": changed.len() }))
 }
 
 fn no_tenant(slug: &str) -> AdminError {

@@ -1,4 +1,5 @@
-//! The admin function: operator actions (migrate, tenants, API keys) invoked as a Lambda with a
+//! The admin function: operator actions (migrate, tenants, API keys, payments, the outbox) invoked
+//! as a Lambda with a
 //! JSON action, or from the command line with the same code.
 
 pub mod cli;
@@ -8,4 +9,4 @@ pub mod handler;
 
 pub use command::Command;
 pub use error::AdminError;
-pub use handler::{execute, handle_event};
+pub use handler::{execute, handle_event, Admin};

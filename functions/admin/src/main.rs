@@ -4,9 +4,14 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use admin::cli::Cli;
+use admin::Admin;
 use clap::Parser;
 use lambda_runtime::{service_fn, LambdaEvent};
+use meterbridge::config::Env;
+use meterbridge::relay::{Relay, RelayConfig};
 use meterbridge::telemetry::{init_metrics, init_tracing, LogTarget};
 use meterbridge::Services;
 use serde_json::Value;
@@ -21,10 +26,11 @@ async fn main() -> ExitCode {
     } else {
         LogTarget::Stderr
     });
+    // Boxed: the futures are large (the whole admin surface), and boxing keeps main's small.
     let outcome = if in_lambda {
-        run_lambda().await
+        Box::pin(run_lambda()).await
     } else {
-        run_cli().await
+        Box::pin(run_cli()).await
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,17 +41,35 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The database, and the outbox relay when an event bus is configured (`EVENT_BUS_NAME`).
+async fn admin_from_env() -> Result<(Services, Admin), String> {
+    let services = Services::from_env(SERVICE)
+        .await
+        .map_err(|e| e.to_string())?;
+    let env = Env::process();
+    let relay = match env.optional("EVENT_BUS_NAME") {
+        None => None,
+        Some(_) => {
+            let config = RelayConfig::from(&env).map_err(|e| e.to_string())?;
+            let events = Relay::eventbridge_client(services.aws().await, Duration::from_secs(10));
+            Some(Relay::new(services.db.clone(), events, config))
+        }
+    };
+    let admin = Admin {
+        db: services.db.clone(),
+        relay,
+    };
+    Ok((services, admin))
+}
+
 async fn run_lambda() -> Result<(), String> {
-    let services = Arc::new(
-        Services::from_env(SERVICE)
-            .await
-            .map_err(|e| e.to_string())?,
-    );
+    let (services, admin) = admin_from_env().await?;
+    let admin = Arc::new(admin);
     let metrics = init_metrics(&services.config.metrics_namespace, &services.config.service)
         .map_err(|e| e.to_string())?;
     let handler = service_fn(move |event: LambdaEvent<Value>| {
-        let services = Arc::clone(&services);
-        async move { admin::handle_event(&services.db, event.payload).await }
+        let admin = Arc::clone(&admin);
+        async move { admin::handle_event(&admin, event.payload).await }
     });
     metrics_cloudwatch_embedded::lambda::service::run(metrics, handler)
         .await
@@ -54,10 +78,8 @@ async fn run_lambda() -> Result<(), String> {
 
 async fn run_cli() -> Result<(), String> {
     let command = Cli::parse().into_command();
-    let services = Services::from_env(SERVICE)
-        .await
-        .map_err(|e| e.to_string())?;
-    let output = admin::execute(&services.db, command)
+    let (_services, admin) = admin_from_env().await?;
+    let output = admin::execute(&admin, command)
         .await
         .map_err(|e| e.to_string())?;
     println!(
