@@ -597,8 +597,13 @@ fn chunk<T>(entries: Vec<(usize, T, usize)>, max_bytes: usize) -> Vec<Vec<(usize
 }
 
 /// When a relay run must stop, from a Lambda invocation's deadline (milliseconds since the
-/// epoch).
+/// epoch). The local emulator (`cargo lambda watch`) sends the function's timeout instead of a
+/// point in time; a value too small to be a date after 2001 is read that way.
 pub fn deadline_from_epoch_millis(deadline_ms: u64) -> Instant {
+    const EPOCH_2001_MS: u64 = 1_000_000_000_000;
+    if deadline_ms < EPOCH_2001_MS {
+        return Instant::now() + Duration::from_millis(deadline_ms.min(900_000));
+    }
     let now_ms = Utc::now().timestamp_millis().max(0) as u64;
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
@@ -661,13 +666,19 @@ mod tests {
         }
     }
 
+    const EPOCH_MS_2020: u64 = 1_577_836_800_000;
+
     #[test]
     fn deadlines_come_from_the_invocation() {
         let soon = Utc::now().timestamp_millis() as u64 + 30_000;
         let d = deadline_from_epoch_millis(soon);
         let left = d.saturating_duration_since(Instant::now());
         assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
-        let past = deadline_from_epoch_millis(0);
+        let past = deadline_from_epoch_millis(EPOCH_MS_2020);
         assert!(past <= Instant::now());
+        // The local emulator's "deadline" is the timeout itself.
+        let emulated = deadline_from_epoch_millis(600_000);
+        let left = emulated.saturating_duration_since(Instant::now());
+        assert!(left > Duration::from_secs(599) && left <= Duration::from_secs(600));
     }
 }

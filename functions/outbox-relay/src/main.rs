@@ -21,6 +21,13 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         let app = Arc::clone(&app);
         async move {
             let deadline = deadline_from_epoch_millis(event.context.deadline);
+            tracing::debug!(
+                deadline_ms = event.context.deadline,
+                remaining_ms = deadline
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_millis() as u64,
+                "relay invoked"
+            );
             let report = outbox_relay::handle(&app, event.payload, deadline).await?;
             Ok::<_, lambda_runtime::Error>(serde_json::to_value(report)?)
         }

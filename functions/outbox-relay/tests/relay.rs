@@ -599,3 +599,33 @@ async fn the_claim_reads_only_its_indexes(owner: PgPool) {
     assert_eq!(after.0 - before.0, 0, "no sequential scan");
     assert!(after.1 - before.1 <= 40, "read {} rows", after.1 - before.1);
 }
+
+/// Every payload in events/outbox-relay/ through the handler.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn every_fixture_runs_through_the_handler(owner: PgPool) {
+    let bus = Bus::create(false).await;
+    let proxy = Proxy::start_local().await;
+    let app = relay_app(&owner, &proxy.url, &bus.name, &[]).await;
+    seed_events(&owner, 3, 1).await;
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../events/outbox-relay");
+    let load = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let report = outbox_relay::handle(&app, load("scheduled.json"), later())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 3);
+    let err = outbox_relay::handle(&app, load("unknown-job.json"), later())
+        .await
+        .unwrap_err();
+    let diagnostic: lambda_runtime::Diagnostic = err.into();
+    assert_eq!(diagnostic.error_type, "BadPayload");
+    assert!(diagnostic.error_message.contains("aggregate"));
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["scheduled.json", "unknown-job.json"]);
+}
