@@ -3,7 +3,9 @@
 //!   beside (a) the older per-row design — one INSERT per event, each its own transaction — and
 //!   (b) the raw limit — `COPY` of the same rows;
 //! - `verify`: payment verifications through the real handler beside the raw limit — the same
-//!   statements as a plain SQL transaction.
+//!   statements as a plain SQL transaction;
+//! - `relay`: outbox rows relayed to a local PutEvents endpoint beside the raw limit — the same
+//!   claim and mark statements without publishing — and the fast path's latency.
 //!
 //! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_WORKLOADS`
 //! (ingest,verify), `BENCH_EVENTS` (20000), `BENCH_VERIFICATIONS` (2000), `BENCH_REPEAT` (3),
@@ -14,6 +16,7 @@
 
 mod ingest;
 mod measure;
+mod relay;
 mod verify;
 
 use meterbridge::domain::{MetricCatalog, Trust};
@@ -46,7 +49,12 @@ async fn main() {
     };
     let batches = list("BENCH_BATCHES", &[100, 500, 1000]);
     let caller_counts = list("BENCH_CALLERS", &[1, 4]);
-    let workloads = std::env::var("BENCH_WORKLOADS").unwrap_or_else(|_| "ingest,verify".into());
+    let workloads =
+        std::env::var("BENCH_WORKLOADS").unwrap_or_else(|_| "ingest,verify,relay".into());
+    let relay_rows: usize = std::env::var("BENCH_RELAY_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let verifications: usize = std::env::var("BENCH_VERIFICATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -113,6 +121,24 @@ async fn main() {
             }
             rows.extend([handler, raw].into_iter().map(measure::median));
         }
+    }
+    if workloads.contains("relay") {
+        let endpoint = relay::local_eventbridge().await;
+        let ops = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&database_url_as(&owner, meterbridge::testing::OPS_ROLE))
+            .await
+            .unwrap();
+        let (mut relayed, mut raw) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            relay::seed(&owner, &tenant, relay_rows).await;
+            relayed.push(relay::run_relay(&ops, &endpoint, relay_rows).await);
+            relay::seed(&owner, &tenant, relay_rows).await;
+            raw.push(relay::run_raw(&ops, relay_rows).await);
+        }
+        rows.extend([relayed, raw].into_iter().map(measure::median));
+        let payments = verify::seed(&owner, &tenant, verifications).await;
+        rows.push(relay::run_fast_path(&api_url, &endpoint, &key.key, payments).await);
     }
     measure::report(&rows);
     owner.close().await;

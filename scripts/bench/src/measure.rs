@@ -122,6 +122,29 @@ pub fn report(rows: &[Row]) {
                 if vs_row >= 20.0 { "met" } else { "NOT met" }
             );
         }
+        let relay = |name: &str| rows.iter().find(|r| r.workload == name);
+        if callers == 1 {
+            if let (Some(relayed), Some(raw)) =
+                (relay(crate::relay::RELAY), relay(crate::relay::RAW))
+            {
+                let ratio = relayed.rate() / raw.rate() * 100.0;
+                println!(
+                    "relay: {:.0} rows/s (target >= 5000: {}) = {ratio:.0}% of the claim+mark limit (target >= 50%: {})",
+                    relayed.rate(),
+                    if relayed.rate() >= 5000.0 { "met" } else { "NOT met" },
+                    if ratio >= 50.0 { "met" } else { "NOT met" }
+                );
+            }
+            if let Some(fast) = relay(crate::relay::FAST_PATH) {
+                println!(
+                    "fast path, verify request → PutEvents accepted (upper bound: the whole request): p50 {:.2} ms, p95 {:.2} ms (target < 100 ms: {}), p99 {:.2} ms",
+                    fast.percentile(0.50),
+                    fast.percentile(0.95),
+                    if fast.percentile(0.95) < 100.0 { "met" } else { "NOT met" },
+                    fast.percentile(0.99)
+                );
+            }
+        }
         let verify = |name: &str| {
             rows.iter()
                 .find(|r| r.workload == name && r.callers == callers)
