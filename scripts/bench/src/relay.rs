@@ -34,22 +34,25 @@ pub async fn local_eventbridge() -> String {
                 return;
             };
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-                    let body = request.into_body().collect().await?.to_bytes();
-                    let entries = serde_json::from_slice::<Value>(&body)
-                        .ok()
-                        .and_then(|v| v["Entries"].as_array().map(Vec::len))
-                        .unwrap_or(0);
-                    let results: Vec<Value> =
-                        (0..entries).map(|_| json!({"EventId": Uuid::new_v4()})).collect();
-                    let answer = json!({"FailedEntryCount": 0, "Entries": results}).to_string();
-                    Ok::<_, hyper::Error>(
-                        hyper::Response::builder()
-                            .header("content-type", "application/x-amz-json-1.1")
-                            .body(Full::new(Bytes::from(answer)))
-                            .unwrap(),
-                    )
-                });
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let entries = serde_json::from_slice::<Value>(&body)
+                            .ok()
+                            .and_then(|v| v["Entries"].as_array().map(Vec::len))
+                            .unwrap_or(0);
+                        let results: Vec<Value> = (0..entries)
+                            .map(|_| json!({"EventId": Uuid::new_v4()}))
+                            .collect();
+                        let answer = json!({"FailedEntryCount": 0, "Entries": results}).to_string();
+                        Ok::<_, hyper::Error>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/x-amz-json-1.1")
+                                .body(Full::new(Bytes::from(answer)))
+                                .unwrap(),
+                        )
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -73,7 +76,11 @@ pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
 
 /// An emptied outbox and `count` PENDING rows, one per aggregate.
 pub async fn seed(owner: &PgPool, tenant: &Tenant, count: usize) {
-    for statement in ["TRUNCATE outbox_events", "VACUUM ANALYZE outbox_events", "CHECKPOINT"] {
+    for statement in [
+        "TRUNCATE outbox_events",
+        "VACUUM ANALYZE outbox_events",
+        "CHECKPOINT",
+    ] {
         sqlx::query(statement).execute(owner).await.unwrap();
     }
     sqlx::query(
@@ -92,7 +99,10 @@ pub async fn seed(owner: &PgPool, tenant: &Tenant, count: usize) {
     .execute(owner)
     .await
     .unwrap();
-    sqlx::query("ANALYZE outbox_events").execute(owner).await.unwrap();
+    sqlx::query("ANALYZE outbox_events")
+        .execute(owner)
+        .await
+        .unwrap();
 }
 
 fn config(endpoint_bus: &str) -> RelayConfig {
@@ -109,7 +119,10 @@ pub async fn run_relay(ops: &PgPool, endpoint: &str, count: usize) -> Row {
     let relay = Relay::new(Database::from_pool(ops.clone()), events, config("bench"));
     peak_rss_reset();
     let started = Instant::now();
-    let report = relay.run(Instant::now() + Duration::from_secs(600)).await.unwrap();
+    let report = relay
+        .run(Instant::now() + Duration::from_secs(600))
+        .await
+        .unwrap();
     let elapsed = started.elapsed();
     assert_eq!(report.published as usize, count, "{report:?}");
     Row {
@@ -151,7 +164,9 @@ pub async fn run_raw(ops: &PgPool, count: usize) -> Row {
                     return done;
                 }
                 let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
-                done += outbox::mark_published(&mut conn, token, &ids).await.unwrap() as usize;
+                done += outbox::mark_published(&mut conn, token, &ids)
+                    .await
+                    .unwrap() as usize;
             }
         })
     });
@@ -176,12 +191,7 @@ pub async fn run_raw(ops: &PgPool, count: usize) -> Row {
 /// Verifications through the handler with the fast path on, publishing to the local endpoint:
 /// each request returns after its event was accepted by PutEvents (or given back), so its
 /// latency bounds the time from request to accepted event.
-pub async fn run_fast_path(
-    api_url: &str,
-    endpoint: &str,
-    key: &str,
-    payments: Vec<Uuid>,
-) -> Row {
+pub async fn run_fast_path(api_url: &str, endpoint: &str, key: &str, payments: Vec<Uuid>) -> Row {
     let count = payments.len();
     let vars: HashMap<String, String> = [
         ("DATABASE_URL".to_owned(), api_url.to_owned()),
@@ -211,8 +221,9 @@ pub async fn run_fast_path(
         .map(|id| {
             let mut event: Value =
                 serde_json::from_str(&template.replace("{{PAYMENT_ID}}", &id.to_string())).unwrap();
-            event["body"] =
-                json!(json!({"verifiedBy": "bench", "verificationMethod": "provider_api"}).to_string());
+            event["body"] = json!(
+                json!({"verifiedBy": "bench", "verificationMethod": "provider_api"}).to_string()
+            );
             lambda_http::request::from_str(&event.to_string()).unwrap()
         })
         .collect();
