@@ -210,24 +210,7 @@ pub async fn run_fast_path(api_url: &str, endpoint: &str, key: &str, payments: V
         services,
         verify_payment::PaymentsConfig::from(&env).unwrap(),
     ));
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../events/verify-payment/verify-payment.json"
-    ))
-    .unwrap()
-    .replace("{{INTERNAL_KEY}}", key);
-    let requests: Vec<lambda_http::Request> = payments
-        .iter()
-        .map(|id| {
-            let mut event: Value =
-                serde_json::from_str(&template.replace("{{PAYMENT_ID}}", &id.to_string())).unwrap();
-            event["body"] = json!(
-                json!({"verifiedBy": "bench", "verificationMethod": "provider_api"}).to_string()
-            );
-            lambda_http::request::from_str(&event.to_string()).unwrap()
-        })
-        .collect();
-    let warm = template.replace("{{PAYMENT_ID}}", &Uuid::nil().to_string());
+    let (requests, warm) = crate::verify::verify_requests(key, &payments);
     let _ = verify_payment::handle(&app, lambda_http::request::from_str(&warm).unwrap()).await;
     peak_rss_reset();
     let started = Instant::now();

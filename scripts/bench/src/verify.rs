@@ -60,16 +60,16 @@ pub async fn seed(owner: &PgPool, tenant: &Tenant, count: usize) -> Vec<Uuid> {
     .unwrap()
 }
 
-pub async fn run_handler(apps: &[Arc<App>], key: &str, payments: Vec<Uuid>, callers: usize) -> Row {
-    let count = payments.len();
+/// One verification request per payment (from events/verify-payment/verify-payment.json, with
+/// `key`), and a warm-up request (as JSON) for a payment that does not exist.
+pub fn verify_requests(key: &str, payments: &[Uuid]) -> (Vec<lambda_http::Request>, String) {
     let template = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../events/verify-payment/verify-payment.json"
     ))
     .unwrap()
     .replace("{{INTERNAL_KEY}}", key);
-    // Requests are built before the clock starts.
-    let requests: Vec<lambda_http::Request> = payments
+    let requests = payments
         .iter()
         .map(|id| {
             let mut event: serde_json::Value =
@@ -81,9 +81,16 @@ pub async fn run_handler(apps: &[Arc<App>], key: &str, payments: Vec<Uuid>, call
             lambda_http::request::from_str(&event.to_string()).unwrap()
         })
         .collect();
+    let warm = template.replace("{{PAYMENT_ID}}", &Uuid::nil().to_string());
+    (requests, warm)
+}
+
+pub async fn run_handler(apps: &[Arc<App>], key: &str, payments: Vec<Uuid>, callers: usize) -> Row {
+    let count = payments.len();
+    // Requests are built before the clock starts.
+    let (requests, warm) = verify_requests(key, &payments);
     // Warm each container (key cache, connections) outside the measurement.
     for app in apps {
-        let warm = template.replace("{{PAYMENT_ID}}", &Uuid::nil().to_string());
         let _ = verify_payment::handle(app, lambda_http::request::from_str(&warm).unwrap()).await;
     }
     let apps: Vec<Arc<App>> = apps.to_vec();
