@@ -71,7 +71,9 @@ async fn failed_entries_are_retried_and_bad_ones_dead(owner: PgPool) {
         &owner,
         &proxy.url,
         &bus.name,
-        &[("RELAY_MAX_ATTEMPTS", "4")],
+        // One worker: the whole-call failure below must meet all five retried entries in
+        // one call, not a share of them split across concurrent claims.
+        &[("RELAY_MAX_ATTEMPTS", "4"), ("RELAY_WORKERS", "1")],
     )
     .await;
     seed_events(&owner, 30, 1).await;
