@@ -72,6 +72,10 @@ json_get() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 say "admin: migrate"
 admin "$(cat events/admin/migrate.json)" | json_get '", ".join(str(m["version"]) + " " + m["description"] for m in d["migrations"])'
 
+say "admin: usage storage policy (day partitions ahead, retention, dedup-key generations)"
+admin "$(cat events/admin/usage-maintain.json)" | json_get '"%d actions: %s" % (len(d["actions"]), ", ".join(a["action"] + " " + a["object"] for a in d["actions"][:3]) + (" ..." if len(d["actions"]) > 3 else ""))'
+admin "$(cat events/admin/usage-status.json)" | json_get '"%(dayPartitions)d day partitions %(firstDay)s..%(lastDay)s, key generation %(openGeneration)s of %(keyGenerations)d" % d["storage"]'
+
 say "database roles for the API and scheduled functions, with generated passwords"
 API_PASSWORD=$(new_password); OPS_PASSWORD=$(new_password)
 psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q <<SQL

@@ -32,6 +32,15 @@ pub enum DbError {
     /// or statement timeout: the transaction was rolled back, nothing was written.
     #[error("database busy: {0}")]
     Busy(#[source] sqlx::Error),
+    /// Concurrent writers kept invalidating this transaction's work (e.g. took its keys):
+    /// nothing was written; worth retrying shortly.
+    #[error("contended: {0}")]
+    Contended(String),
+    /// A row fell outside every partition of its table: the partitions ahead were not created
+    /// (the storage maintenance has not run). Nothing was written; an operator must act, and
+    /// the caller may retry.
+    #[error("no partition for the row: {0}")]
+    NoPartition(#[source] sqlx::Error),
     /// A value PostgreSQL refused as data (SQLSTATE class 22): out of range, malformed, NUL in
     /// text. The request's fault, never the service's.
     #[error("value refused by the database: {0}")]
@@ -65,12 +74,16 @@ impl From<sqlx::Error> for DbError {
                 SERIALIZATION_FAILURE | DEADLOCK_DETECTED | LOCK_NOT_AVAILABLE | QUERY_CANCELED,
             ) => DbError::Busy(e),
             Some(code) if code.starts_with("22") => DbError::InvalidValue(e),
+            Some(CHECK_VIOLATION) if e.to_string().contains("no partition of relation") => {
+                DbError::NoPartition(e)
+            }
             _ => DbError::Query(e),
         }
     }
 }
 
 const SERIALIZATION_FAILURE: &str = "40001";
+const CHECK_VIOLATION: &str = "23514";
 const DEADLOCK_DETECTED: &str = "40P01";
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// Raised by `statement_timeout`.

@@ -197,6 +197,24 @@ impl From<DbError> for ApiError {
                     retry_after_secs: 1,
                 }
             }
+            DbError::Contended(why) => {
+                tracing::warn!(why, "transaction contended");
+                ApiError::Unavailable {
+                    detail: "concurrent requests kept colliding with this one; nothing was \
+                             stored, retry shortly"
+                        .into(),
+                    retry_after_secs: 1,
+                }
+            }
+            DbError::NoPartition(source) => {
+                metrics::counter!("StorageNotReady").increment(1);
+                tracing::error!(error = %source, "no partition for an event: run the storage maintenance");
+                ApiError::Unavailable {
+                    detail: "storage for this date is not ready; nothing was stored, retry later"
+                        .into(),
+                    retry_after_secs: 30,
+                }
+            }
             DbError::InvalidValue(source) => {
                 tracing::info!(error = %source, "database refused a value of the request");
                 ApiError::Malformed(

@@ -18,6 +18,13 @@ const REVIEWED: &[&str] = &[
     "meterbridge_api: EXECUTE ON FUNCTION authenticate_api_key(text)",
     "meterbridge_api: EXECUTE ON FUNCTION current_tenant_id()",
     "meterbridge_api: EXECUTE ON FUNCTION touch_api_key(uuid)",
+    // Migration 0006: ingestion writes and probes its own tenant's dedup keys and reads which
+    // key generation is open; never updates or deletes a key (expiry drops whole generations,
+    // as the owner).
+    "meterbridge_api: INSERT ON TABLE usage_event_keys",
+    "meterbridge_api: POLICY api_own_tenant ALL ON usage_event_keys USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_api: SELECT ON TABLE usage_event_keys",
+    "meterbridge_api: SELECT ON TABLE usage_key_generations",
     "meterbridge_api: INSERT ON TABLE usage_events",
     "meterbridge_api: POLICY api_own_tenant ALL ON usage_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
     "meterbridge_api: POLICY api_own_tenant SELECT ON tenants USING (id = current_tenant_id())",

@@ -37,6 +37,19 @@ enum Action {
         #[command(subcommand)]
         action: OutboxCommand,
     },
+    /// Usage event storage: partitions, retention, dedup keys
+    Usage {
+        #[command(subcommand)]
+        action: UsageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsageCommand {
+    /// Apply the storage policy now (partitions ahead, retention, key generations)
+    Maintain,
+    /// Day partitions, archived days and key generations
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +162,10 @@ impl Cli {
                     actor: std::env::var("USER").ok(),
                 },
                 OutboxCommand::Relay => Command::OutboxRelay,
+            },
+            Action::Usage { action } => match action {
+                UsageCommand::Maintain => Command::UsageMaintain,
+                UsageCommand::Status => Command::UsageStatus,
             },
             Action::Payment { action } => match action {
                 PaymentCommand::Refund {

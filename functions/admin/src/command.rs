@@ -72,6 +72,13 @@ pub enum Command {
     /// One relay run, now.
     #[serde(rename = "outbox.relay")]
     OutboxRelay,
+    /// The usage storage policy, applied now: day partitions created ahead and retired past
+    /// the retention, dedup-key generations rotated and expired (scheduled hourly).
+    #[serde(rename = "usage.maintain")]
+    UsageMaintain,
+    /// Day partitions, archived days and key generations.
+    #[serde(rename = "usage.status")]
+    UsageStatus,
 }
 
 impl Command {
@@ -89,6 +96,8 @@ impl Command {
             Command::OutboxRedrive { .. } => "outbox.redrive",
             Command::OutboxSkip { .. } => "outbox.skip",
             Command::OutboxRelay => "outbox.relay",
+            Command::UsageMaintain => "usage.maintain",
+            Command::UsageStatus => "usage.status",
         }
     }
 }

@@ -7,8 +7,9 @@ use meterbridge::domain::{Scopes, SourceService, TenantSlug, TenantStatus, Trust
 use meterbridge::payment_transition::{self, Actor, Outcome, Request, Target};
 use meterbridge::relay::Relay;
 use meterbridge::repo::outbox;
+use meterbridge::repo::usage_storage::{self, StoragePolicy};
 use meterbridge::repo::{api_keys, tenants};
-use meterbridge::Database;
+use meterbridge::{Database, DbError};
 use serde_json::{json, Value};
 
 use crate::command::Command;
@@ -21,11 +22,16 @@ const UNIQUE_VIOLATION: &str = "23505";
 pub struct Admin {
     pub db: Database,
     pub relay: Option<Relay>,
+    pub storage: StoragePolicy,
 }
 
 impl Admin {
     pub fn new(db: Database) -> Self {
-        Admin { db, relay: None }
+        Admin {
+            db,
+            relay: None,
+            storage: StoragePolicy::default(),
+        }
     }
 }
 
@@ -93,6 +99,19 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
                 meterbridge::relay::RelayError::Database(db) => AdminError::Database(db),
             })?;
             Ok(json!({ "relay": report }))
+        }
+        Command::UsageMaintain => {
+            let mut tx = db.pool().begin().await.map_err(DbError::from)?;
+            let done = usage_storage::maintain(&mut tx, chrono::Utc::now(), &admin.storage).await?;
+            tx.commit().await.map_err(DbError::from)?;
+            for step in &done {
+                tracing::info!(action = %step.action, object = %step.object, "usage storage");
+            }
+            Ok(json!({"policy": admin.storage, "actions": done}))
+        }
+        Command::UsageStatus => {
+            let mut conn = db.pool().acquire().await.map_err(DbError::from)?;
+            Ok(json!({"policy": admin.storage, "storage": usage_storage::status(&mut conn).await?}))
         }
         Command::Migrate => {
             db.migrate().await?;

@@ -12,6 +12,7 @@ use clap::Parser;
 use lambda_runtime::{service_fn, LambdaEvent};
 use meterbridge::config::Env;
 use meterbridge::relay::{Relay, RelayConfig};
+use meterbridge::repo::usage_storage::StoragePolicy;
 use meterbridge::telemetry::{init_metrics, init_tracing, LogTarget};
 use meterbridge::Services;
 use serde_json::Value;
@@ -58,6 +59,7 @@ async fn admin_from_env() -> Result<(Services, Admin), String> {
     let admin = Admin {
         db: services.db.clone(),
         relay,
+        storage: StoragePolicy::from_env(&env).map_err(|e| e.to_string())?,
     };
     Ok((services, admin))
 }

@@ -184,6 +184,25 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
     assert_eq!(e.error_type(), "BadRequest");
     assert!(e.to_string().contains("EVENT_BUS_NAME"), "{e}");
 
+    // The storage policy: the days ahead exist already (the migration made a week of them),
+    // the run adds the second week; a second run has nothing to do.
+    let out = ok(&db, run("usage-maintain.json")).await;
+    assert_eq!(out["policy"]["retentionDays"], 90);
+    let created = out["actions"].as_array().unwrap();
+    assert!(
+        !created.is_empty() && created.iter().all(|a| a["action"] == "created"),
+        "{out}"
+    );
+    let out = ok(&db, "usage-maintain.json").await;
+    assert_eq!(out["actions"], serde_json::json!([]));
+    let out = ok(&db, run("usage-status.json")).await;
+    assert_eq!(out["storage"]["keyGenerations"], 1, "{out}");
+    assert_eq!(out["storage"]["openGeneration"], 1, "{out}");
+    assert!(
+        out["storage"]["dayPartitions"].as_i64().unwrap() >= 36 + 14,
+        "{out}"
+    );
+
     let out = ok(&db, run("tenant-disable.json")).await;
     assert_eq!(out["tenant"]["status"], "disabled");
     assert!(out["tenant"]["disabledAt"].is_string());

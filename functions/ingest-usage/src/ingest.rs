@@ -5,12 +5,14 @@ use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
 use meterbridge::db::retry_transient;
+use meterbridge::domain::dedup::DedupKeys;
 use meterbridge::domain::usage::{raw_event_id, validate_event, Submitter, UsageEvent};
 use meterbridge::http::{json_response, parse_json_body, ApiError};
-use meterbridge::repo::usage_events;
+use meterbridge::repo::usage_events::{self, Insert};
 use meterbridge::{Database, DbError};
 use serde::Serialize;
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::app::App;
 use crate::batch::{field_errors, Batch, Counts, EventResult};
@@ -82,56 +84,76 @@ pub fn take_events(body: Value, max_events: usize) -> Result<Vec<Value>, ApiErro
     Ok(events)
 }
 
-const UNIQUE_VIOLATION: &str = "23505";
+/// How many times a batch is tried again after a concurrent writer took one of its keys
+/// between the probe and the insert. Colliding batches of a tenant take turns, so only a
+/// concurrent batch of new events can take a key in between, and each round follows its
+/// commit: a batch that loses every round is rare enough to answer 503 (retry), never to loop.
+const COLLISION_ROUNDS: usize = 8;
+
+/// The stored events and keys a batch collided with.
+type Stored = (Vec<String>, Vec<usage_events::ExistingKeys>);
 
 /// Stores the leaders in one transaction, retried as a whole on a deadlock or serialization
-/// failure (see [`store_once`]). The events go in a canonical order (by event id), so two
-/// batches holding the same events take their index locks in the same order and wait for each
-/// other rather than deadlock; the retry covers collisions canonical order cannot rule out (the
-/// same idempotency key or operation under different event ids).
-async fn store(
-    app: &App,
-    caller: &Caller,
-    leaders: &[&UsageEvent],
-) -> Result<(Vec<String>, Vec<usage_events::ExistingKeys>), ApiError> {
-    let mut ordered = leaders.to_vec();
-    ordered.sort_unstable_by(|a, b| a.event_id.cmp(&b.event_id));
+/// failure (see [`store_once`]). Keys are inserted in key order, so two batches that share
+/// keys take their index locks in the same order and wait for each other rather than
+/// deadlock; the retry covers what ordering cannot rule out.
+async fn store(app: &App, caller: &Caller, leaders: &[&UsageEvent]) -> Result<Stored, ApiError> {
+    let keys: Vec<DedupKeys> = leaders
+        .iter()
+        .map(|e| DedupKeys::of(caller.tenant_id, &caller.source, e))
+        .collect();
     let db = &app.services.db;
-    Ok(retry_transient(|| store_once(db, caller, &ordered)).await?)
+    Ok(retry_transient(|| store_once(db, caller, leaders, &keys)).await?)
 }
 
-/// One attempt: first optimistically (every event new: a plain INSERT), and when any is already
-/// stored, again in a fresh transaction with `ON CONFLICT DO NOTHING` plus a lookup of the
-/// stored events that hold the skipped keys. Returns the inserted event ids and those events.
+/// First optimistically: every event is new, one INSERT of events and keys. When some key is
+/// taken, again, in turn with the tenant's other colliding batches: find the taken keys and
+/// their holders, and insert only the events none of whose keys is taken. Returns the inserted event ids and the holders.
 async fn store_once(
     db: &Database,
     caller: &Caller,
     leaders: &[&UsageEvent],
-) -> Result<(Vec<String>, Vec<usage_events::ExistingKeys>), DbError> {
-    let mut tx = db.tenant_tx(caller.tenant_id).await?;
-    match usage_events::insert_all(&mut tx, caller.tenant_id, &caller.source, leaders).await {
-        Ok(()) => {
+    keys: &[DedupKeys],
+) -> Result<Stored, DbError> {
+    let (tenant, source) = (caller.tenant_id, &caller.source);
+    let mut tx = db.tenant_tx(tenant).await?;
+    usage_events::hold_key_generation(&mut tx).await?;
+    if usage_events::insert(&mut tx, tenant, source, leaders, keys).await? == Insert::Stored {
+        tx.commit().await?;
+        return Ok((
+            leaders.iter().map(|e| e.event_id.clone()).collect(),
+            Vec::new(),
+        ));
+    }
+    tx.rollback().await?;
+
+    let wanted: Vec<Uuid> = keys.iter().flat_map(DedupKeys::all).collect();
+    for _ in 0..COLLISION_ROUNDS {
+        let mut tx = db.tenant_tx(tenant).await?;
+        usage_events::hold_key_generation(&mut tx).await?;
+        usage_events::serialize_collisions(&mut tx, tenant).await?;
+        let taken = usage_events::find_taken(&mut tx, tenant, &wanted).await?;
+        let (fresh, fresh_keys): (Vec<&UsageEvent>, Vec<DedupKeys>) = leaders
+            .iter()
+            .zip(keys)
+            .filter(|(_, k)| !k.all().any(|key| taken.keys.contains(&key)))
+            .map(|(e, k)| (*e, *k))
+            .unzip();
+        if fresh.is_empty()
+            || usage_events::insert(&mut tx, tenant, source, &fresh, &fresh_keys).await?
+                == Insert::Stored
+        {
             tx.commit().await?;
             return Ok((
-                leaders.iter().map(|e| e.event_id.clone()).collect(),
-                Vec::new(),
+                fresh.iter().map(|e| e.event_id.clone()).collect(),
+                taken.holders,
             ));
         }
-        Err(e) if e.sqlstate().as_deref() == Some(UNIQUE_VIOLATION) => {
-            tx.rollback().await?;
-        }
-        Err(e) => return Err(e),
+        tx.rollback().await?;
     }
-    let mut tx = db.tenant_tx(caller.tenant_id).await?;
-    let inserted =
-        usage_events::insert_new(&mut tx, caller.tenant_id, &caller.source, leaders).await?;
-    let existing = if inserted.len() < leaders.len() {
-        usage_events::find_colliding(&mut tx, caller.tenant_id, &caller.source, leaders).await?
-    } else {
-        Vec::new()
-    };
-    tx.commit().await?;
-    Ok((inserted, existing))
+    Err(DbError::Contended(
+        "concurrent writers kept taking this batch's keys".into(),
+    ))
 }
 
 /// Validates, stores and counts one batch; the core of the endpoint, callable in-process.

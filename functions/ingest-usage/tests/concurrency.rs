@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{send, Fixture};
-use meterbridge::domain::Trust;
+use meterbridge::domain::dedup::DedupKeys;
+use meterbridge::domain::usage::UsageEvent;
+use meterbridge::domain::{Classification, SourceService, Trust};
+use meterbridge::repo::usage_events;
 use meterbridge::testing::{create_api_key, create_tenant};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -88,18 +91,25 @@ async fn a_frozen_transaction_blocks_nobody_for_long(owner: PgPool) {
 
     // A container froze while storing this event: its open transaction holds the event's keys.
     let mut tx = frozen.services.db.tenant_tx(fx.tenant.id).await.unwrap();
-    sqlx::query(
-        "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
-             occurred_at, correlation_id, classification, payload_hash)
-         VALUES ($1, 'crm', $2, 'api.requests', 2, now(), $3, 'BILLABLE',
-                 decode(repeat('00', 32), 'hex'))",
-    )
-    .bind(fx.tenant.id)
-    .bind(event["eventId"].as_str().unwrap())
-    .bind(event["correlationId"].as_str().unwrap())
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    usage_events::hold_key_generation(&mut tx).await.unwrap();
+    let stored = UsageEvent {
+        event_id: event["eventId"].as_str().unwrap().to_owned(),
+        metric: "api.requests".into(),
+        quantity: 2,
+        occurred_at: event["occurredAt"].as_str().unwrap().parse().unwrap(),
+        actor_id: None,
+        correlation_id: event["correlationId"].as_str().unwrap().to_owned(),
+        idempotency_key: None,
+        metadata: json!({}),
+        classification: Classification::Billable,
+        payload_hash: [0; 32],
+    };
+    let source = SourceService::parse("crm").unwrap();
+    let keys = DedupKeys::of(fx.tenant.id, &source, &stored);
+    let outcome = usage_events::insert(&mut tx, fx.tenant.id, &source, &[&stored], &[keys])
+        .await
+        .unwrap();
+    assert_eq!(outcome, usage_events::Insert::Stored);
 
     // Another container sending the same event waits at most the lock timeout: 503, nothing
     // stored, retry later.

@@ -179,8 +179,9 @@ async fn server_version(pool: &PgPool) -> String {
 /// An empty, analysed table and a fresh checkpoint, so no run pays for the one before it.
 async fn reset(owner: &PgPool) {
     for statement in [
-        "TRUNCATE usage_events",
+        "TRUNCATE usage_events, usage_event_keys",
         "VACUUM ANALYZE usage_events",
+        "VACUUM ANALYZE usage_event_keys",
         "CHECKPOINT",
     ] {
         sqlx::query(statement).execute(owner).await.unwrap();

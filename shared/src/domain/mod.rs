@@ -1,6 +1,7 @@
 //! Plain types and their validation. No I/O lives here.
 
 pub mod api_key;
+pub mod dedup;
 pub mod metric;
 pub mod outbox;
 pub mod payment;

@@ -9,4 +9,5 @@ pub mod payment_audit;
 pub mod payments;
 pub mod tenants;
 pub mod usage_events;
+pub mod usage_storage;
 pub mod webhook_events;

@@ -1,15 +1,20 @@
-//! usage_events: the batch insert that dedups in one statement, the lookup that explains each
-//! event the insert skipped, and the reads. Every function here runs inside a tenant transaction;
-//! the explicit tenant filters below are belt and braces on top of row-level security.
+//! usage_events and their dedup keys: the batch insert that stores events and their hashed
+//! keys in one statement, the lookup of the stored events that hold keys a batch wanted, and
+//! the reads. Every function here runs inside a tenant transaction; the explicit tenant filters
+//! below are belt and braces on top of row-level security.
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::db::DbError;
+use crate::domain::dedup::{DedupKeys, KEY_ROTATION_LOCK};
 use crate::domain::usage::UsageEvent;
 use crate::domain::{Classification, SourceService, TenantId};
+
+const UNIQUE_VIOLATION: &str = "23505";
 
 /// The batch as column arrays for `UNNEST`, borrowed from the events (no copies).
 struct Columns<'e> {
@@ -23,10 +28,14 @@ struct Columns<'e> {
     keys: Vec<Option<&'e str>>,
     metadata: Vec<&'e Value>,
     hashes: Vec<&'e [u8]>,
+    event_keys: Vec<Uuid>,
+    idempotency_keys: Vec<Option<Uuid>>,
+    operation_keys: Vec<Uuid>,
+    all_keys: Vec<Uuid>,
 }
 
 impl<'e> Columns<'e> {
-    fn of(events: &[&'e UsageEvent]) -> Self {
+    fn of(events: &[&'e UsageEvent], keys: &[DedupKeys]) -> Self {
         Columns {
             event_ids: events.iter().map(|e| e.event_id.as_str()).collect(),
             metrics: events.iter().map(|e| e.metric.as_str()).collect(),
@@ -41,64 +50,97 @@ impl<'e> Columns<'e> {
                 .collect(),
             metadata: events.iter().map(|e| &e.metadata).collect(),
             hashes: events.iter().map(|e| e.payload_hash.as_slice()).collect(),
+            event_keys: keys.iter().map(|k| k.event).collect(),
+            idempotency_keys: keys.iter().map(|k| k.idempotency).collect(),
+            operation_keys: keys.iter().map(|k| k.operation).collect(),
+            all_keys: keys.iter().flat_map(DedupKeys::all).collect(),
         }
     }
 }
 
-/// The fast path: inserts the whole batch, or fails with a unique violation (SQLSTATE 23505)
-/// when any event is already stored — the transaction is then aborted and the caller retries
-/// with [`insert_new`]. A batch of new events (the common case) pays no conflict checks beyond
-/// the unique indexes themselves.
-pub async fn insert_all(
+/// Holds the key generation for the rest of the transaction: the rotation (which takes the
+/// same advisory lock exclusively) waits for this transaction, so every key it writes lands in
+/// the generation it read, and every key committed before it is visible to its probes. Call it
+/// first, before any statement that reads or writes keys.
+pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<(), DbError> {
+    sqlx::query!("SELECT pg_advisory_xact_lock_shared($1)", KEY_ROTATION_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Queues this transaction behind the tenant's other batches that also collided with stored
+/// keys (the slow path only; new events never take it): they probe and insert one after the
+/// other instead of taking each other's keys between probe and insert round after round.
+pub async fn serialize_collisions(
     conn: &mut PgConnection,
     tenant: TenantId,
-    source: &SourceService,
-    events: &[&UsageEvent],
 ) -> Result<(), DbError> {
-    let c = Columns::of(events);
     sqlx::query!(
-        r#"INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity, occurred_at,
-                                     actor_id, correlation_id, classification, idempotency_key,
-                                     metadata, payload_hash)
-           SELECT $1, $2, e.* FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
-                                          $7::text[], $8::text[], $9::text[], $10::text[],
-                                          $11::jsonb[], $12::bytea[]) AS e"#,
-        tenant.0,
-        source.as_str(),
-        &c.event_ids as &[&str],
-        &c.metrics as &[&str],
-        &c.quantities,
-        &c.occurred,
-        &c.actors as &[Option<&str>],
-        &c.correlations as &[&str],
-        &c.classifications as &[&str],
-        &c.keys as &[Option<&str>],
-        &c.metadata as &[&Value],
-        &c.hashes as &[&[u8]]
+        "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+        COLLISION_LOCK_SPACE,
+        tenant.0.to_string()
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-/// Inserts the batch with `ON CONFLICT DO NOTHING` against all three unique keys; returns the
-/// event ids that were new. The input must be free of in-batch duplicates.
-pub async fn insert_new(
+/// The first key of the two-key advisory locks that serialize a tenant's colliding batches.
+const COLLISION_LOCK_SPACE: i32 = 0x6d62_0001;
+
+/// What [`insert`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Every event and every key is stored.
+    Stored,
+    /// Some key is already taken (by a committed event, or by a concurrent one that committed
+    /// while this insert waited for it): nothing may be kept; roll the transaction back.
+    KeyTaken,
+}
+
+/// Inserts the events (`keys[i]` are the keys of `events[i]`, free of in-batch duplicates)
+/// and their keys into the open generation, in one statement. The open generation's unique
+/// index refuses a key stored there (waiting for a concurrent writer to finish first); the
+/// same statement counts the keys the closed generations already hold.
+pub async fn insert(
     conn: &mut PgConnection,
     tenant: TenantId,
     source: &SourceService,
     events: &[&UsageEvent],
-) -> Result<Vec<String>, DbError> {
-    let c = Columns::of(events);
-    let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity, occurred_at,
-                                     actor_id, correlation_id, classification, idempotency_key,
-                                     metadata, payload_hash)
-           SELECT $1, $2, e.* FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
-                                          $7::text[], $8::text[], $9::text[], $10::text[],
-                                          $11::jsonb[], $12::bytea[]) AS e
-           ON CONFLICT DO NOTHING
-           RETURNING event_id"#,
+    keys: &[DedupKeys],
+) -> Result<Insert, DbError> {
+    let c = Columns::of(events, keys);
+    let outcome = sqlx::query_scalar!(
+        r#"WITH input AS (
+               SELECT * FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
+                                    $7::text[], $8::text[], $9::text[], $10::text[],
+                                    $11::jsonb[], $12::bytea[], $13::uuid[], $14::uuid[],
+                                    $15::uuid[])
+                   AS e(event_id, metric, quantity, occurred_at, actor_id, correlation_id,
+                        classification, idempotency_key, metadata, payload_hash, event_key,
+                        idem_key, op_key)
+           ), stored AS (
+               INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
+                                         occurred_at, actor_id, correlation_id, classification,
+                                         idempotency_key, metadata, payload_hash)
+               SELECT $1, $2, event_id, metric, quantity, occurred_at, actor_id, correlation_id,
+                      classification, idempotency_key, metadata, payload_hash
+                 FROM input
+               RETURNING event_id, occurred_at, seq
+           ), keyed AS (
+               INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+               SELECT g.generation, k.key_hash, $1, s.occurred_at, s.seq
+                 FROM stored s
+                 JOIN input i ON i.event_id = s.event_id
+                CROSS JOIN LATERAL (VALUES (i.event_key), (i.idem_key), (i.op_key)) AS k(key_hash)
+                CROSS JOIN (SELECT generation FROM usage_key_generations
+                             WHERE closed_at IS NULL) AS g
+                WHERE k.key_hash IS NOT NULL
+                ORDER BY k.key_hash
+           )
+           SELECT count(*) AS "earlier!" FROM usage_event_keys
+            WHERE tenant_id = $1 AND key_hash = ANY($16::uuid[])"#,
         tenant.0,
         source.as_str(),
         &c.event_ids as &[&str],
@@ -110,11 +152,26 @@ pub async fn insert_new(
         &c.classifications as &[&str],
         &c.keys as &[Option<&str>],
         &c.metadata as &[&Value],
-        &c.hashes as &[&[u8]]
+        &c.hashes as &[&[u8]],
+        &c.event_keys,
+        &c.idempotency_keys as &[Option<Uuid>],
+        &c.operation_keys,
+        &c.all_keys
     )
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(inserted)
+    .fetch_one(&mut *conn)
+    .await;
+    match outcome {
+        Ok(0) => Ok(Insert::Stored),
+        Ok(_) => Ok(Insert::KeyTaken),
+        Err(e) => {
+            let e = DbError::from(e);
+            if e.sqlstate().as_deref() == Some(UNIQUE_VIOLATION) {
+                Ok(Insert::KeyTaken)
+            } else {
+                Err(e)
+            }
+        }
+    }
 }
 
 /// A stored event that holds one of the unique keys a skipped event wanted.
@@ -129,53 +186,65 @@ pub struct ExistingKeys {
     pub payload_hash: Vec<u8>,
 }
 
-/// The stored events that collide with `events` (all from `source`) on any unique key: the same
-/// event id or idempotency key from the same source, or the same operation (correlation, metric,
-/// instant) from any source of the tenant.
-pub async fn find_colliding(
+/// Which of `keys` are taken, and the stored events that hold them.
+#[derive(Debug, Clone, Default)]
+pub struct TakenKeys {
+    pub keys: std::collections::HashSet<Uuid>,
+    pub holders: Vec<ExistingKeys>,
+}
+
+/// The keys among `keys` that some stored event of the tenant holds, in any live generation,
+/// with those events. Two index lookups, not a join: the second names the events' instants, so
+/// that it reads only their day partitions.
+pub async fn find_taken(
     conn: &mut PgConnection,
     tenant: TenantId,
-    source: &SourceService,
-    events: &[&UsageEvent],
-) -> Result<Vec<ExistingKeys>, DbError> {
-    let event_ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    let keys: Vec<&str> = events
-        .iter()
-        .filter_map(|e| e.idempotency_key.as_deref())
-        .collect();
-    let correlations: Vec<&str> = events.iter().map(|e| e.correlation_id.as_str()).collect();
-    let metrics: Vec<&str> = events.iter().map(|e| e.metric.as_str()).collect();
-    let occurred: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
-    let rows = sqlx::query_as!(
-        ExistingKeys,
-        r#"SELECT source_service AS "source_service!", event_id AS "event_id!",
-                  idempotency_key, correlation_id AS "correlation_id!", metric AS "metric!",
-                  occurred_at AS "occurred_at!", payload_hash AS "payload_hash!"
-             FROM usage_events
-            WHERE tenant_id = $1 AND source_service = $2 AND event_id = ANY($3::text[])
-           UNION
-           SELECT source_service, event_id, idempotency_key, correlation_id, metric, occurred_at,
-                  payload_hash
-             FROM usage_events
-            WHERE tenant_id = $1 AND source_service = $2 AND idempotency_key = ANY($4::text[])
-           UNION
-           SELECT u.source_service, u.event_id, u.idempotency_key, u.correlation_id, u.metric,
-                  u.occurred_at, u.payload_hash
-             FROM usage_events u
-             JOIN UNNEST($5::text[], $6::text[], $7::timestamptz[]) AS k(correlation_id, metric, occurred_at)
-               ON u.correlation_id = k.correlation_id AND u.metric = k.metric AND u.occurred_at = k.occurred_at
-            WHERE u.tenant_id = $1"#,
+    keys: &[Uuid],
+) -> Result<TakenKeys, DbError> {
+    let held = sqlx::query!(
+        r#"SELECT key_hash, occurred_at, seq FROM usage_event_keys
+            WHERE tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
         tenant.0,
-        source.as_str(),
-        &event_ids as &[&str],
-        &keys as &[&str],
-        &correlations as &[&str],
-        &metrics as &[&str],
-        &occurred
+        keys
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows)
+    let mut taken = TakenKeys {
+        keys: held.iter().map(|k| k.key_hash).collect(),
+        holders: Vec::new(),
+    };
+    if held.is_empty() {
+        return Ok(taken);
+    }
+    let events: std::collections::HashSet<(DateTime<Utc>, i64)> =
+        held.iter().map(|k| (k.occurred_at, k.seq)).collect();
+    let (instants, seqs): (Vec<DateTime<Utc>>, Vec<i64>) = events.iter().copied().unzip();
+    let rows = sqlx::query!(
+        r#"SELECT occurred_at, seq, source_service, event_id, idempotency_key, correlation_id,
+                  metric, payload_hash
+             FROM usage_events
+            WHERE tenant_id = $1 AND occurred_at = ANY($2::timestamptz[])
+              AND seq = ANY($3::int8[])"#,
+        tenant.0,
+        &instants,
+        &seqs
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    taken.holders = rows
+        .into_iter()
+        .filter(|r| events.contains(&(r.occurred_at, r.seq)))
+        .map(|r| ExistingKeys {
+            source_service: r.source_service,
+            event_id: r.event_id,
+            idempotency_key: r.idempotency_key,
+            correlation_id: r.correlation_id,
+            metric: r.metric,
+            occurred_at: r.occurred_at,
+            payload_hash: r.payload_hash,
+        })
+        .collect();
+    Ok(taken)
 }
 
 /// A stored event as the API returns it.
@@ -254,7 +323,7 @@ pub async fn list(
              FROM usage_events
             WHERE tenant_id = $1
               AND (occurred_at, seq) > ($2::timestamptz, $3::int8)
-              AND occurred_at < $4
+              AND occurred_at >= $2 AND occurred_at < $4
               AND ($5::text IS NULL OR metric = $5)
               AND ($6::text IS NULL OR classification = $6)
             ORDER BY occurred_at, seq

@@ -1,0 +1,450 @@
+//! The deduplication window and the storage policy (migration 0006): duplicates and conflicts
+//! are caught across day partitions and key generations, nothing slips between two
+//! generations while a rotation runs, keys are forgotten only after the window, and old days
+//! leave the table whole.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Duration as Days, Utc};
+use common::{statuses, Fixture};
+use meterbridge::domain::usage::{validate_event, EventLimits, Submitter};
+use meterbridge::domain::{SourceService, Trust};
+use meterbridge::repo::usage_events;
+use meterbridge::repo::usage_storage::{self, StorageAction, StoragePolicy};
+use meterbridge::testing::migrate_up_to;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+async fn maintain(
+    owner: &PgPool,
+    now: DateTime<Utc>,
+    policy: &StoragePolicy,
+) -> Vec<StorageAction> {
+    let mut tx = owner.begin().await.unwrap();
+    let done = usage_storage::maintain(&mut tx, now, policy).await.unwrap();
+    tx.commit().await.unwrap();
+    done
+}
+
+fn did(done: &[StorageAction], action: &str) -> Vec<String> {
+    done.iter()
+        .filter(|a| a.action == action)
+        .map(|a| a.object.clone())
+        .collect()
+}
+
+fn with(event: &Value, field: &str, value: Value) -> Value {
+    let mut e = event.clone();
+    e[field] = value;
+    e
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn resends_are_caught_across_day_partitions(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    // Just before today's midnight, so that a resend "a moment later" is in another partition.
+    let midnight = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let before = midnight - Days::microseconds(1);
+    let event = with(
+        &fx.event(1, "api.requests", 2),
+        "occurredAt",
+        json!(before.to_rfc3339()),
+    );
+    assert_eq!(
+        fx.submit(&app, json!({ "events": [event.clone()] }))
+            .await
+            .body["accepted"],
+        1
+    );
+
+    // The same event again: a duplicate, nothing stored twice.
+    let r = fx.submit(&app, json!({ "events": [event.clone()] })).await;
+    assert_eq!(statuses(&r.body), ["duplicate"], "{}", r.body);
+    // Its id with another instant, across the partition boundary: a conflict.
+    let moved = with(&event, "occurredAt", json!(midnight.to_rfc3339()));
+    let r = fx.submit(&app, json!({ "events": [moved] })).await;
+    assert_eq!(
+        r.body["results"][0]["code"], "event_id_conflict",
+        "{}",
+        r.body
+    );
+    // Its operation (correlation, metric, instant) under another id: a conflict.
+    let other_id = with(&event, "eventId", json!(format!("{}-other", fx.run)));
+    let r = fx.submit(&app, json!({ "events": [other_id] })).await;
+    assert_eq!(
+        r.body["results"][0]["code"], "correlation_conflict",
+        "{}",
+        r.body
+    );
+    assert_eq!(fx.stored_events().await, 1);
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn keys_are_remembered_for_the_window_then_forgotten(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let policy = StoragePolicy::default();
+    let keyed = with(
+        &fx.event(1, "api.requests", 2),
+        "idempotencyKey",
+        json!("order-1"),
+    );
+    let event = fx.event(2, "api.requests", 3);
+    let r = fx
+        .submit(&app, json!({ "events": [keyed.clone(), event.clone()] }))
+        .await;
+    assert_eq!(r.body["accepted"], 2, "{}", r.body);
+
+    // A week later the generation that holds their keys is closed, but still probed.
+    let week = Utc::now() + Days::days(8);
+    assert_eq!(
+        did(&maintain(&owner, week, &policy).await, "rotated").len(),
+        1
+    );
+    let r = fx
+        .submit(&app, json!({ "events": [event.clone(), keyed.clone()] }))
+        .await;
+    assert_eq!(statuses(&r.body), ["duplicate", "duplicate"], "{}", r.body);
+    let later = Utc::now() - Days::minutes(1);
+    let moved = with(&event, "occurredAt", json!(later.to_rfc3339()));
+    let rekeyed = with(
+        &with(&keyed, "eventId", json!(format!("{}-new", fx.run))),
+        "quantity",
+        json!(9),
+    );
+    let r = fx
+        .submit(&app, json!({ "events": [moved.clone(), rekeyed.clone()] }))
+        .await;
+    assert_eq!(statuses(&r.body), ["conflict", "conflict"], "{}", r.body);
+    assert_eq!(
+        r.body["results"][1]["code"], "idempotency_key_conflict",
+        "{}",
+        r.body
+    );
+    assert_eq!(fx.stored_events().await, 2);
+
+    // The window after that generation closed, its keys are gone: the same ids are new again
+    // (in real time an identical resend would by then be refused as too old).
+    let gone = week + Days::days(policy.dedup_window_days.into()) + Days::hours(1);
+    let done = maintain(&owner, gone, &policy).await;
+    assert_eq!(did(&done, "expired"), ["usage_event_keys_g1"]);
+    let r = fx.submit(&app, json!({ "events": [moved] })).await;
+    assert_eq!(statuses(&r.body), ["accepted"], "{}", r.body);
+    let stale = with(
+        &event,
+        "occurredAt",
+        json!((Utc::now() - Days::days(36)).to_rfc3339()),
+    );
+    let r = fx.submit(&app, json!({ "events": [stale] })).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(
+        r.body["errors"][0]["code"], "occurred_at_too_old",
+        "{}",
+        r.body
+    );
+}
+
+/// Batches of the same events race rotations that a test clock forces one after another: each
+/// event is stored once, whichever generation took its keys.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn no_duplicate_slips_between_generations(owner: PgPool) {
+    let fx = Arc::new(Fixture::new(&owner).await);
+    let policy = StoragePolicy {
+        generation_hours: 1,
+        ..StoragePolicy::default()
+    };
+    let pool: Vec<Value> = (0..200).map(|n| fx.event(n, "api.requests", 1)).collect();
+    let mut senders = Vec::new();
+    for s in 0..6 {
+        let fx = Arc::clone(&fx);
+        let app = fx.app(&[]).await;
+        let pool = pool.clone();
+        senders.push(tokio::spawn(async move {
+            let mut accepted = 0;
+            for round in 0..10 {
+                let batch: Vec<Value> = pool
+                    .iter()
+                    .skip((s * 7 + round * 13) % 150)
+                    .take(50)
+                    .cloned()
+                    .collect();
+                let r = fx.submit(&app, json!({ "events": batch })).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                assert_eq!(r.body["conflicts"], 0, "{}", r.body);
+                accepted += r.body["accepted"].as_u64().unwrap();
+            }
+            accepted
+        }));
+    }
+    let rotations = {
+        let owner = owner.clone();
+        tokio::spawn(async move {
+            let mut rotated = 0;
+            for hour in 1..=40 {
+                let done = maintain(&owner, Utc::now() + Days::hours(hour), &policy).await;
+                rotated += did(&done, "rotated").len();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            rotated
+        })
+    };
+    let mut accepted = 0;
+    for sender in senders {
+        accepted += sender.await.unwrap();
+    }
+    assert!(rotations.await.unwrap() >= 10);
+    let stored = fx.stored_events().await;
+    assert_eq!(
+        accepted as i64, stored,
+        "every acceptance is one stored event"
+    );
+    let distinct: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT event_id) FROM usage_events WHERE tenant_id = $1",
+    )
+    .bind(fx.tenant.id)
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(distinct, stored, "no event id stored twice");
+    let generations: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT generation) FROM usage_event_keys")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert!(generations > 1, "the keys span several generations");
+}
+
+/// A rotation waits for the ingestion transactions in flight (and so cannot split one); one
+/// that is stuck makes the rotation give up at its lock timeout, to try again next run.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_rotation_waits_for_ingestion_in_flight(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
+    usage_events::hold_key_generation(&mut tx).await.unwrap();
+
+    let mut maint = owner.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '300ms'")
+        .execute(&mut *maint)
+        .await
+        .unwrap();
+    let err = usage_storage::maintain(
+        &mut maint,
+        Utc::now() + Days::days(8),
+        &StoragePolicy::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.sqlstate().as_deref(), Some("55P03"), "{err}");
+    drop(maint);
+
+    tx.commit().await.unwrap();
+    let done = maintain(
+        &owner,
+        Utc::now() + Days::days(8),
+        &StoragePolicy::default(),
+    )
+    .await;
+    assert_eq!(did(&done, "rotated"), ["usage_event_keys_g2"]);
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn old_days_are_archived_whole_then_dropped(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let yesterday = Utc::now() - Days::days(1);
+    let event = with(
+        &fx.event(1, "api.requests", 2),
+        "occurredAt",
+        json!(yesterday.to_rfc3339()),
+    );
+    assert_eq!(
+        fx.submit(&app, json!({ "events": [event] })).await.body["accepted"],
+        1
+    );
+    let day = yesterday.format("%Y%m%d").to_string();
+
+    let policy = StoragePolicy {
+        retention_days: 45,
+        archive_days: 3,
+        ..StoragePolicy::default()
+    };
+    // Nothing is due yet: the run only makes sure the days ahead exist.
+    let done = maintain(&owner, Utc::now(), &policy).await;
+    assert!(
+        did(&done, "archived").is_empty() && did(&done, "dropped").is_empty(),
+        "{done:?}"
+    );
+
+    // Past the retention, yesterday's partition leaves the table whole, into usage_archive.
+    let past = Utc::now() + Days::days(45);
+    let done = maintain(&owner, past, &policy).await;
+    assert!(
+        did(&done, "archived").contains(&format!("usage_events_p{day}")),
+        "{done:?}"
+    );
+    assert_eq!(fx.stored_events().await, 0);
+    let archived: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM usage_archive.usage_events_p{day}"
+    ))
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(archived, 1);
+    // The days ahead of that date were created.
+    let ahead = (past + Days::days(14)).format("%Y%m%d").to_string();
+    assert!(
+        did(&done, "created").contains(&format!("usage_events_p{ahead}")),
+        "{done:?}"
+    );
+
+    // The archive days later, it is dropped; a run again does nothing.
+    let done = maintain(&owner, past + Days::days(3), &policy).await;
+    assert!(
+        did(&done, "dropped").contains(&format!("usage_events_p{day}")),
+        "{done:?}"
+    );
+    let again = maintain(&owner, past + Days::days(3), &policy).await;
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_missing_partition_is_503_and_stores_nothing(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let today = Utc::now().format("%Y%m%d").to_string();
+    sqlx::query(&format!("DROP TABLE usage_events_p{today}"))
+        .execute(&owner)
+        .await
+        .unwrap();
+    let r = fx
+        .submit(&app, json!({ "events": [fx.event(1, "api.requests", 2)] }))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.headers["retry-after"], "30");
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_event_keys")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0);
+
+    let done = maintain(&owner, Utc::now(), &StoragePolicy::default()).await;
+    assert!(
+        did(&done, "created").contains(&format!("usage_events_p{today}")),
+        "{done:?}"
+    );
+    let r = fx
+        .submit(&app, json!({ "events": [fx.event(1, "api.requests", 2)] }))
+        .await;
+    assert_eq!(r.body["accepted"], 1, "{}", r.body);
+}
+
+#[test]
+fn the_policy_keeps_events_longer_than_keys() {
+    assert!(StoragePolicy::default().check().is_ok());
+    let short = StoragePolicy {
+        retention_days: 40,
+        generation_hours: 7 * 24,
+        ..StoragePolicy::default()
+    };
+    assert!(
+        short.check().is_err(),
+        "36 + 7 + 1 days of keys outlive 40 days of events"
+    );
+}
+
+/// Events stored before migration 0006 get their keys from the migration (hashed in SQL):
+/// resends of them are recognised by the keys ingestion now hashes in Rust.
+#[sqlx::test(migrations = false)]
+async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
+    migrate_up_to(&owner, 5).await;
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let catalog = app.catalog().await.unwrap();
+    let source = SourceService::parse("crm").unwrap();
+    let submitter = Submitter {
+        tenant_id: fx.tenant.id,
+        tenant_slug: &fx.tenant.slug,
+        source: &source,
+        trust: Trust::Internal,
+        catalog: &catalog,
+        now: Utc::now(),
+        limits: EventLimits::default(),
+    };
+    let keyed = with(
+        &fx.event(1, "api.requests", 2),
+        "idempotencyKey",
+        json!("order-1"),
+    );
+    let plain = fx.event(2, "api.requests", 3);
+    for raw in [&keyed, &plain] {
+        // As the code of migration 0005 stored them.
+        let e = validate_event(raw.clone(), &submitter).unwrap();
+        sqlx::query(
+            "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
+                 occurred_at, correlation_id, classification, idempotency_key, payload_hash)
+             VALUES ($1, 'crm', $2, $3, $4, $5, $6, 'BILLABLE', $7, $8)",
+        )
+        .bind(fx.tenant.id)
+        .bind(&e.event_id)
+        .bind(&e.metric)
+        .bind(e.quantity)
+        .bind(e.occurred_at)
+        .bind(&e.correlation_id)
+        .bind(&e.idempotency_key)
+        .bind(e.payload_hash.as_slice())
+        .execute(&owner)
+        .await
+        .unwrap();
+    }
+    meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_event_keys")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys, 5,
+        "event and operation keys of both, the idempotency key of one"
+    );
+
+    let app = fx.app(&[]).await;
+    let r = fx
+        .submit(&app, json!({ "events": [keyed.clone(), plain.clone()] }))
+        .await;
+    assert_eq!(statuses(&r.body), ["duplicate", "duplicate"], "{}", r.body);
+    let rekeyed = with(
+        &with(&keyed, "eventId", json!("fresh")),
+        "quantity",
+        json!(5),
+    );
+    let same_op = with(
+        &with(&plain, "eventId", json!("fresh-2")),
+        "quantity",
+        json!(5),
+    );
+    let r = fx
+        .submit(&app, json!({ "events": [rekeyed, same_op] }))
+        .await;
+    let codes: Vec<&str> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        ["idempotency_key_conflict", "correlation_conflict"],
+        "{}",
+        r.body
+    );
+    assert_eq!(fx.stored_events().await, 2);
+}
