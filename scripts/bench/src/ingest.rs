@@ -134,16 +134,16 @@ pub async fn run_handler(
 
 /// The stored form of each event, computed before the clock starts for both baselines.
 pub struct Prepared {
-    event_id: String,
-    metric: String,
-    quantity: i64,
-    occurred_at: chrono::DateTime<chrono::Utc>,
-    actor_id: Option<String>,
-    correlation_id: String,
-    classification: &'static str,
-    idempotency_key: Option<String>,
-    metadata: Value,
-    payload_hash: Vec<u8>,
+    pub(crate) event_id: String,
+    pub(crate) metric: String,
+    pub(crate) quantity: i64,
+    pub(crate) occurred_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) actor_id: Option<String>,
+    pub(crate) correlation_id: String,
+    pub(crate) classification: &'static str,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) metadata: Value,
+    pub(crate) payload_hash: Vec<u8>,
 }
 
 pub fn prepare(

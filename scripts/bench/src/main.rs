@@ -5,7 +5,10 @@
 //! - `verify`: payment verifications through the real handler beside the raw limit — the same
 //!   statements as a plain SQL transaction;
 //! - `relay`: outbox rows relayed to a local PutEvents endpoint beside the raw limit — the same
-//!   claim and mark statements without publishing — and the fast path's latency.
+//!   claim and mark statements without publishing — and the fast path's latency;
+//! - `growth` (not in the default set): ingestion at batch 500 on an empty table and after
+//!   loading it to `BENCH_GROWTH_SIZES` rows (10 M, 30 M), for `BENCH_SCHEMA` `after` (this
+//!   design) or `before` (migration 0005's); see `growth.rs`.
 //!
 //! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_WORKLOADS`
 //! (ingest,verify), `BENCH_EVENTS` (20000), `BENCH_VERIFICATIONS` (2000), `BENCH_REPEAT` (3),
@@ -14,6 +17,7 @@
 //! Redis at `REDIS_URL`; it creates and drops its own database.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program: fail loudly
 
+mod growth;
 mod ingest;
 mod measure;
 mod relay;
@@ -61,7 +65,12 @@ async fn main() {
         .unwrap_or(2000);
 
     let owner = fresh_database(&admin_url).await;
-    meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
+    let schema = growth::Schema::from_env();
+    if workloads.contains("growth") && schema == growth::Schema::Before {
+        meterbridge::testing::migrate_up_to(&owner, 5).await;
+    } else {
+        meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
+    }
     let tenant = create_tenant(&owner, "bench").await;
     let key = create_api_key(&owner, &tenant, "crm", Trust::Internal).await;
     let catalog = MetricCatalog::new(metrics::catalog(&owner).await.unwrap());
@@ -141,6 +150,14 @@ async fn main() {
         rows.push(relay::run_fast_path(&api_url, &endpoint, &key.key, payments).await);
     }
     measure::report(&rows);
+    if workloads.contains("growth") {
+        let sizes = list("BENCH_GROWTH_SIZES", &[10_000_000, 30_000_000]);
+        let points = growth::run(
+            &owner, &api_url, schema, &tenant, &key.key, &catalog, &sizes, total, repeat,
+        )
+        .await;
+        growth::report(schema, &points);
+    }
     owner.close().await;
 }
 

@@ -1,0 +1,392 @@
+//! The growth run: ingestion at batch 500 with 1 and 4 callers on an empty table, then again
+//! after loading the table to each of `BENCH_GROWTH_SIZES` stored rows (10 M and 30 M by
+//! default), with the ratio to the empty-table rate. `BENCH_SCHEMA=after` (this design: the
+//! handler, on migration 0006) or `before` (migration 0005's schema and its batch INSERT, the
+//! statement the handler ran then, in the same tenant transaction).
+//!
+//! The stored rows are a month of history: occurred_at (and arrival) spread evenly over the
+//! last 30 days, ten tenants, random text ids as clients send them. They are loaded outside the
+//! measured time with the table's indexes dropped and built again afterwards, then the tables
+//! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows are placed in
+//! the key generation their arrival falls in, and the open generation is a full week old (the
+//! largest it gets before its rotation).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meterbridge::domain::{MetricCatalog, Tenant};
+use meterbridge::Database;
+use sqlx::postgres::PgPool;
+
+use crate::ingest::{build_apps, make_batches, prepare, run_handler, Prepared};
+use crate::measure::{run_concurrently, Row};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    Before,
+    After,
+}
+
+impl Schema {
+    pub fn from_env() -> Schema {
+        match std::env::var("BENCH_SCHEMA").as_deref() {
+            Ok("before") => Schema::Before,
+            _ => Schema::After,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Schema::Before => "before (0005)",
+            Schema::After => "after (0006)",
+        }
+    }
+}
+
+/// One point of the run: the rows stored when it was measured, the size of the tables with
+/// their indexes, and the measurement per caller count.
+pub struct Point {
+    pub stored: i64,
+    pub bytes: i64,
+    pub rows: Vec<Row>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    owner: &PgPool,
+    api_url: &str,
+    schema: Schema,
+    tenant: &Tenant,
+    key: &str,
+    catalog: &MetricCatalog,
+    sizes: &[usize],
+    events: usize,
+    repeat: usize,
+) -> Vec<Point> {
+    let callers = [1usize, 4];
+    let batch = 500;
+    let mut tenants = vec![tenant.id.0];
+    for n in 1..10 {
+        tenants.push(
+            meterbridge::testing::create_tenant(owner, &format!("history-{n}"))
+                .await
+                .id
+                .0,
+        );
+    }
+    if schema == Schema::After {
+        week_old_generations(owner).await;
+    }
+    let api = Database::from_pool(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(api_url)
+            .await
+            .unwrap(),
+    );
+    let mut points = Vec::new();
+    let mut stored = 0usize;
+    let mut apps = Vec::new();
+    for &c in &callers {
+        apps.push(build_apps(api_url, c).await);
+    }
+    for (step, &size) in std::iter::once(&0).chain(sizes).enumerate() {
+        if size > stored {
+            let started = Instant::now();
+            load(owner, schema, &tenants, size - stored).await;
+            stored = size;
+            eprintln!(
+                "growth {}: loaded to {size} rows in {:.0} s",
+                schema.name(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let mut rows = Vec::new();
+        for (i, &c) in callers.iter().enumerate() {
+            let mut runs = Vec::new();
+            for round in 0..repeat {
+                let tag = format!("g{step}x{c}r{round}");
+                let work = make_batches(&tag, events, batch);
+                settle(owner, step == 0).await;
+                runs.push(match schema {
+                    Schema::After => run_handler(&apps[i], key, work, batch, c).await,
+                    Schema::Before => {
+                        let prepared = prepare(&work, tenant, catalog);
+                        run_old_insert(&api, tenant, prepared, batch, c).await
+                    }
+                });
+            }
+            rows.push(crate::measure::median(runs));
+        }
+        let (count, bytes) = size_of(owner).await;
+        points.push(Point {
+            stored: count,
+            bytes,
+            rows,
+        });
+    }
+    points
+}
+
+/// Before a measurement: an empty table at the first point (each repeat from zero), and a
+/// fresh checkpoint always, so no measurement pays for the load or the one before it.
+async fn settle(owner: &PgPool, empty: bool) {
+    if empty {
+        sqlx::query("TRUNCATE usage_events")
+            .execute(owner)
+            .await
+            .unwrap();
+        if has_keys(owner).await {
+            sqlx::query("TRUNCATE usage_event_keys")
+                .execute(owner)
+                .await
+                .unwrap();
+        }
+        sqlx::query("VACUUM ANALYZE usage_events")
+            .execute(owner)
+            .await
+            .unwrap();
+    }
+    sqlx::query("CHECKPOINT").execute(owner).await.unwrap();
+}
+
+async fn has_keys(owner: &PgPool) -> bool {
+    sqlx::query_scalar::<_, bool>("SELECT to_regclass('public.usage_event_keys') IS NOT NULL")
+        .fetch_one(owner)
+        .await
+        .unwrap()
+}
+
+/// Stored rows, and the bytes of usage_events (all partitions, with indexes) plus the keys.
+async fn size_of(owner: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM usage_events),
+                (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c
+                  WHERE c.relkind = 'r' AND (c.relname = 'usage_events'
+                        OR c.relname LIKE 'usage\\_events\\_p%' OR c.relname LIKE 'usage\\_event\\_keys%'))",
+    )
+    .fetch_one(owner)
+    .await
+    .unwrap()
+}
+
+/// Generations 1-4 closed a week apart over the month before, generation 5 open for a week.
+async fn week_old_generations(owner: &PgPool) {
+    for statement in [
+        "DELETE FROM usage_key_generations",
+        "DROP TABLE usage_event_keys_g1",
+        "SELECT count(usage_event_keys_create_partition(g)) FROM generate_series(1, 5) AS g",
+        "INSERT INTO usage_key_generations (generation, opened_at, closed_at)
+         SELECT g, now() - (36 - 7 * g) * interval '1 day' - interval '1 day',
+                CASE WHEN g < 5 THEN now() - (35 - 7 * g) * interval '1 day' END
+           FROM generate_series(1, 5) AS g",
+    ] {
+        sqlx::query(statement).execute(owner).await.unwrap();
+    }
+}
+
+/// Adds `rows` rows of history with the indexes dropped, then builds them again.
+async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usize) {
+    let mut conn = owner.acquire().await.unwrap();
+    let (drop, build): (&[&str], &[&str]) = match schema {
+        Schema::After => (
+            &[
+                "ALTER TABLE usage_events DROP CONSTRAINT usage_events_key",
+                "DROP INDEX usage_events_tenant_metric_time_idx, usage_events_tenant_class_time_idx",
+                "ALTER TABLE usage_event_keys DROP CONSTRAINT usage_event_keys_unique",
+            ],
+            &[
+                "ALTER TABLE usage_events ADD CONSTRAINT usage_events_key
+                     UNIQUE (tenant_id, occurred_at, seq)",
+                "CREATE INDEX usage_events_tenant_metric_time_idx
+                     ON usage_events (tenant_id, metric, occurred_at, seq)",
+                "CREATE INDEX usage_events_tenant_class_time_idx
+                     ON usage_events (tenant_id, classification, occurred_at, seq)",
+                "ALTER TABLE usage_event_keys ADD CONSTRAINT usage_event_keys_unique
+                     UNIQUE (key_hash, generation)",
+                "VACUUM ANALYZE usage_event_keys",
+            ],
+        ),
+        Schema::Before => (
+            &[
+                "ALTER TABLE usage_events DROP CONSTRAINT usage_events_pkey,
+                     DROP CONSTRAINT usage_events_idempotency_key,
+                     DROP CONSTRAINT usage_events_correlation",
+                "DROP INDEX usage_events_tenant_time_idx, usage_events_tenant_metric_time_idx,
+                     usage_events_tenant_class_time_idx",
+            ],
+            &[
+                "ALTER TABLE usage_events
+                     ADD CONSTRAINT usage_events_pkey PRIMARY KEY (tenant_id, source_service, event_id),
+                     ADD CONSTRAINT usage_events_idempotency_key
+                         UNIQUE (tenant_id, source_service, idempotency_key),
+                     ADD CONSTRAINT usage_events_correlation
+                         UNIQUE (tenant_id, correlation_id, metric, occurred_at)",
+                "CREATE INDEX usage_events_tenant_time_idx ON usage_events (tenant_id, occurred_at, seq)",
+                "CREATE INDEX usage_events_tenant_metric_time_idx
+                     ON usage_events (tenant_id, metric, occurred_at, seq)",
+                "CREATE INDEX usage_events_tenant_class_time_idx
+                     ON usage_events (tenant_id, classification, occurred_at, seq)",
+            ],
+        ),
+    };
+    sqlx::query("SET maintenance_work_mem = '1GB'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for statement in drop {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+    let first_seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM usage_events")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    // In slices of a million rows: each its own transaction, with progress.
+    let slice = 1_000_000;
+    let mut done = 0;
+    while done < rows {
+        let n = slice.min(rows - done);
+        sqlx::query(
+            "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
+                 occurred_at, actor_id, correlation_id, classification, metadata, payload_hash,
+                 created_at)
+             SELECT ($1::uuid[])[1 + i % 10], 'crm', gen_random_uuid()::text, m.name,
+                    1 + i % 7, t.at, 'user-' || i % 100, gen_random_uuid()::text,
+                    m.classification, '{\"endpoint\": \"/v1/leads\", \"region\": \"eu-west-1\"}',
+                    sha256(int8send(i)), t.at + interval '1 second'
+               FROM generate_series(1, $2::int8) AS i
+              CROSS JOIN LATERAL (SELECT now() - interval '1 hour'
+                                         - random() * interval '30 days' AS at) AS t
+              JOIN (SELECT name, classification,
+                           row_number() OVER (ORDER BY name) - 1 AS k
+                      FROM metrics WHERE name IN ('api.requests', 'leads.processed',
+                                                  'scoring.requests', 'voice.calls.completed')) m
+                ON m.k = i % 4",
+        )
+        .bind(tenants)
+        .bind(n as i64)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        done += n;
+    }
+    if schema == Schema::After {
+        // Two keys per event (event id, operation), in the generation of its arrival.
+        sqlx::query(
+            "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+             SELECT g.generation, gen_random_uuid(), e.tenant_id, e.occurred_at, e.seq
+               FROM usage_events e
+               JOIN usage_key_generations g
+                 ON e.created_at >= g.opened_at AND (g.closed_at IS NULL OR e.created_at < g.closed_at)
+              CROSS JOIN generate_series(1, 2)
+              WHERE e.seq > $1",
+        )
+        .bind(first_seq)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    for statement in build {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+    sqlx::query("VACUUM ANALYZE usage_events")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// Migration 0005's store: its batch INSERT (the handler's fast path then), in a tenant
+/// transaction as the API role.
+async fn run_old_insert(
+    db: &Database,
+    tenant: &Tenant,
+    work: Vec<Vec<Prepared>>,
+    batch: usize,
+    callers: usize,
+) -> Row {
+    let events: usize = work.iter().map(Vec::len).sum();
+    let db = Arc::new(db.clone());
+    let tenant_id = tenant.id;
+    let (elapsed, latencies) =
+        run_concurrently(work, callers, move |_, rows: Vec<Prepared>| {
+            let db = Arc::clone(&db);
+            async move {
+                let mut tx = db.tenant_tx(tenant_id).await.unwrap();
+                sqlx::query(
+                "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
+                     occurred_at, actor_id, correlation_id, classification, idempotency_key,
+                     metadata, payload_hash)
+                 SELECT $1, 'crm', e.* FROM UNNEST($2::text[], $3::text[], $4::int8[],
+                     $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[],
+                     $10::jsonb[], $11::bytea[]) AS e",
+            )
+            .bind(tenant_id.0)
+            .bind(rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.metric.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.quantity).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.actor_id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.correlation_id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.classification).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.idempotency_key.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.metadata.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.payload_hash.clone()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+                tx.commit().await.unwrap();
+            }
+        })
+        .await;
+    Row {
+        workload: "0005 batch INSERT",
+        batch,
+        callers,
+        events,
+        elapsed,
+        latencies,
+        peak_rss_kib: 0,
+    }
+}
+
+/// The growth table: rate per stored size and caller count, and its ratio to the empty table.
+pub fn report(schema: Schema, points: &[Point]) {
+    println!();
+    println!(
+        "growth run, {} — batch 500, events/s (ratio to the empty table)",
+        schema.name()
+    );
+    println!(
+        "{:>12} {:>12} {:>22} {:>22}",
+        "stored rows", "size GB", "1 caller", "4 callers"
+    );
+    let base: Vec<f64> = points
+        .first()
+        .map(|p| p.rows.iter().map(Row::rate).collect())
+        .unwrap_or_default();
+    for p in points {
+        let cells: Vec<String> = p
+            .rows
+            .iter()
+            .zip(&base)
+            .map(|(r, b)| format!("{:.0} ({:.0}%)", r.rate(), r.rate() / b * 100.0))
+            .collect();
+        println!(
+            "{:>12} {:>12.2} {:>22} {:>22}",
+            p.stored,
+            p.bytes as f64 / 1e9,
+            cells.first().cloned().unwrap_or_default(),
+            cells.get(1).cloned().unwrap_or_default()
+        );
+    }
+    if let Some(last) = points.last() {
+        for (r, b) in last.rows.iter().zip(&base) {
+            let ratio = r.rate() / b * 100.0;
+            println!(
+                "at {} rows, {} caller(s): {ratio:.0}% of the empty-table rate (target >= 80%: {})",
+                last.stored,
+                r.callers,
+                if ratio >= 80.0 { "met" } else { "NOT met" }
+            );
+        }
+    }
+}
