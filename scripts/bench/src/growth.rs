@@ -229,10 +229,15 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
             ],
         ),
     };
-    sqlx::query("SET maintenance_work_mem = '1GB'")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    // Loading only: no foreign-key triggers (the rows reference tenants and metrics that
+    // exist), no waiting for WAL flushes, memory for the index builds.
+    for setting in [
+        "SET maintenance_work_mem = '1GB'",
+        "SET session_replication_role = replica",
+        "SET synchronous_commit = off",
+    ] {
+        sqlx::query(setting).execute(&mut *conn).await.unwrap();
+    }
     for statement in drop {
         sqlx::query(statement).execute(&mut *conn).await.unwrap();
     }
@@ -289,6 +294,10 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
         sqlx::query(statement).execute(&mut *conn).await.unwrap();
     }
     sqlx::query("VACUUM ANALYZE usage_events")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("RESET session_replication_role")
         .execute(&mut *conn)
         .await
         .unwrap();
