@@ -7,26 +7,28 @@
 -- its empty-table rate at 10 M rows).
 --
 -- After:
---   * usage_events is partitioned by UTC day of occurred_at. Its partitions hold only the
---     listing indexes, whose keys begin (tenant, [metric | classification,] occurred_at): new
---     rows land at the right edge of each tenant's range, so inserts touch few pages whatever
---     the table's size. The first of them is also the table's unique key (tenant, occurred_at,
---     seq), by which a dedup key points at its event. A day partition is detached (and moved to
+--   * usage_events is partitioned by UTC day of occurred_at. Its partitions hold the listing
+--     indexes, whose keys begin (tenant, [metric | classification,] occurred_at): new rows land
+--     at the right edge of each tenant's range, so inserts touch few pages whatever the
+--     table's size. The first of them is also the table's unique key (tenant, occurred_at,
+--     seq), by which a dedup key points at its event. The operation key (correlation, metric,
+--     instant) contains the instant, so it is unique within its day: a 16-byte hash with the
+--     instant, in one more index of the day partition (small, and dropped with the day). A day partition is detached (and moved to
 --     the schema usage_archive, from which it can be exported) once it is older than the
 --     retention, and dropped some days later: never deleted row by row.
---   * usage_event_keys holds, for every stored event, one 16-byte hash per unique key: the event
---     id and the idempotency key (each per tenant and source) and the operation (correlation,
---     metric, instant, per tenant). It is partitioned by key *generation*: ingestion writes into
---     the open generation, whose unique index catches concurrent duplicates; the closed ones
---     are probed for earlier duplicates and dropped whole once they are older than the
---     deduplication window. A generation is opened and closed by the maintenance (the owner),
+--   * usage_event_keys holds, for every stored event, a 16-byte hash of its event id and, when
+--     the caller chose one, of its idempotency key (each unique per tenant and source, and
+--     independent of the instant). It is partitioned by key *generation*: ingestion writes into
+--     the open generation, whose unique index catches concurrent duplicates; the closed one is
+--     probed for earlier duplicates, and dropped whole once it is older than the deduplication
+--     window. A generation is opened and closed by the maintenance (the owner),
 --     under an exclusive advisory lock that every ingestion transaction holds in shared mode:
 --     no ingestion transaction ever straddles a rotation, so no duplicate slips between two
 --     generations.
 
 ------------------------------------------------------------------------------------------------
 -- 1. The key hash, here only to carry the keys of the events already stored; ingestion computes
---    the same bytes in Rust (meterbridge::domain::usage::DedupKeys): the first 16 bytes of the
+--    the same bytes in Rust (meterbridge::domain::dedup::DedupKeys): the first 16 bytes of the
 --    SHA-256 of kind, tenant and parts joined by U+001F (identifiers cannot hold control
 --    characters, so the join is unambiguous).
 ------------------------------------------------------------------------------------------------
@@ -59,7 +61,9 @@ CREATE TABLE public.usage_events (
     metadata        jsonb       NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(metadata) = 'object'),
     payload_hash    bytea       NOT NULL CHECK (length(payload_hash) = 32),
     created_at      timestamptz NOT NULL DEFAULT now(),
-    seq             bigint      GENERATED ALWAYS AS IDENTITY
+    seq             bigint      GENERATED ALWAYS AS IDENTITY,
+    -- The hash of (tenant, correlation_id, metric, occurred_at): see section 1.
+    operation_key   uuid        NOT NULL
 ) PARTITION BY RANGE (occurred_at);
 
 -- One day partition, named usage_events_pYYYYMMDD; returns its name when it was created.
@@ -92,10 +96,13 @@ SELECT count(public.usage_events_create_partition(d::date))
 
 INSERT INTO public.usage_events
        (tenant_id, event_id, metric, quantity, occurred_at, actor_id, source_service,
-        correlation_id, classification, idempotency_key, metadata, payload_hash, created_at, seq)
+        correlation_id, classification, idempotency_key, metadata, payload_hash, created_at, seq,
+        operation_key)
 OVERRIDING SYSTEM VALUE
 SELECT tenant_id, event_id, metric, quantity, occurred_at, actor_id, source_service,
-       correlation_id, classification, idempotency_key, metadata, payload_hash, created_at, seq
+       correlation_id, classification, idempotency_key, metadata, payload_hash, created_at, seq,
+       pg_temp.usage_key('op', tenant_id, correlation_id, metric,
+                         (extract(epoch FROM occurred_at) * 1000000)::bigint::text)
   FROM public.usage_events_0005;
 
 SELECT setval(pg_get_serial_sequence('public.usage_events', 'seq'),
@@ -152,9 +159,7 @@ SELECT 1, k.key_hash, e.tenant_id, e.occurred_at, e.seq
         (pg_temp.usage_key('event', e.tenant_id, e.source_service, e.event_id, '')),
         (CASE WHEN e.idempotency_key IS NOT NULL
               THEN pg_temp.usage_key('idem', e.tenant_id, e.source_service, e.idempotency_key, '')
-         END),
-        (pg_temp.usage_key('op', e.tenant_id, e.correlation_id, e.metric,
-                           (extract(epoch FROM e.occurred_at) * 1000000)::bigint::text))
+         END)
        ) AS k(key_hash)
  WHERE k.key_hash IS NOT NULL;
 
@@ -173,6 +178,9 @@ CREATE INDEX usage_events_tenant_metric_time_idx
 -- GET /v1/usage/events?classification=….
 CREATE INDEX usage_events_tenant_class_time_idx
     ON public.usage_events (tenant_id, classification, occurred_at, seq);
+-- Dedup of the operation: the same (correlation, metric, instant) once per tenant.
+ALTER TABLE public.usage_events
+    ADD CONSTRAINT usage_events_operation UNIQUE (operation_key, occurred_at);
 
 ------------------------------------------------------------------------------------------------
 -- 5. Retired partitions wait here for export (in AWS, aws_s3.query_export_to_s3) until the

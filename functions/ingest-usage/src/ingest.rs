@@ -1,6 +1,6 @@
 //! `POST /v1/usage/events`: parse → validate → one transaction → respond → count.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
@@ -94,9 +94,10 @@ const COLLISION_ROUNDS: usize = 8;
 type Stored = (Vec<String>, Vec<usage_events::ExistingKeys>);
 
 /// Stores the leaders in one transaction, retried as a whole on a deadlock or serialization
-/// failure (see [`store_once`]). Keys are inserted in key order, so two batches that share
-/// keys take their index locks in the same order and wait for each other rather than
-/// deadlock; the retry covers what ordering cannot rule out.
+/// failure (see [`store_once`]). Events go in in the order of their operation keys, and
+/// remembered keys in key order, so two batches that share keys take their index locks in the
+/// same order and wait for each other rather than deadlock; the retry covers what ordering
+/// cannot rule out.
 async fn store(app: &App, caller: &Caller, leaders: &[&UsageEvent]) -> Result<Stored, ApiError> {
     let keys: Vec<DedupKeys> = leaders
         .iter()
@@ -127,16 +128,25 @@ async fn store_once(
     }
     tx.rollback().await?;
 
-    let wanted: Vec<Uuid> = keys.iter().flat_map(DedupKeys::all).collect();
+    let remembered: Vec<Uuid> = keys.iter().flat_map(DedupKeys::remembered).collect();
+    let operations: Vec<(Uuid, DateTime<Utc>)> = leaders
+        .iter()
+        .zip(keys)
+        .map(|(e, k)| (k.operation, e.occurred_at))
+        .collect();
     for _ in 0..COLLISION_ROUNDS {
         let mut tx = db.tenant_tx(tenant).await?;
         usage_events::hold_key_generation(&mut tx).await?;
         usage_events::serialize_collisions(&mut tx, tenant).await?;
-        let taken = usage_events::find_taken(&mut tx, tenant, &wanted).await?;
+        let taken = usage_events::find_taken(&mut tx, tenant, &remembered, &operations).await?;
         let (fresh, fresh_keys): (Vec<&UsageEvent>, Vec<DedupKeys>) = leaders
             .iter()
             .zip(keys)
-            .filter(|(_, k)| !k.all().any(|key| taken.keys.contains(&key)))
+            .filter(|(_, k)| {
+                !k.remembered()
+                    .chain([k.operation])
+                    .any(|key| taken.keys.contains(&key))
+            })
             .map(|(e, k)| (*e, *k))
             .unzip();
         if fresh.is_empty()

@@ -73,9 +73,9 @@ async fn totals_stay_exact_beyond_64_bits(owner: PgPool) {
     // to answer 500).
     sqlx::query(
         "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
-             occurred_at, correlation_id, classification, payload_hash)
+             occurred_at, correlation_id, classification, payload_hash, operation_key)
          SELECT $1, 'crm', 'huge-' || n, 'leads.routed', 9000000000000000000, now(), 'h-' || n,
-                'BILLABLE', decode(repeat('00', 32), 'hex')
+                'BILLABLE', decode(repeat('00', 32), 'hex'), gen_random_uuid()
            FROM generate_series(1, 3) AS n",
     )
     .bind(fx.tenant.id)

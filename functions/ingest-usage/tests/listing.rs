@@ -47,13 +47,13 @@ async fn every_listing_reads_one_bounded_index_range(owner: PgPool) {
     // rather read it through than use its index).
     sqlx::query(
         "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
-             occurred_at, correlation_id, classification, payload_hash)
+             occurred_at, correlation_id, classification, payload_hash, operation_key)
          SELECT $1, 'crm', 'bulk-' || n,
                 CASE WHEN n % 2 = 0 THEN 'api.requests' ELSE 'sla.timers.started' END, 1,
                 (date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
                     - n * interval '1 minute', 'c-' || n,
                 CASE WHEN n % 2 = 0 THEN 'BILLABLE' ELSE 'NON_BILLABLE' END,
-                decode(repeat('00', 32), 'hex')
+                decode(repeat('00', 32), 'hex'), gen_random_uuid()
            FROM generate_series(1, 28 * 1440 - 1) AS n",
     )
     .bind(fx.tenant.id)

@@ -8,8 +8,8 @@
 //! last 30 days, ten tenants, random text ids as clients send them. They are loaded outside the
 //! measured time with the table's indexes dropped and built again afterwards, then the tables
 //! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows are placed in
-//! the key generation their arrival falls in, and the open generation is a full week old (the
-//! largest it gets before its rotation).
+//! the key generation their arrival falls in: the open generation opened 15 days ago, the
+//! closed one (which every batch probes) holds the 15 days before.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,7 +74,7 @@ pub async fn run(
         );
     }
     if schema == Schema::After {
-        week_old_generations(owner).await;
+        half_full_generations(owner).await;
     }
     let api = Database::from_pool(
         sqlx::postgres::PgPoolOptions::new()
@@ -141,10 +141,14 @@ async fn settle(owner: &PgPool, empty: bool) {
                 .await
                 .unwrap();
         }
-        sqlx::query("VACUUM ANALYZE usage_events")
-            .execute(owner)
-            .await
-            .unwrap();
+        for table in ["usage_events", "usage_event_keys"] {
+            if table == "usage_events" || has_keys(owner).await {
+                sqlx::query(&format!("VACUUM ANALYZE {table}"))
+                    .execute(owner)
+                    .await
+                    .unwrap();
+            }
+        }
     }
     sqlx::query("CHECKPOINT").execute(owner).await.unwrap();
 }
@@ -169,16 +173,14 @@ async fn size_of(owner: &PgPool) -> (i64, i64) {
     .unwrap()
 }
 
-/// Generations 1-4 closed a week apart over the month before, generation 5 open for a week.
-async fn week_old_generations(owner: &PgPool) {
+/// Generation 1 closed 15 days ago (after 36 days open), generation 2 open since.
+async fn half_full_generations(owner: &PgPool) {
     for statement in [
-        "DELETE FROM usage_key_generations",
-        "DROP TABLE usage_event_keys_g1",
-        "SELECT count(usage_event_keys_create_partition(g)) FROM generate_series(1, 5) AS g",
-        "INSERT INTO usage_key_generations (generation, opened_at, closed_at)
-         SELECT g, now() - (36 - 7 * g) * interval '1 day' - interval '1 day',
-                CASE WHEN g < 5 THEN now() - (35 - 7 * g) * interval '1 day' END
-           FROM generate_series(1, 5) AS g",
+        "SELECT count(usage_event_keys_create_partition(2))",
+        "UPDATE usage_key_generations SET opened_at = now() - interval '51 days',
+                closed_at = now() - interval '15 days'",
+        "INSERT INTO usage_key_generations (generation, opened_at)
+         VALUES (2, now() - interval '15 days')",
     ] {
         sqlx::query(statement).execute(owner).await.unwrap();
     }
@@ -192,6 +194,7 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
             &[
                 "ALTER TABLE usage_events DROP CONSTRAINT usage_events_key",
                 "DROP INDEX usage_events_tenant_metric_time_idx, usage_events_tenant_class_time_idx",
+                "ALTER TABLE usage_events DROP CONSTRAINT usage_events_operation",
                 "ALTER TABLE usage_event_keys DROP CONSTRAINT usage_event_keys_unique",
             ],
             &[
@@ -201,6 +204,8 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
                      ON usage_events (tenant_id, metric, occurred_at, seq)",
                 "CREATE INDEX usage_events_tenant_class_time_idx
                      ON usage_events (tenant_id, classification, occurred_at, seq)",
+                "ALTER TABLE usage_events ADD CONSTRAINT usage_events_operation
+                     UNIQUE (operation_key, occurred_at)",
                 "ALTER TABLE usage_event_keys ADD CONSTRAINT usage_event_keys_unique
                      UNIQUE (key_hash, generation)",
                 "VACUUM ANALYZE usage_event_keys",
@@ -250,14 +255,19 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
     let mut done = 0;
     while done < rows {
         let n = slice.min(rows - done);
-        sqlx::query(
+        // The operation key (migration 0006) is one more random 16-byte value per row.
+        let (op_column, op_value) = match schema {
+            Schema::After => (", operation_key", ", gen_random_uuid()"),
+            Schema::Before => ("", ""),
+        };
+        sqlx::query(&format!(
             "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
                  occurred_at, actor_id, correlation_id, classification, metadata, payload_hash,
-                 created_at)
+                 created_at{op_column})
              SELECT ($1::uuid[])[1 + i % 10], 'crm', gen_random_uuid()::text, m.name,
                     1 + i % 7, t.at, 'user-' || i % 100, gen_random_uuid()::text,
-                    m.classification, '{\"endpoint\": \"/v1/leads\", \"region\": \"eu-west-1\"}',
-                    sha256(int8send(i)), t.at + interval '1 second'
+                    m.classification, '{{\"endpoint\": \"/v1/leads\", \"region\": \"eu-west-1\"}}',
+                    sha256(int8send(i)), t.at + interval '1 second'{op_value}
                FROM generate_series(1, $2::int8) AS i
               CROSS JOIN LATERAL (SELECT now() - interval '1 hour'
                                          - random() * interval '30 days' AS at) AS t
@@ -265,8 +275,8 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
                            row_number() OVER (ORDER BY name) - 1 AS k
                       FROM metrics WHERE name IN ('api.requests', 'leads.processed',
                                                   'scoring.requests', 'voice.calls.completed')) m
-                ON m.k = i % 4",
-        )
+                ON m.k = i % 4"
+        ))
         .bind(tenants)
         .bind(n as i64)
         .execute(&mut *conn)
@@ -275,14 +285,13 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
         done += n;
     }
     if schema == Schema::After {
-        // Two keys per event (event id, operation), in the generation of its arrival.
+        // Its event id's key per event, in the generation of its arrival.
         sqlx::query(
             "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
              SELECT g.generation, gen_random_uuid(), e.tenant_id, e.occurred_at, e.seq
                FROM usage_events e
                JOIN usage_key_generations g
                  ON e.created_at >= g.opened_at AND (g.closed_at IS NULL OR e.created_at < g.closed_at)
-              CROSS JOIN generate_series(1, 2)
               WHERE e.seq > $1",
         )
         .bind(first_seq)

@@ -3,8 +3,8 @@
 //! for the events stored before it).
 //!
 //! An event has up to three keys: its event id and its idempotency key (each unique per
-//! tenant and source, in two separate spaces) and its operation (correlation id, metric and
-//! instant, unique per tenant). A key is the first 16 bytes of the SHA-256 of its kind, the
+//! tenant and source, in two separate spaces), remembered in `usage_event_keys`, and its
+//! operation (correlation id, metric and instant, unique per tenant), stored with the event. A key is the first 16 bytes of the SHA-256 of its kind, the
 //! tenant and its parts joined by U+001F; identifiers cannot contain control characters, so the
 //! joined text names one key only. 128 bits make an accidental collision among even 10^12 keys
 //! a chance of about 10^-15.
@@ -47,11 +47,11 @@ impl DedupKeys {
         }
     }
 
-    /// Every key of the event.
-    pub fn all(&self) -> impl Iterator<Item = Uuid> + '_ {
-        [Some(self.event), self.idempotency, Some(self.operation)]
-            .into_iter()
-            .flatten()
+    /// The keys `usage_event_keys` remembers: the event id's, and the idempotency key's when
+    /// there is one. (The operation key contains the instant, so it is unique within its day
+    /// partition of `usage_events` instead.)
+    pub fn remembered(&self) -> impl Iterator<Item = Uuid> + '_ {
+        [Some(self.event), self.idempotency].into_iter().flatten()
     }
 }
 

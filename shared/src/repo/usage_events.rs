@@ -31,7 +31,7 @@ struct Columns<'e> {
     event_keys: Vec<Uuid>,
     idempotency_keys: Vec<Option<Uuid>>,
     operation_keys: Vec<Uuid>,
-    all_keys: Vec<Uuid>,
+    remembered: Vec<Uuid>,
 }
 
 impl<'e> Columns<'e> {
@@ -53,7 +53,7 @@ impl<'e> Columns<'e> {
             event_keys: keys.iter().map(|k| k.event).collect(),
             idempotency_keys: keys.iter().map(|k| k.idempotency).collect(),
             operation_keys: keys.iter().map(|k| k.operation).collect(),
-            all_keys: keys.iter().flat_map(DedupKeys::all).collect(),
+            remembered: keys.iter().flat_map(DedupKeys::remembered).collect(),
         }
     }
 }
@@ -100,9 +100,12 @@ pub enum Insert {
 }
 
 /// Inserts the events (`keys[i]` are the keys of `events[i]`, free of in-batch duplicates)
-/// and their keys into the open generation, in one statement. The open generation's unique
-/// index refuses a key stored there (waiting for a concurrent writer to finish first); the
-/// same statement counts the keys the closed generations already hold.
+/// with their operation keys, and their remembered keys into the open generation, in one
+/// statement. The unique indexes (the day partition's on the operation, the open generation's
+/// on the keys) refuse a key already there, after waiting for a concurrent writer to finish;
+/// the same statement counts the keys the closed generation already holds. Each index is
+/// written in key order, so two batches that share keys wait for each other rather than
+/// deadlock.
 pub async fn insert(
     conn: &mut PgConnection,
     tenant: TenantId,
@@ -123,17 +126,18 @@ pub async fn insert(
            ), stored AS (
                INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
                                          occurred_at, actor_id, correlation_id, classification,
-                                         idempotency_key, metadata, payload_hash)
+                                         idempotency_key, metadata, payload_hash, operation_key)
                SELECT $1, $2, event_id, metric, quantity, occurred_at, actor_id, correlation_id,
-                      classification, idempotency_key, metadata, payload_hash
+                      classification, idempotency_key, metadata, payload_hash, op_key
                  FROM input
+                ORDER BY op_key
                RETURNING event_id, occurred_at, seq
            ), keyed AS (
                INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
                SELECT g.generation, k.key_hash, $1, s.occurred_at, s.seq
                  FROM stored s
                  JOIN input i ON i.event_id = s.event_id
-                CROSS JOIN LATERAL (VALUES (i.event_key), (i.idem_key), (i.op_key)) AS k(key_hash)
+                CROSS JOIN LATERAL (VALUES (i.event_key), (i.idem_key)) AS k(key_hash)
                 CROSS JOIN (SELECT generation FROM usage_key_generations
                              WHERE closed_at IS NULL) AS g
                 WHERE k.key_hash IS NOT NULL
@@ -156,7 +160,7 @@ pub async fn insert(
         &c.event_keys,
         &c.idempotency_keys as &[Option<Uuid>],
         &c.operation_keys,
-        &c.all_keys
+        &c.remembered
     )
     .fetch_one(&mut *conn)
     .await;
@@ -193,19 +197,25 @@ pub struct TakenKeys {
     pub holders: Vec<ExistingKeys>,
 }
 
-/// The keys among `keys` that some stored event of the tenant holds, in any live generation,
-/// with those events. Two index lookups, not a join: the second names the events' instants, so
-/// that it reads only their day partitions.
+/// Which of the batch's keys some stored event of the tenant holds — `remembered` in any live
+/// generation, `operations` (key and instant) in their day partitions — and those events. Index
+/// lookups, not joins: each names the events' instants, so it reads only their days.
 pub async fn find_taken(
     conn: &mut PgConnection,
     tenant: TenantId,
-    keys: &[Uuid],
+    remembered: &[Uuid],
+    operations: &[(Uuid, DateTime<Utc>)],
 ) -> Result<TakenKeys, DbError> {
+    // Planned for the actual instants, so that only their day partitions are read (a generic
+    // plan would probe every day's index for every key).
+    sqlx::query!(r#"SELECT set_config('plan_cache_mode', 'force_custom_plan', true) AS "set!""#)
+        .fetch_one(&mut *conn)
+        .await?;
     let held = sqlx::query!(
         r#"SELECT key_hash, occurred_at, seq FROM usage_event_keys
             WHERE tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
         tenant.0,
-        keys
+        remembered
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -213,37 +223,70 @@ pub async fn find_taken(
         keys: held.iter().map(|k| k.key_hash).collect(),
         holders: Vec::new(),
     };
-    if held.is_empty() {
-        return Ok(taken);
-    }
-    let events: std::collections::HashSet<(DateTime<Utc>, i64)> =
+    let holders: std::collections::HashSet<(DateTime<Utc>, i64)> =
         held.iter().map(|k| (k.occurred_at, k.seq)).collect();
-    let (instants, seqs): (Vec<DateTime<Utc>>, Vec<i64>) = events.iter().copied().unzip();
+    let (instants, seqs): (Vec<DateTime<Utc>>, Vec<i64>) = holders.iter().copied().unzip();
+    let (op_keys, op_instants): (Vec<Uuid>, Vec<DateTime<Utc>>) =
+        operations.iter().copied().unzip();
+    let wanted_ops: std::collections::HashSet<(Uuid, DateTime<Utc>)> =
+        operations.iter().copied().collect();
     let rows = sqlx::query!(
-        r#"SELECT occurred_at, seq, source_service, event_id, idempotency_key, correlation_id,
-                  metric, payload_hash
+        r#"SELECT occurred_at, seq, operation_key, source_service, event_id, idempotency_key,
+                  correlation_id, metric, payload_hash
              FROM usage_events
-            WHERE tenant_id = $1 AND occurred_at = ANY($2::timestamptz[])
-              AND seq = ANY($3::int8[])"#,
+            WHERE tenant_id = $1 AND occurred_at = ANY($2::timestamptz[]) AND seq = ANY($3::int8[])
+           UNION
+           SELECT occurred_at, seq, operation_key, source_service, event_id, idempotency_key,
+                  correlation_id, metric, payload_hash
+             FROM usage_events
+            WHERE tenant_id = $1 AND operation_key = ANY($4::uuid[])
+              AND occurred_at = ANY($5::timestamptz[])"#,
         tenant.0,
         &instants,
-        &seqs
+        &seqs,
+        &op_keys,
+        &op_instants
     )
     .fetch_all(&mut *conn)
     .await?;
-    taken.holders = rows
-        .into_iter()
-        .filter(|r| events.contains(&(r.occurred_at, r.seq)))
-        .map(|r| ExistingKeys {
-            source_service: r.source_service,
-            event_id: r.event_id,
-            idempotency_key: r.idempotency_key,
-            correlation_id: r.correlation_id,
-            metric: r.metric,
-            occurred_at: r.occurred_at,
-            payload_hash: r.payload_hash,
-        })
-        .collect();
+    for r in rows {
+        let (Some(occurred_at), Some(seq), Some(operation_key)) =
+            (r.occurred_at, r.seq, r.operation_key)
+        else {
+            continue;
+        };
+        let holds_key = holders.contains(&(occurred_at, seq));
+        let holds_operation = wanted_ops.contains(&(operation_key, occurred_at));
+        if holds_operation {
+            taken.keys.insert(operation_key);
+        }
+        if !(holds_key || holds_operation) {
+            continue;
+        }
+        if let (
+            Some(source_service),
+            Some(event_id),
+            Some(correlation_id),
+            Some(metric),
+            Some(payload_hash),
+        ) = (
+            r.source_service,
+            r.event_id,
+            r.correlation_id,
+            r.metric,
+            r.payload_hash,
+        ) {
+            taken.holders.push(ExistingKeys {
+                source_service,
+                event_id,
+                idempotency_key: r.idempotency_key,
+                correlation_id,
+                metric,
+                occurred_at,
+                payload_hash,
+            });
+        }
+    }
     Ok(taken)
 }
 

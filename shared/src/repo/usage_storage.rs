@@ -21,7 +21,8 @@ pub struct StoragePolicy {
     pub retention_days: i32,
     /// Days an archived (detached) day waits for export before it is dropped.
     pub archive_days: i32,
-    /// How long a key generation stays open.
+    /// How long a key generation stays open. As long as the window by default: then only one
+    /// closed generation is ever probed (a key costs one insert and one probe).
     pub generation_hours: i32,
     /// The deduplication window: a key is remembered at least this long after its event was
     /// stored (at most one generation longer).
@@ -34,7 +35,7 @@ impl Default for StoragePolicy {
             days_ahead: 14,
             retention_days: 90,
             archive_days: 7,
-            generation_hours: 7 * 24,
+            generation_hours: 36 * 24,
             dedup_window_days: 36,
         }
     }
