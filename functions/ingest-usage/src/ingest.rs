@@ -118,8 +118,10 @@ async fn store_once(
 ) -> Result<Stored, DbError> {
     let (tenant, source) = (caller.tenant_id, &caller.source);
     let mut tx = db.tenant_tx(tenant).await?;
-    usage_events::hold_key_generation(&mut tx).await?;
-    if usage_events::insert(&mut tx, tenant, source, leaders, keys).await? == Insert::Stored {
+    let generation = usage_events::hold_key_generation(&mut tx).await?;
+    if usage_events::insert(&mut tx, generation, tenant, source, leaders, keys).await?
+        == Insert::Stored
+    {
         tx.commit().await?;
         return Ok((
             leaders.iter().map(|e| e.event_id.clone()).collect(),
@@ -136,7 +138,7 @@ async fn store_once(
         .collect();
     for _ in 0..COLLISION_ROUNDS {
         let mut tx = db.tenant_tx(tenant).await?;
-        usage_events::hold_key_generation(&mut tx).await?;
+        let generation = usage_events::hold_key_generation(&mut tx).await?;
         usage_events::serialize_collisions(&mut tx, tenant).await?;
         let taken = usage_events::find_taken(&mut tx, tenant, &remembered, &operations).await?;
         let (fresh, fresh_keys): (Vec<&UsageEvent>, Vec<DedupKeys>) = leaders
@@ -150,7 +152,8 @@ async fn store_once(
             .map(|(e, k)| (*e, *k))
             .unzip();
         if fresh.is_empty()
-            || usage_events::insert(&mut tx, tenant, source, &fresh, &fresh_keys).await?
+            || usage_events::insert(&mut tx, generation, tenant, source, &fresh, &fresh_keys)
+                .await?
                 == Insert::Stored
         {
             tx.commit().await?;

@@ -91,7 +91,7 @@ async fn a_frozen_transaction_blocks_nobody_for_long(owner: PgPool) {
 
     // A container froze while storing this event: its open transaction holds the event's keys.
     let mut tx = frozen.services.db.tenant_tx(fx.tenant.id).await.unwrap();
-    usage_events::hold_key_generation(&mut tx).await.unwrap();
+    let generation = usage_events::hold_key_generation(&mut tx).await.unwrap();
     let stored = UsageEvent {
         event_id: event["eventId"].as_str().unwrap().to_owned(),
         metric: "api.requests".into(),
@@ -106,9 +106,16 @@ async fn a_frozen_transaction_blocks_nobody_for_long(owner: PgPool) {
     };
     let source = SourceService::parse("crm").unwrap();
     let keys = DedupKeys::of(fx.tenant.id, &source, &stored);
-    let outcome = usage_events::insert(&mut tx, fx.tenant.id, &source, &[&stored], &[keys])
-        .await
-        .unwrap();
+    let outcome = usage_events::insert(
+        &mut tx,
+        generation,
+        fx.tenant.id,
+        &source,
+        &[&stored],
+        &[keys],
+    )
+    .await
+    .unwrap();
     assert_eq!(outcome, usage_events::Insert::Stored);
 
     // Another container sending the same event waits at most the lock timeout: 503, nothing

@@ -5,18 +5,21 @@ use std::sync::{Arc, LazyLock};
 
 use ingest_usage::{App, IngestConfig};
 use meterbridge::config::{Config, Env};
+use meterbridge::domain::dedup::DedupKeys;
 use meterbridge::domain::usage::{validate_event, EventLimits, Submitter};
 use meterbridge::domain::{MetricCatalog, SourceService, Tenant, Trust};
 use meterbridge::Services;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPool;
 
-/// The columns both baselines write, in the order they bind or copy them.
+/// The columns both baselines write, in the order they bind or copy them (the event rows
+/// only: the baselines keep no remembered dedup keys).
 const COLUMNS: &str =
     "tenant_id, event_id, metric, quantity, occurred_at, actor_id, source_service, \
-                       correlation_id, classification, idempotency_key, metadata, payload_hash";
+                       correlation_id, classification, idempotency_key, metadata, payload_hash, \
+                       operation_key";
 static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!("INSERT INTO usage_events ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 'crm', $7, $8, $9, $10, $11)")
+    format!("INSERT INTO usage_events ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, 'crm', $7, $8, $9, $10, $11, $12)")
 });
 static COPY_SQL: LazyLock<String> =
     LazyLock::new(|| format!("COPY usage_events ({COLUMNS}) FROM STDIN"));
@@ -144,6 +147,7 @@ pub struct Prepared {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) metadata: Value,
     pub(crate) payload_hash: Vec<u8>,
+    pub(crate) operation_key: uuid::Uuid,
 }
 
 pub fn prepare(
@@ -167,6 +171,7 @@ pub fn prepare(
                 .iter()
                 .map(|raw| {
                     let e = validate_event(raw.clone(), &who).unwrap();
+                    let operation_key = DedupKeys::of(tenant.id, &source, &e).operation;
                     Prepared {
                         event_id: e.event_id,
                         metric: e.metric,
@@ -178,6 +183,7 @@ pub fn prepare(
                         idempotency_key: e.idempotency_key,
                         metadata: e.metadata,
                         payload_hash: e.payload_hash.to_vec(),
+                        operation_key,
                     }
                 })
                 .collect()
@@ -215,6 +221,7 @@ pub async fn run_per_row(
                     .bind(&r.idempotency_key)
                     .bind(&r.metadata)
                     .bind(&r.payload_hash)
+                    .bind(r.operation_key)
                     .execute(&mut *tx)
                     .await
                     .unwrap();
@@ -244,7 +251,7 @@ fn copy_text(rows: &[Prepared], tenant: &Tenant) -> Vec<u8> {
     let mut out = String::new();
     for r in rows {
         out.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\tcrm\t{}\t{}\t{}\t{}\t\\\\x{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\tcrm\t{}\t{}\t{}\t{}\t\\\\x{}\t{}\n",
             tenant.id,
             esc(&r.event_id),
             esc(&r.metric),
@@ -265,6 +272,7 @@ fn copy_text(rows: &[Prepared], tenant: &Tenant) -> Vec<u8> {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>(),
+            r.operation_key,
         ));
     }
     out.into_bytes()

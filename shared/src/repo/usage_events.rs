@@ -62,12 +62,31 @@ impl<'e> Columns<'e> {
 /// same advisory lock exclusively) waits for this transaction, so every key it writes lands in
 /// the generation it read, and every key committed before it is visible to its probes. Call it
 /// first, before any statement that reads or writes keys.
-pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<(), DbError> {
-    sqlx::query!("SELECT pg_advisory_xact_lock_shared($1)", KEY_ROTATION_LOCK)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+///
+/// The transaction's statements are also planned for their actual parameters and the tables'
+/// actual sizes: a plan cached while a new generation or day was still empty would read it
+/// through (a sequential scan per batch) long after it has grown.
+///
+/// Returns the open generation, which stays open until this transaction ends.
+pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneration, DbError> {
+    sqlx::query!(
+        r#"SELECT pg_advisory_xact_lock_shared($1) AS "locked!: ()",
+                  set_config('plan_cache_mode', 'force_custom_plan', true) AS "plans!""#,
+        KEY_ROTATION_LOCK
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    // A statement of its own: its snapshot is taken after the lock was granted.
+    let open =
+        sqlx::query_scalar!("SELECT generation FROM usage_key_generations WHERE closed_at IS NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(KeyGeneration(open))
 }
+
+/// The open key generation, as held by [`hold_key_generation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyGeneration(pub i32);
 
 /// Queues this transaction behind the tenant's other batches that also collided with stored
 /// keys (the slow path only; new events never take it): they probe and insert one after the
@@ -103,11 +122,13 @@ pub enum Insert {
 /// with their operation keys, and their remembered keys into the open generation, in one
 /// statement. The unique indexes (the day partition's on the operation, the open generation's
 /// on the keys) refuse a key already there, after waiting for a concurrent writer to finish;
-/// the same statement counts the keys the closed generation already holds. Each index is
+/// the same statement counts the keys the closed generation already holds (the open one is
+/// pruned from the count: its unique index has just checked the same keys). Each index is
 /// written in key order, so two batches that share keys wait for each other rather than
 /// deadlock.
 pub async fn insert(
     conn: &mut PgConnection,
+    generation: KeyGeneration,
     tenant: TenantId,
     source: &SourceService,
     events: &[&UsageEvent],
@@ -134,17 +155,15 @@ pub async fn insert(
                RETURNING event_id, occurred_at, seq
            ), keyed AS (
                INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
-               SELECT g.generation, k.key_hash, $1, s.occurred_at, s.seq
+               SELECT $17, k.key_hash, $1, s.occurred_at, s.seq
                  FROM stored s
                  JOIN input i ON i.event_id = s.event_id
                 CROSS JOIN LATERAL (VALUES (i.event_key), (i.idem_key)) AS k(key_hash)
-                CROSS JOIN (SELECT generation FROM usage_key_generations
-                             WHERE closed_at IS NULL) AS g
                 WHERE k.key_hash IS NOT NULL
                 ORDER BY k.key_hash
            )
            SELECT count(*) AS "earlier!" FROM usage_event_keys
-            WHERE tenant_id = $1 AND key_hash = ANY($16::uuid[])"#,
+            WHERE generation <> $17 AND tenant_id = $1 AND key_hash = ANY($16::uuid[])"#,
         tenant.0,
         source.as_str(),
         &c.event_ids as &[&str],
@@ -160,7 +179,8 @@ pub async fn insert(
         &c.event_keys,
         &c.idempotency_keys as &[Option<Uuid>],
         &c.operation_keys,
-        &c.remembered
+        &c.remembered,
+        generation.0
     )
     .fetch_one(&mut *conn)
     .await;
@@ -206,11 +226,7 @@ pub async fn find_taken(
     remembered: &[Uuid],
     operations: &[(Uuid, DateTime<Utc>)],
 ) -> Result<TakenKeys, DbError> {
-    // Planned for the actual instants, so that only their day partitions are read (a generic
-    // plan would probe every day's index for every key).
-    sqlx::query!(r#"SELECT set_config('plan_cache_mode', 'force_custom_plan', true) AS "set!""#)
-        .fetch_one(&mut *conn)
-        .await?;
+    // Planned for the actual instants (see hold_key_generation), so only their days are read.
     let held = sqlx::query!(
         r#"SELECT key_hash, occurred_at, seq FROM usage_event_keys
             WHERE tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
