@@ -4,7 +4,8 @@
 //! handler, on migration 0006) or `before` (migration 0005's schema and its batch INSERT, the
 //! statement the handler ran then, in the same tenant transaction).
 //!
-//! The stored rows are a month of history: occurred_at (and arrival) spread evenly over the
+//! The measured events carry random (UUIDv4) ids, as the stored ones do. The stored rows are a
+//! month of history: occurred_at (and arrival) spread evenly over the
 //! last 30 days, ten tenants, random text ids as clients send them. They are loaded outside the
 //! measured time with the table's indexes dropped and built again afterwards, then the tables
 //! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows are placed in
@@ -19,6 +20,17 @@ use meterbridge::Database;
 use sqlx::postgres::PgPool;
 
 use crate::ingest::{build_apps, make_batches, prepare, run_handler, Prepared};
+
+/// `total` new events in batches of `size`, with random (UUIDv4) event and correlation ids, as
+/// many clients send them: every unique key lands at a random place in its index.
+fn random_id_batches(total: usize, size: usize) -> Vec<Vec<serde_json::Value>> {
+    let mut batches = make_batches("r", total, size);
+    for event in batches.iter_mut().flatten() {
+        event["eventId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());
+        event["correlationId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());
+    }
+    batches
+}
 use crate::measure::{run_concurrently, Row};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +116,7 @@ pub async fn run(
         for (i, &c) in callers.iter().enumerate() {
             let mut runs = Vec::new();
             for round in 0..repeat {
-                let tag = format!("g{step}x{c}r{round}");
-                let work = make_batches(&tag, events, batch);
+                let work = random_id_batches(events, batch);
                 settle(owner, step == 0).await;
                 runs.push(match schema {
                     Schema::After => run_handler(&apps[i], key, work, batch, c).await,
