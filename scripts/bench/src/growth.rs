@@ -115,7 +115,7 @@ pub async fn run(
         let mut rows = Vec::new();
         for (i, &c) in callers.iter().enumerate() {
             let mut runs = Vec::new();
-            for round in 0..repeat {
+            for _ in 0..repeat {
                 let work = random_id_batches(events, batch);
                 settle(owner, step == 0).await;
                 runs.push(match schema {
