@@ -15,9 +15,10 @@ use meterbridge::domain::usage::{validate_event, EventLimits, Submitter};
 use meterbridge::domain::{SourceService, Trust};
 use meterbridge::repo::usage_events;
 use meterbridge::repo::usage_storage::{self, StorageAction, StoragePolicy};
-use meterbridge::testing::migrate_up_to;
+use meterbridge::testing::{create_tenant, migrate_up_to, pool_as, API_ROLE};
+use meterbridge::Database;
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{Acquire, PgPool};
 
 async fn maintain(
     owner: &PgPool,
@@ -442,4 +443,53 @@ async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
         r.body
     );
     assert_eq!(fx.stored_events().await, 2);
+}
+
+/// The keys table under the API role: another tenant's keys are invisible and cannot be
+/// written, no key can be updated or deleted, and the storage maintenance is the owner's alone.
+/// Keys of long, multibyte identifiers still deduplicate exactly.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let long_id: String = "é".repeat(128);
+    let event = with(&fx.event(1, "api.requests", 2), "eventId", json!(long_id));
+    let r = fx.submit(&app, json!({ "events": [event.clone()] })).await;
+    assert_eq!(r.body["accepted"], 1, "{}", r.body);
+    let r = fx.submit(&app, json!({ "events": [event] })).await;
+    assert_eq!(statuses(&r.body), ["duplicate"], "{}", r.body);
+
+    let globex = create_tenant(&owner, "globex").await;
+    let api = Database::from_pool(pool_as(&owner, API_ROLE).await);
+    let mut tx = api.tenant_tx(globex.id).await.unwrap();
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_event_keys")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(visible, 0, "acme's keys are invisible to globex");
+    let forged = sqlx::query(
+        "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+         VALUES (1, gen_random_uuid(), $1, now(), 1)",
+    )
+    .bind(fx.tenant.id)
+    .execute(&mut *tx)
+    .await
+    .unwrap_err();
+    assert!(
+        forged.to_string().contains("row-level security"),
+        "{forged}"
+    );
+    drop(tx);
+
+    let mut tx = api.tenant_tx(fx.tenant.id).await.unwrap();
+    for statement in [
+        "DELETE FROM usage_event_keys",
+        "UPDATE usage_event_keys SET generation = 2",
+        "UPDATE usage_key_generations SET closed_at = now()",
+        "SELECT * FROM usage_storage_maintain(now(), 14, 90, 7, interval '36 days', interval '36 days')",
+    ] {
+        let mut sp = (&mut tx).begin().await.unwrap();
+        let err = sqlx::query(statement).execute(&mut *sp).await.unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "{statement}: {err}");
+    }
 }
