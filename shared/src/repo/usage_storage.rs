@@ -61,7 +61,7 @@ impl StoragePolicy {
             generation_hours: env.bounded_or(
                 "DEDUP_GENERATION_HOURS",
                 d.generation_hours as u64,
-                1..=30 * 24,
+                1..=400 * 24,
             )? as i32,
             dedup_window_days: env.bounded_or(
                 "DEDUP_WINDOW_DAYS",
@@ -169,4 +169,39 @@ pub async fn status(conn: &mut PgConnection) -> Result<StorageStatus, DbError> {
         open_generation: row.open_generation,
         open_since: row.open_since,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &'static [(&'static str, &'static str)]) -> Env<impl Fn(&str) -> Option<String>> {
+        Env::from_lookup(move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    #[test]
+    fn an_empty_environment_gives_the_defaults() {
+        assert_eq!(
+            StoragePolicy::from_env(&env(&[])).unwrap(),
+            StoragePolicy::default()
+        );
+    }
+
+    #[test]
+    fn the_retention_must_outlast_every_key() {
+        // 36 days of window + 36 days of generation + a day > 72 days.
+        assert!(StoragePolicy::from_env(&env(&[("USAGE_RETENTION_DAYS", "72")])).is_err());
+        // 36 days + a day's generation + a day = 38 days <= 40.
+        let daily = env(&[
+            ("USAGE_RETENTION_DAYS", "40"),
+            ("DEDUP_GENERATION_HOURS", "24"),
+        ]);
+        assert_eq!(StoragePolicy::from_env(&daily).unwrap().retention_days, 40);
+        // The window covers ingestion's 35-day age limit, or it is refused.
+        assert!(StoragePolicy::from_env(&env(&[("DEDUP_WINDOW_DAYS", "35")])).is_err());
+    }
 }
