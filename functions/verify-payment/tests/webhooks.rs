@@ -49,7 +49,9 @@ async fn only_a_valid_fresh_signature_is_accepted(owner: PgPool) {
         ),
         (
             "future timestamp",
-            fx.webhook_signed(&body, &fx.signing_secret, t + 301),
+            // A minute past the tolerance: the handler's clock runs on while the cases before
+            // it are sent (one second of margin flaked on a loaded machine).
+            fx.webhook_signed(&body, &fx.signing_secret, t + 360),
             "future_signature",
         ),
         (
