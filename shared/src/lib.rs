@@ -2,6 +2,7 @@
 //! HTTP problem documents and telemetry. Functions depend on this crate and on nothing of each
 //! other's.
 
+pub mod aggregation;
 pub mod auth;
 pub mod clock;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod secrets;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod usage_counters;
 
 pub use config::Config;
 pub use context::{Services, StartupError};

@@ -25,7 +25,27 @@ const REVIEWED: &[&str] = &[
     "meterbridge_api: POLICY api_own_tenant ALL ON usage_event_keys USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
     "meterbridge_api: SELECT ON TABLE usage_event_keys",
     "meterbridge_api: SELECT ON TABLE usage_key_generations",
-    "meterbridge_api: INSERT ON TABLE usage_events",
+    // Ingestion names the columns it writes: never xact_id (aggregation's change marker; a
+    // forged low value would hide a row), seq, created_at or the void columns. A void (issue 9)
+    // writes the three void columns and nothing else; the tenant reads its own rollups.
+    "meterbridge_api: INSERT ON COLUMN usage_events.actor_id",
+    "meterbridge_api: INSERT ON COLUMN usage_events.classification",
+    "meterbridge_api: INSERT ON COLUMN usage_events.correlation_id",
+    "meterbridge_api: INSERT ON COLUMN usage_events.event_id",
+    "meterbridge_api: INSERT ON COLUMN usage_events.idempotency_key",
+    "meterbridge_api: INSERT ON COLUMN usage_events.metadata",
+    "meterbridge_api: INSERT ON COLUMN usage_events.metric",
+    "meterbridge_api: INSERT ON COLUMN usage_events.occurred_at",
+    "meterbridge_api: INSERT ON COLUMN usage_events.operation_key",
+    "meterbridge_api: INSERT ON COLUMN usage_events.payload_hash",
+    "meterbridge_api: INSERT ON COLUMN usage_events.quantity",
+    "meterbridge_api: INSERT ON COLUMN usage_events.source_service",
+    "meterbridge_api: INSERT ON COLUMN usage_events.tenant_id",
+    "meterbridge_api: UPDATE ON COLUMN usage_events.void_reason",
+    "meterbridge_api: UPDATE ON COLUMN usage_events.voided_at",
+    "meterbridge_api: UPDATE ON COLUMN usage_events.voided_by",
+    "meterbridge_api: POLICY api_own_tenant SELECT ON usage_aggregates USING (tenant_id = current_tenant_id())",
+    "meterbridge_api: SELECT ON TABLE usage_aggregates",
     "meterbridge_api: POLICY api_own_tenant ALL ON usage_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
     "meterbridge_api: POLICY api_own_tenant SELECT ON tenants USING (id = current_tenant_id())",
     "meterbridge_api: ROLE LOGIN",
@@ -128,6 +148,19 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: SET idle_in_transaction_session_timeout=60s",
     "meterbridge_ops: SET lock_timeout=5s",
     "meterbridge_ops: USAGE ON SCHEMA public",
+    // The aggregation job (issue 9): writes the rollups (never deletes one), works its queue,
+    // moves its watermark, and takes its advisory lock. It reads events; it never writes one.
+    "meterbridge_ops: DELETE ON TABLE usage_aggregation_queue",
+    "meterbridge_ops: EXECUTE ON FUNCTION usage_aggregation_lock_id()",
+    "meterbridge_ops: INSERT ON TABLE usage_aggregates",
+    "meterbridge_ops: INSERT ON TABLE usage_aggregation_queue",
+    "meterbridge_ops: POLICY ops_all ALL ON usage_aggregates USING true WITH CHECK true",
+    "meterbridge_ops: POLICY ops_all ALL ON usage_aggregation_queue USING true WITH CHECK true",
+    "meterbridge_ops: SELECT ON TABLE usage_aggregates",
+    "meterbridge_ops: SELECT ON TABLE usage_aggregation_queue",
+    "meterbridge_ops: SELECT ON TABLE usage_aggregation_state",
+    "meterbridge_ops: UPDATE ON TABLE usage_aggregates",
+    "meterbridge_ops: UPDATE ON TABLE usage_aggregation_state",
     // PUBLIC (every role): nothing at all in this database.
 ];
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::batch::{field_errors, Batch, Counts, EventResult};
-use crate::counters;
+use meterbridge::usage_counters as counters;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

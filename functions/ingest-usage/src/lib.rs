@@ -7,7 +7,6 @@
 pub mod app;
 pub mod batch;
 pub mod config;
-pub mod counters;
 pub mod cursor;
 pub mod ingest;
 pub mod query;

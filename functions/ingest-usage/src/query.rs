@@ -16,8 +16,8 @@ use meterbridge::repo::usage_events::{self, EventFilter, ListPosition};
 use serde::Serialize;
 
 use crate::app::App;
-use crate::counters;
 use crate::cursor::{self, Cursor};
+use meterbridge::usage_counters as counters;
 
 const DEFAULT_PAGE_SIZE: i64 = 100;
 

@@ -8,9 +8,9 @@ mod common;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use common::{send, Fixture};
-use ingest_usage::counters::{split, LOW_BASE};
 use lambda_http::Body;
 use meterbridge::domain::usage::MAX_QUANTITY;
+use meterbridge::usage_counters::{split, LOW_BASE};
 use serde_json::json;
 use sqlx::PgPool;
 

@@ -5,6 +5,7 @@ pub mod dedup;
 pub mod metric;
 pub mod outbox;
 pub mod payment;
+pub mod period;
 pub mod tenant;
 pub mod time;
 pub mod usage;

@@ -157,7 +157,7 @@ impl Fixture {
             .query_async(&mut conn)
             .await
             .unwrap();
-        ingest_usage::counters::join(hi, lo)
+        meterbridge::usage_counters::join(hi, lo)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Real-time counters in Redis: accepted events are added to `usage:{tenant}:{day}:{metric}`
-//! after the commit, and read back by day. Redis is a cache of PostgreSQL here: a failure is
-//! logged and counted, never passed on to the caller (aggregate-usage repairs counters from
-//! PostgreSQL).
+//! after the commit (a void subtracts), and read back by day. Redis is a cache of PostgreSQL
+//! here: a failure is logged and counted, never passed on to the caller. aggregate-usage
+//! repairs the counters from PostgreSQL with [`observe`] then [`repair`], a compare-and-set
+//! that never overwrites an increment made after the observation.
 //!
 //! A counter is exact at any size: a hash `{hi, lo}` worth `hi * 10^15 + lo`, kept normalised
 //! (`0 <= lo < 10^15`) by one Lua script. A plain `INCRBY` string would overflow at 2^63 (about
@@ -12,10 +13,10 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+use crate::domain::usage::UsageEvent;
+use crate::domain::TenantId;
+use crate::redis::{keys, Redis, RedisError};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use meterbridge::domain::usage::UsageEvent;
-use meterbridge::domain::TenantId;
-use meterbridge::redis::{keys, Redis, RedisError};
 
 /// The base of a counter's low part.
 pub const LOW_BASE: i128 = 1_000_000_000_000_000;
@@ -107,29 +108,191 @@ pub async fn add(
 ) -> Result<usize, RedisError> {
     let mut sums: BTreeMap<(NaiveDate, &str), i128> = BTreeMap::new();
     for e in events {
-        let day = e.occurred_at.date_naive();
-        if day_is_counted(day, now, ttl_days) {
-            *sums.entry((day, e.metric.as_str())).or_default() += i128::from(e.quantity);
-        }
+        *sums
+            .entry((e.occurred_at.date_naive(), e.metric.as_str()))
+            .or_default() += i128::from(e.quantity);
     }
-    if sums.is_empty() {
-        return Ok(0);
-    }
+    add_totals(redis, tenant, &sums, now, ttl_days).await
+}
+
+/// Adds signed totals to a tenant's `(day, metric)` counters in one atomic script, skipping
+/// days past the TTL. Returns how many counters changed.
+pub async fn add_totals(
+    redis: &Redis,
+    tenant: TenantId,
+    totals: &BTreeMap<(NaiveDate, &str), i128>,
+    now: DateTime<Utc>,
+    ttl_days: i64,
+) -> Result<usize, RedisError> {
     let mut invocation = ADD.prepare_invoke();
     invocation.arg(ttl_days * 86_400);
-    for ((day, metric), total) in &sums {
+    let mut changed = 0;
+    for ((day, metric), total) in totals {
+        if !day_is_counted(*day, now, ttl_days) || *total == 0 {
+            continue;
+        }
         let (hi, lo) = split(*total);
         invocation
             .key(keys::usage_counter(tenant, *day, metric))
             .arg(hi)
             .arg(lo);
+        changed += 1;
+    }
+    if changed == 0 {
+        return Ok(0);
     }
     let mut conn = redis.connection().await?;
     if let Err(e) = invocation.invoke_async::<()>(&mut conn).await {
         redis.forget_connection_on(&e).await;
         return Err(e.into());
     }
-    Ok(sums.len())
+    Ok(changed)
+}
+
+/// KEYS: counters. Returns per key its state as one comparable token: `none`, `h:<hi>:<lo>`
+/// (absent parts as 0) or `s:<value>` (an earlier version's plain string).
+static SNAPSHOT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'hash' then
+    local v = redis.call('HMGET', key, 'hi', 'lo')
+    out[i] = 'h:' .. (v[1] or '0') .. ':' .. (v[2] or '0')
+  elseif kind == 'string' then
+    out[i] = 's:' .. redis.call('GET', key)
+  else
+    out[i] = 'none'
+  end
+end
+return out
+",
+    )
+});
+
+/// KEYS: counters; ARGV[1]: TTL in seconds; ARGV[3i-1], ARGV[3i], ARGV[3i+1]: the token KEYS[i]
+/// was read as, and the high and low parts of its correct value. A counter still in the state
+/// it was read in is set to the correct value (deleted when that is 0); one that changed since
+/// (an increment raced the repair) is left alone. Returns 1 (set) or 0 (left) per key.
+static COMPARE_AND_SET: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  local now
+  if kind == 'hash' then
+    local v = redis.call('HMGET', key, 'hi', 'lo')
+    now = 'h:' .. (v[1] or '0') .. ':' .. (v[2] or '0')
+  elseif kind == 'string' then
+    now = 's:' .. redis.call('GET', key)
+  else
+    now = 'none'
+  end
+  if now == ARGV[3 * i - 1] then
+    redis.call('DEL', key)
+    if ARGV[3 * i] ~= '0' or ARGV[3 * i + 1] ~= '0' then
+      redis.call('HSET', key, 'hi', ARGV[3 * i], 'lo', ARGV[3 * i + 1])
+      redis.call('EXPIRE', key, ARGV[1])
+    end
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+",
+    )
+});
+
+/// A counter as read for a repair: its exact value and the token that names that state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub token: String,
+    /// `None` when the counter does not exist.
+    pub value: Option<i128>,
+}
+
+impl Observed {
+    fn parse(token: String) -> Self {
+        let value = if let Some(rest) = token.strip_prefix("h:") {
+            rest.split_once(':').and_then(|(hi, lo)| {
+                Some(
+                    i128::from(hi.parse::<i64>().ok()?) * LOW_BASE
+                        + i128::from(lo.parse::<i64>().ok()?),
+                )
+            })
+        } else if let Some(rest) = token.strip_prefix("s:") {
+            rest.parse::<i128>().ok()
+        } else {
+            None
+        };
+        Observed { token, value }
+    }
+}
+
+/// Reads counters of one tenant (one hash slot) for a repair.
+pub async fn observe(
+    redis: &Redis,
+    tenant: TenantId,
+    cells: &[(NaiveDate, String)],
+) -> Result<Vec<Observed>, RedisError> {
+    if cells.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = SNAPSHOT.prepare_invoke();
+    for (day, metric) in cells {
+        invocation.key(keys::usage_counter(tenant, *day, metric));
+    }
+    let mut conn = redis.connection().await?;
+    match invocation.invoke_async::<Vec<String>>(&mut conn).await {
+        Ok(tokens) => Ok(tokens.into_iter().map(Observed::parse).collect()),
+        Err(e) => {
+            redis.forget_connection_on(&e).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// A counter to set: its cell, the state it was observed in, and its correct value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fix {
+    pub day: NaiveDate,
+    pub metric: String,
+    pub observed: Observed,
+    pub value: i128,
+}
+
+/// Sets counters of one tenant to their correct values where each is still as observed.
+/// Returns, per counter, whether it was set (`false`: it changed meanwhile and was left).
+pub async fn repair(
+    redis: &Redis,
+    tenant: TenantId,
+    fixes: &[Fix],
+    ttl_days: i64,
+) -> Result<Vec<bool>, RedisError> {
+    if fixes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = COMPARE_AND_SET.prepare_invoke();
+    invocation.arg(ttl_days * 86_400);
+    for fix in fixes {
+        let (hi, lo) = split(fix.value);
+        invocation
+            .key(keys::usage_counter(tenant, fix.day, &fix.metric))
+            .arg(&fix.observed.token)
+            .arg(hi)
+            .arg(lo);
+    }
+    let mut conn = redis.connection().await?;
+    match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
+        Ok(set) => Ok(set.into_iter().map(|s| s == 1).collect()),
+        Err(e) => {
+            redis.forget_connection_on(&e).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// The counters of one tenant and day for the given metrics (absent counters are omitted).

@@ -1,0 +1,502 @@
+//! The aggregation against real PostgreSQL and Redis: exact totals, incremental and idempotent
+//! runs, late commits, finality and revisions, locking, deadlines, backfill and voids.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use chrono::{Datelike, Duration, NaiveTime, Utc};
+use common::*;
+use meterbridge::domain::period::PeriodType;
+use meterbridge::testing::create_tenant;
+use rand::{Rng, SeedableRng};
+use sqlx::PgPool;
+
+const METRICS: [&str; 3] = ["api.requests", "leads.processed", "sla.timers.started"];
+
+fn random_events(tenants: &[uuid::Uuid], n: usize, seed: u64) -> Vec<Ev> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let now = Utc::now();
+    (0..n)
+        .map(|_| Ev {
+            tenant: tenants[rng.gen_range(0..tenants.len())],
+            metric: METRICS[rng.gen_range(0..METRICS.len())],
+            quantity: rng.gen_range(1..1_000_000),
+            // Anywhere in the last 34 days: across weeks and at least one month boundary.
+            at: now - Duration::milliseconds(rng.gen_range(0..34 * 86_400_000)),
+            actor: (rng.gen_range(0..4) > 0).then(|| format!("user-{}", rng.gen_range(0..6))),
+        })
+        .collect()
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPool) {
+    let a = create_tenant(&owner, "acme").await.id.0;
+    let b = create_tenant(&owner, "bolt").await.id.0;
+    let events = random_events(&[a, b], 600, 7);
+    let seqs = insert(&owner, &events).await;
+    // A few voided: excluded from every period.
+    void(&owner, &seqs[..20]).await;
+    let app = app(&owner, &[]).await;
+
+    let first = run(&app, &owner, Utc::now()).await;
+    assert_eq!(first.outcome, "done");
+    let want = expected(&events[20..]);
+    assert_eq!(stored(&owner).await, want);
+    // (More when the voids were collected by a later run than the events.)
+    assert!(first.cells_written as usize >= want.len());
+    assert_eq!(
+        first.cells_examined,
+        first.cells_written + first.cells_unchanged
+    );
+
+    // Nothing new: nothing examined, nothing written.
+    let again = run(&app, &owner, Utc::now()).await;
+    assert_eq!(
+        (again.cells_examined, again.cells_written),
+        (0, 0),
+        "{again:?}"
+    );
+    // A backfill of everything recomputes every cell and still writes nothing.
+    let today = Utc::now().date_naive();
+    let backfill = app
+        .aggregator()
+        .backfill(
+            &meterbridge::aggregation::Backfill {
+                from: today - Duration::days(35),
+                to: today,
+                tenant: None,
+                periods: PeriodType::ALL.to_vec(),
+            },
+            Utc::now(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert!(backfill.cells_examined >= want.len() as u64, "{backfill:?}");
+    assert_eq!(backfill.cells_written, 0, "{backfill:?}");
+    assert_eq!(stored(&owner).await, want);
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn instants_at_the_edges_land_in_the_right_day_week_and_month(owner: PgPool) {
+    let t = create_tenant(&owner, "edge").await.id.0;
+    let today = Utc::now().date_naive();
+    // The first of this month (or of the previous when today is within its first two days).
+    let first = if today.day() > 2 {
+        today.with_day(1).unwrap()
+    } else {
+        (today - Duration::days(3)).with_day(1).unwrap()
+    };
+    // The last Monday at least two days ago.
+    let mut monday = today - Duration::days(2);
+    while monday.weekday() != chrono::Weekday::Mon {
+        monday -= Duration::days(1);
+    }
+    let mut events = Vec::new();
+    for boundary in [first, monday] {
+        let midnight = boundary.and_time(NaiveTime::MIN).and_utc();
+        for (at, q) in [
+            (midnight - Duration::milliseconds(1), 1),
+            (midnight, 10),
+            (
+                midnight + Duration::days(1) - Duration::milliseconds(1),
+                100,
+            ),
+        ] {
+            events.push(Ev {
+                tenant: t,
+                metric: "api.requests",
+                quantity: q,
+                at,
+                actor: None,
+            });
+        }
+    }
+    insert(&owner, &events).await;
+    let app = app(&owner, &[]).await;
+    run(&app, &owner, Utc::now()).await;
+    let got = stored(&owner).await;
+    assert_eq!(got, expected(&events));
+    let total = |p: PeriodType, d: chrono::NaiveDate| {
+        got.get(&(t, p, d, "api.requests".to_owned())).map(|v| v.0)
+    };
+    // 23:59:59.999 belongs to the day (and week, and month) before; 00:00:00 to the new one.
+    assert_eq!(
+        total(PeriodType::Daily, first - Duration::days(1)).unwrap() % 10,
+        1
+    );
+    assert!(total(PeriodType::Daily, first).unwrap() >= 110);
+    assert_eq!(
+        total(PeriodType::Weekly, monday - Duration::days(7)).unwrap() % 10,
+        1
+    );
+    assert!(total(PeriodType::Weekly, monday).unwrap() >= 110);
+    let previous_month = (first - Duration::days(1)).with_day(1).unwrap();
+    assert_eq!(total(PeriodType::Monthly, previous_month).unwrap() % 10, 1);
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_late_event_changes_only_its_day_week_and_month(owner: PgPool) {
+    let t = create_tenant(&owner, "late").await.id.0;
+    let events = random_events(&[t], 200, 11);
+    insert(&owner, &events).await;
+    let app = app(&owner, &[]).await;
+    run(&app, &owner, Utc::now()).await;
+    let before = computed_at(&owner).await;
+
+    let late_day = Utc::now().date_naive() - Duration::days(20);
+    let late = Ev {
+        tenant: t,
+        metric: "api.requests",
+        quantity: 5,
+        at: late_day.and_hms_opt(12, 0, 0).unwrap().and_utc(),
+        actor: Some("late-user".into()),
+    };
+    insert(&owner, std::slice::from_ref(&late)).await;
+    let report = run(&app, &owner, Utc::now()).await;
+    assert_eq!(report.collected.queued, 3);
+    assert_eq!((report.cells_examined, report.cells_written), (3, 3));
+
+    let after = computed_at(&owner).await;
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| (k.1.clone(), k.2))
+        .collect();
+    let mut want = vec![
+        ("daily".to_owned(), late_day),
+        ("monthly".to_owned(), PeriodType::Monthly.start_of(late_day)),
+        ("weekly".to_owned(), PeriodType::Weekly.start_of(late_day)),
+    ];
+    want.sort();
+    let mut changed = changed;
+    changed.sort();
+    assert_eq!(changed, want);
+    let mut all = events.clone();
+    all.push(late);
+    assert_eq!(stored(&owner).await, expected(&all));
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPool) {
+    let t = create_tenant(&owner, "race").await.id.0;
+    let now = Utc::now();
+    let ev = |q| Ev {
+        tenant: t,
+        metric: "api.requests",
+        quantity: q,
+        at: now,
+        actor: None,
+    };
+    // A: an ingestion transaction that writes first (lower seq) and commits late.
+    let mut slow = owner.begin().await.unwrap();
+    let a = insert_in(&mut slow, &[ev(1)]).await[0];
+    // B: one that writes after and commits at once (higher seq, earlier commit).
+    let b = insert(&owner, &[ev(10)]).await[0];
+    assert!(a < b);
+
+    // Hold the run inside its collection (a table lock, which takes no transaction id) ...
+    let mut hold = owner.begin().await.unwrap();
+    sqlx::query("LOCK TABLE usage_aggregation_queue IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let app = std::sync::Arc::new(app(&owner, &[]).await);
+    let runner = {
+        let app = app.clone();
+        tokio::spawn(async move { app.aggregator().aggregate(Utc::now(), later()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // ... and commit A while it is in progress.
+    slow.commit().await.unwrap();
+    hold.commit().await.unwrap();
+    let first = runner.await.unwrap().unwrap();
+    assert_eq!(first.outcome, "done");
+    // "Everything after seq N" would now have counted B and moved past A for ever. The run
+    // took A's transaction as its bound instead: neither is counted yet, A is not skipped.
+    let total = |owner: PgPool| async move {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT total_quantity::text FROM usage_aggregates WHERE period_type = 'daily'",
+        )
+        .fetch_optional(&owner)
+        .await
+        .unwrap()
+        .flatten()
+    };
+    assert_eq!(total(owner.clone()).await, None, "{first:?}");
+    assert!(first.collected.watermark <= a_xact(&owner, a).await);
+    let second = run(&app, &owner, Utc::now()).await;
+    assert_eq!(second.cells_written, 3, "{second:?}");
+    assert_eq!(total(owner.clone()).await.as_deref(), Some("11"));
+}
+
+async fn a_xact(owner: &PgPool, seq: i64) -> i64 {
+    sqlx::query_scalar("SELECT xact_id FROM usage_events WHERE seq = $1")
+        .bind(seq)
+        .fetch_one(owner)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn periods_become_final_after_the_grace_and_late_changes_are_revisions(owner: PgPool) {
+    let t = create_tenant(&owner, "final").await.id.0;
+    let day = Utc::now().date_naive() - Duration::days(10);
+    let noon = day.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let seqs = insert(
+        &owner,
+        &[Ev {
+            tenant: t,
+            metric: "api.requests",
+            quantity: 7,
+            at: noon,
+            actor: None,
+        }],
+    )
+    .await;
+    let app = app(&owner, &[("AGGREGATION_GRACE_SECONDS", "3600")]).await;
+    // Aggregated while the day is still open: not final.
+    let end_of_day = (day + Duration::days(1)).and_time(NaiveTime::MIN).and_utc();
+    let r = run(&app, &owner, end_of_day + Duration::minutes(30)).await;
+    assert_eq!(r.cells_written, 3);
+    let final_of = |owner: PgPool, p: &'static str| async move {
+        sqlx::query_as::<_, (bool, i32)>(
+            "SELECT final, revisions_after_final FROM usage_aggregates WHERE period_type = $1",
+        )
+        .bind(p)
+        .fetch_one(&owner)
+        .await
+        .unwrap()
+    };
+    assert_eq!(final_of(owner.clone(), "daily").await, (false, 0));
+    // The grace passes: the day becomes final with nothing recomputed.
+    let r = run(&app, &owner, end_of_day + Duration::minutes(61)).await;
+    // (The week too, when the day is a Sunday.)
+    assert_eq!(r.cells_written, 0, "{r:?}");
+    assert!(r.finalized >= 1, "{r:?}");
+    assert_eq!(final_of(owner.clone(), "daily").await, (true, 0));
+    // A rerun finalizes nothing more.
+    assert_eq!(
+        run(&app, &owner, end_of_day + Duration::minutes(62))
+            .await
+            .finalized,
+        0
+    );
+
+    let final_cells: u64 =
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_aggregates WHERE final")
+            .fetch_one(&owner)
+            .await
+            .unwrap() as u64;
+    // A late event for the final day still counts, and is recorded as a revision (of the week
+    // too, when the day is a Sunday).
+    insert(
+        &owner,
+        &[Ev {
+            tenant: t,
+            metric: "api.requests",
+            quantity: 3,
+            at: noon,
+            actor: None,
+        }],
+    )
+    .await;
+    let r = run(&app, &owner, end_of_day + Duration::minutes(90)).await;
+    assert_eq!(r.revisions, final_cells, "{r:?}");
+    assert_eq!(final_of(owner.clone(), "daily").await, (true, 1));
+    // So is a void.
+    void(&owner, &seqs).await;
+    let r = run(&app, &owner, end_of_day + Duration::minutes(95)).await;
+    assert_eq!(r.revisions, final_cells, "{r:?}");
+    let (total, revisions): (String, i32) = sqlx::query_as(
+        "SELECT total_quantity::text, revisions_after_final FROM usage_aggregates
+          WHERE period_type = 'daily'",
+    )
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!((total.as_str(), revisions), ("3", 2));
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_second_run_skips_while_one_holds_the_lock(owner: PgPool) {
+    let t = create_tenant(&owner, "lock").await.id.0;
+    insert(&owner, &random_events(&[t], 50, 3)).await;
+    let app = std::sync::Arc::new(app(&owner, &[]).await);
+    // The first run takes the lock, then waits on the watermark row the test holds.
+    let mut hold = owner.begin().await.unwrap();
+    sqlx::query("LOCK TABLE usage_aggregation_queue IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { app.aggregator().aggregate(Utc::now(), later()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let second = app
+        .aggregator()
+        .aggregate(Utc::now(), later())
+        .await
+        .unwrap();
+    assert_eq!(second.outcome, "skipped: locked");
+    assert_eq!((second.cells_examined, second.cells_written), (0, 0));
+    hold.commit().await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.outcome, "done");
+    let rest = run(&app, &owner, Utc::now()).await;
+    assert!(
+        first.cells_written + rest.cells_written > 0,
+        "{first:?} {rest:?}"
+    );
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_run_out_of_time_stops_and_the_next_continues(owner: PgPool) {
+    let t = create_tenant(&owner, "deadline").await.id.0;
+    let events = random_events(&[t], 300, 5);
+    insert(&owner, &events).await;
+    let app = app(
+        &owner,
+        &[
+            ("AGGREGATION_CHUNK_CELLS", "5"),
+            ("AGGREGATION_DEADLINE_MARGIN_MS", "0"),
+        ],
+    )
+    .await;
+    // The deadline has passed: each run collects, takes no chunk, and commits what it did
+    // (repeated until every event is collected: another test's open transaction may hold the
+    // watermark back).
+    let newest: i64 = sqlx::query_scalar("SELECT max(xact_id) FROM usage_events")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    let stopped = loop {
+        let stopped = app
+            .aggregator()
+            .aggregate(Utc::now(), std::time::Instant::now())
+            .await
+            .unwrap();
+        assert_eq!(stopped.outcome, "stopped");
+        assert_eq!(stopped.cells_examined, 0);
+        if stopped.collected.watermark > newest {
+            break stopped;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(stopped.queued_after > 5);
+    // The next run takes the queue in chunks of 5 and finishes it.
+    let next = run(&app, &owner, Utc::now()).await;
+    assert_eq!(next.outcome, "done");
+    assert_eq!(next.queued_after, 0);
+    assert_eq!(next.cells_examined as i64, stopped.queued_after);
+    assert_eq!(stored(&owner).await, expected(&events));
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_backfill_recomputes_its_range_only(owner: PgPool) {
+    let a = create_tenant(&owner, "fill").await;
+    let b = create_tenant(&owner, "other").await;
+    let events = random_events(&[a.id.0, b.id.0], 300, 9);
+    insert(&owner, &events).await;
+    let app = app(&owner, &[]).await;
+    run(&app, &owner, Utc::now()).await;
+    // Damage every daily aggregate.
+    sqlx::query("UPDATE usage_aggregates SET total_quantity = 0, source_hash = '\\x00'")
+        .execute(&owner)
+        .await
+        .unwrap();
+    let today = Utc::now().date_naive();
+    let (from, to) = (today - Duration::days(10), today - Duration::days(4));
+    let report = app
+        .aggregator()
+        .backfill(
+            &meterbridge::aggregation::Backfill {
+                from,
+                to,
+                tenant: Some(a.slug.to_string()),
+                periods: vec![PeriodType::Daily],
+            },
+            Utc::now(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert!(report.backfill_queued.unwrap() > 0);
+    let want = expected(&events);
+    let got = stored(&owner).await;
+    for (key, value) in &want {
+        let repaired =
+            key.0 == a.id.0 && key.1 == PeriodType::Daily && key.2 >= from && key.2 <= to;
+        let now = got.get(key).unwrap();
+        if repaired {
+            assert_eq!(now, value, "{key:?}");
+        } else {
+            assert_eq!(now.0, 0, "{key:?} is outside the backfill");
+        }
+    }
+
+    // Refused: a reversed range, too long a range, an unknown tenant, no periods.
+    let bad = |from, to, tenant: Option<&str>, periods: Vec<PeriodType>| {
+        meterbridge::aggregation::Backfill {
+            from,
+            to,
+            tenant: tenant.map(str::to_owned),
+            periods,
+        }
+    };
+    let aggregator = app.aggregator();
+    for request in [
+        bad(to, from, None, PeriodType::ALL.to_vec()),
+        bad(
+            today - Duration::days(500),
+            today,
+            None,
+            PeriodType::ALL.to_vec(),
+        ),
+        bad(from, to, Some("nobody-here"), PeriodType::ALL.to_vec()),
+        bad(from, to, None, vec![]),
+    ] {
+        let e = aggregator
+            .backfill(&request, Utc::now(), later())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, meterbridge::aggregation::AggregationError::BadRequest(_)),
+            "{e}"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn status_reports_backlog_per_tenant(owner: PgPool) {
+    let a = create_tenant(&owner, "stat").await;
+    let app = app(&owner, &[]).await;
+    run(&app, &owner, Utc::now()).await;
+    insert(&owner, &random_events(&[a.id.0], 25, 1)).await;
+    let status = json_of(&app.aggregator().status(Utc::now()).await.unwrap());
+    let row = status["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["tenant"].as_str() == Some(a.slug.as_str()))
+        .unwrap()
+        .clone();
+    assert_eq!(row["pendingEvents"], 25);
+    assert_eq!(row["queuedCells"], 0);
+    assert!(row["oldestUnaggregatedAt"].is_string());
+    assert!(status["state"]["lastRunAt"].is_string());
+
+    run(&app, &owner, Utc::now()).await;
+    let status = json_of(&app.aggregator().status(Utc::now()).await.unwrap());
+    let row = status["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["tenant"].as_str() == Some(a.slug.as_str()))
+        .unwrap()
+        .clone();
+    assert_eq!(row["pendingEvents"], 0);
+    assert!(row["oldestUnaggregatedAt"].is_null());
+    assert!(row["lastAggregatedAt"].is_string());
+}

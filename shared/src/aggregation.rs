@@ -1,0 +1,511 @@
+//! Usage aggregation: `usage_events` rolled up into `usage_aggregates`, incrementally, and the
+//! Redis real-time counters kept honest. Run by `aggregate-usage` (connected as
+//! `meterbridge_ops`) and by the admin function.
+//!
+//! - **What changed** is found by transaction id, never by time or sequence: every event row
+//!   records the transaction that wrote it (a void rewrites it), and a run collects the rows of
+//!   the transactions between the last run's bound and the oldest one still running — every
+//!   transaction below that bound has finished, so one that commits late is collected by the
+//!   next run instead of being missed ([`repo::collect`]).
+//! - **A run** is one transaction under a transaction-scoped advisory lock (a second run skips
+//!   at once). Collected cells go to a queue; the run recomputes them in chunks, each one
+//!   grouped statement, writing only cells whose source changed, and stops taking chunks before
+//!   its deadline: what it did commits, the rest stays queued for the next run.
+//! - **Final**: a period is final once its end plus the grace has passed and it is aggregated;
+//!   a later change (a late event, a void) still counts, and the cell records the revision.
+//! - **Counters** (after the commit): every daily cell inside the counters' TTL is compared
+//!   with Redis; a counter that differs is checked against a fresh total from the events and
+//!   set by compare-and-set, so an increment that raced the repair is never lost.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::{ConfigError, Env};
+use crate::db::{Database, DbError};
+use crate::domain::period::PeriodType;
+use crate::domain::TenantId;
+use crate::redis::{Redis, RedisError};
+use crate::repo::usage_aggregates::{self as repo, Cell, Collected};
+use crate::usage_counters;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AggregationError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AggregationConfig {
+    /// Cells recomputed per statement.
+    pub chunk_cells: i64,
+    /// A period becomes final this long after its end.
+    pub grace_seconds: u64,
+    /// The real-time counters' lifetime (ingestion's `COUNTER_TTL_DAYS`).
+    pub counter_ttl_days: i64,
+    /// No new chunk is started closer than this to the deadline.
+    pub deadline_margin_ms: u64,
+    /// The longest range a backfill takes.
+    pub backfill_max_days: i64,
+    /// Counters per Redis script call in a repair (one tenant's at a time).
+    pub repair_batch: usize,
+    /// The storage policy's retention (`USAGE_RETENTION_DAYS`): a cell that starts before it
+    /// is never recomputed once it has an aggregate.
+    pub retention_days: i32,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        AggregationConfig {
+            chunk_cells: 2000,
+            grace_seconds: 3600,
+            counter_ttl_days: 7,
+            deadline_margin_ms: 10_000,
+            backfill_max_days: 400,
+            repair_batch: 500,
+            retention_days: crate::repo::usage_storage::StoragePolicy::default().retention_days,
+        }
+    }
+}
+
+impl AggregationConfig {
+    /// `AGGREGATION_CHUNK_CELLS`, `AGGREGATION_GRACE_SECONDS`, `COUNTER_TTL_DAYS`,
+    /// `AGGREGATION_DEADLINE_MARGIN_MS`, `USAGE_RETENTION_DAYS` (the storage policy's).
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let d = AggregationConfig::default();
+        Ok(AggregationConfig {
+            chunk_cells: env.bounded_or(
+                "AGGREGATION_CHUNK_CELLS",
+                d.chunk_cells as u64,
+                1..=50_000,
+            )? as i64,
+            grace_seconds: env.bounded_or(
+                "AGGREGATION_GRACE_SECONDS",
+                d.grace_seconds,
+                0..=7 * 86_400,
+            )?,
+            counter_ttl_days: env.bounded_or(
+                "COUNTER_TTL_DAYS",
+                d.counter_ttl_days as u64,
+                1..=35,
+            )? as i64,
+            deadline_margin_ms: env.bounded_or(
+                "AGGREGATION_DEADLINE_MARGIN_MS",
+                d.deadline_margin_ms,
+                0..=600_000,
+            )?,
+            retention_days: crate::repo::usage_storage::StoragePolicy::from_env(env)?
+                .retention_days,
+            ..d
+        })
+    }
+}
+
+/// A backfill request: recompute the cells of `periods` that touch the days `from..=to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backfill {
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    /// A tenant slug; all tenants when absent.
+    pub tenant: Option<String>,
+    pub periods: Vec<PeriodType>,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// `"done"`, `"stopped"` (the deadline came; the queue holds the rest) or
+    /// `"skipped: locked"` (another run holds the lock; this one did nothing).
+    pub outcome: String,
+    pub collected: Collected,
+    /// Cells queued by a backfill.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backfill_queued: Option<i64>,
+    pub cells_examined: u64,
+    pub cells_written: u64,
+    pub cells_unchanged: u64,
+    /// Writes to cells that were already final.
+    pub revisions: u64,
+    pub finalized: u64,
+    /// Cells not recomputed because their period reaches back past the retention (some of their
+    /// events may be retired by the storage policy); their aggregates are kept as they are.
+    pub skipped_retired: u64,
+    /// Cells left in the queue for the next run.
+    pub queued_after: i64,
+    pub duration_ms: u64,
+    pub counters: Option<RepairReport>,
+}
+
+/// What the counters' repair did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RepairReport {
+    pub checked: u64,
+    /// Counters that differed from PostgreSQL (absent ones included).
+    pub drift_found: u64,
+    pub repaired: u64,
+    /// Counters that changed between reading and repairing (an increment raced): left for the
+    /// next run.
+    pub raced: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The status job's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub now: DateTime<Utc>,
+    pub state: repo::State,
+    pub tenants: Vec<repo::TenantBacklog>,
+}
+
+/// The aggregation over the container's clients (cheap to make per invocation).
+pub struct Aggregator<'a> {
+    db: &'a Database,
+    redis: Option<&'a Redis>,
+    pub config: AggregationConfig,
+}
+
+impl<'a> Aggregator<'a> {
+    pub fn new(db: &'a Database, redis: Option<&'a Redis>, config: AggregationConfig) -> Self {
+        Aggregator { db, redis, config }
+    }
+
+    /// The scheduled run: collect what changed, recompute it, finalize, repair the counters.
+    pub async fn aggregate(
+        &self,
+        now: DateTime<Utc>,
+        deadline: Instant,
+    ) -> Result<RunReport, AggregationError> {
+        self.run(now, deadline, None).await
+    }
+
+    /// Recomputes a range from the events (then continues like a scheduled run). The range's
+    /// cells are queued day by day, so a run stopped by its deadline leaves them to the next.
+    pub async fn backfill(
+        &self,
+        request: &Backfill,
+        now: DateTime<Utc>,
+        deadline: Instant,
+    ) -> Result<RunReport, AggregationError> {
+        if request.to < request.from {
+            return Err(AggregationError::BadRequest(
+                "\"to\" is before \"from\"".into(),
+            ));
+        }
+        let days = (request.to - request.from).num_days() + 1;
+        if days > self.config.backfill_max_days {
+            return Err(AggregationError::BadRequest(format!(
+                "a backfill covers at most {} days; this one covers {days}",
+                self.config.backfill_max_days
+            )));
+        }
+        if request.periods.is_empty() {
+            return Err(AggregationError::BadRequest(
+                "\"periods\" names no period".into(),
+            ));
+        }
+        self.run(now, deadline, Some(request)).await
+    }
+
+    async fn run(
+        &self,
+        now: DateTime<Utc>,
+        deadline: Instant,
+        backfill: Option<&Backfill>,
+    ) -> Result<RunReport, AggregationError> {
+        let started = Instant::now();
+        let stop_at = deadline
+            .checked_sub(Duration::from_millis(self.config.deadline_margin_ms))
+            .unwrap_or(started);
+        let mut tx = self.db.begin().await?;
+        if !repo::try_lock(&mut tx).await? {
+            return Ok(RunReport {
+                outcome: "skipped: locked".into(),
+                ..RunReport::default()
+            });
+        }
+        let mut report = RunReport {
+            collected: repo::collect(&mut tx).await?,
+            ..RunReport::default()
+        };
+        if let Some(request) = backfill {
+            report.backfill_queued = Some(self.enqueue_backfill(&mut tx, request).await?);
+        }
+        // Days before this may have been retired by the storage policy.
+        let retired_before = crate::domain::period::midnight(
+            now.date_naive() - chrono::Duration::days(i64::from(self.config.retention_days)),
+        );
+        let mut daily_written: Vec<(Uuid, NaiveDate, String)> = Vec::new();
+        let mut stopped = false;
+        loop {
+            if Instant::now() >= stop_at {
+                stopped = true;
+                break;
+            }
+            let cells = repo::next_cells(&mut tx, self.config.chunk_cells).await?;
+            if cells.is_empty() {
+                break;
+            }
+            repo::dequeue(&mut tx, &cells).await?;
+            report.cells_examined += cells.len() as u64;
+            // A cell that reaches back past the retention, and was aggregated while its events
+            // were all there, keeps its aggregate: some of its events may be retired.
+            let (early, cells): (Vec<Cell>, Vec<Cell>) = cells
+                .into_iter()
+                .partition(|c| c.period_start < retired_before);
+            let kept = if early.is_empty() {
+                Default::default()
+            } else {
+                repo::aggregated(&mut tx, &early).await?
+            };
+            let mut by_period: BTreeMap<PeriodType, Vec<Cell>> = BTreeMap::new();
+            for cell in early.into_iter().chain(cells) {
+                if kept.contains(&cell) {
+                    report.skipped_retired += 1;
+                } else {
+                    by_period.entry(cell.period_type).or_default().push(cell);
+                }
+            }
+            for (period, cells) in by_period {
+                let written = repo::compute(
+                    &mut tx,
+                    period,
+                    &cells,
+                    now,
+                    self.config.grace_seconds as f64,
+                )
+                .await?;
+                report.cells_written += written.len() as u64;
+                report.revisions += written.iter().filter(|w| w.revised).count() as u64;
+                if period == PeriodType::Daily {
+                    daily_written.extend(
+                        written
+                            .into_iter()
+                            .map(|w| (w.tenant_id, w.period_start.date_naive(), w.metric)),
+                    );
+                }
+            }
+        }
+        report.cells_unchanged = report
+            .cells_examined
+            .saturating_sub(report.cells_written + report.skipped_retired);
+        report.finalized = repo::finalize(&mut tx, now, self.config.grace_seconds as f64).await?;
+        report.queued_after = repo::state(&mut tx).await?.queued_cells;
+        report.outcome = if stopped { "stopped" } else { "done" }.into();
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        let saved = serde_json::to_value(&report).unwrap_or_default();
+        repo::save_run(&mut tx, now, &saved).await?;
+        tx.commit().await.map_err(DbError::from)?;
+        tracing::debug!(daily_written = daily_written.len(), "aggregation committed");
+
+        report.counters = Some(self.repair_counters(now).await);
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        report.emit_metrics();
+        Ok(report)
+    }
+
+    async fn enqueue_backfill(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        request: &Backfill,
+    ) -> Result<i64, AggregationError> {
+        let tenant = match &request.tenant {
+            None => None,
+            Some(slug) => Some(
+                crate::repo::tenants::find_by_slug(&mut *tx, slug)
+                    .await?
+                    .ok_or_else(|| AggregationError::BadRequest(format!("no tenant {slug:?}")))?
+                    .id,
+            ),
+        };
+        let mut queued = 0;
+        let mut day = request.from;
+        while day <= request.to {
+            let next = day.succ_opt().unwrap_or(day);
+            queued += repo::enqueue_range(tx, day, next, tenant, &request.periods).await?;
+            if next == day {
+                break;
+            }
+            day = next;
+        }
+        Ok(queued)
+    }
+
+    /// Compares every daily counter inside the TTL with PostgreSQL and repairs drift (a
+    /// compare-and-set per counter). Never fails the run: Redis trouble is reported.
+    pub async fn repair_counters(&self, now: DateTime<Utc>) -> RepairReport {
+        let Some(redis) = self.redis else {
+            return RepairReport {
+                error: Some("no Redis configured".into()),
+                ..RepairReport::default()
+            };
+        };
+        match self.try_repair(redis, now).await {
+            Ok(report) => report,
+            Err(e) => {
+                metrics::counter!("CounterRepairFailures").increment(1);
+                tracing::warn!(error = %e, "counter repair failed; the next run tries again");
+                RepairReport {
+                    error: Some(e.to_string()),
+                    ..RepairReport::default()
+                }
+            }
+        }
+    }
+
+    async fn try_repair(
+        &self,
+        redis: &Redis,
+        now: DateTime<Utc>,
+    ) -> Result<RepairReport, RepairError> {
+        let ttl = self.config.counter_ttl_days;
+        let since = now.date_naive() - chrono::Duration::days(ttl - 1);
+        let mut conn = self.db.acquire().await?;
+        let expected = repo::daily_totals_since(&mut conn, since).await?;
+        let mut report = RepairReport {
+            checked: expected.len() as u64,
+            ..RepairReport::default()
+        };
+
+        // 1. Read every counter: one script per tenant (a hash slot) and batch, many in flight.
+        let mut batches: Vec<Vec<repo::DayTotal>> = Vec::new();
+        for cell in expected {
+            match batches.last_mut() {
+                Some(batch)
+                    if batch[0].tenant_id == cell.tenant_id
+                        && batch.len() < self.config.repair_batch =>
+                {
+                    batch.push(cell)
+                }
+                _ => batches.push(vec![cell]),
+            }
+        }
+        let mut reads: Vec<ObserveFuture<'_>> = Vec::with_capacity(batches.len());
+        for batch in &batches {
+            let tenant = TenantId(batch[0].tenant_id);
+            let keys: Vec<(NaiveDate, String)> =
+                batch.iter().map(|c| (c.day, c.metric.clone())).collect();
+            reads.push(Box::pin(async move {
+                usage_counters::observe(redis, tenant, &keys).await
+            }));
+        }
+        let observed: Vec<_> = futures::stream::iter(reads).buffered(16).collect().await;
+
+        // 2. Counters that differ from the aggregate are checked against the events, read now:
+        //    after the counter, so an increment of a later commit is never taken away.
+        let mut suspects: Vec<(repo::DayTotal, usage_counters::Observed)> = Vec::new();
+        for (batch, seen) in batches.into_iter().zip(observed) {
+            for (cell, counter) in batch.into_iter().zip(seen?) {
+                if counter.value.unwrap_or(0) != cell.total || counter.value.is_none() {
+                    suspects.push((cell, counter));
+                }
+            }
+        }
+        // An absent counter of a zero total is not drift.
+        suspects.retain(|(cell, counter)| !(counter.value.is_none() && cell.total == 0));
+        if suspects.is_empty() {
+            return Ok(report);
+        }
+        let keys: Vec<(Uuid, NaiveDate, &str)> = suspects
+            .iter()
+            .map(|(c, _)| (c.tenant_id, c.day, c.metric.as_str()))
+            .collect();
+        let fresh = repo::fresh_day_totals(&mut conn, &keys).await?;
+        drop(conn);
+
+        // 3. Set those that drifted, each only if it is still as it was read.
+        let mut fixes: BTreeMap<Uuid, Vec<usage_counters::Fix>> = BTreeMap::new();
+        for ((cell, counter), truth) in suspects.into_iter().zip(fresh) {
+            let drifted = match counter.value {
+                Some(v) => v != truth.total,
+                None => truth.total != 0,
+            };
+            if drifted {
+                report.drift_found += 1;
+                fixes
+                    .entry(cell.tenant_id)
+                    .or_default()
+                    .push(usage_counters::Fix {
+                        day: cell.day,
+                        metric: cell.metric,
+                        observed: counter,
+                        value: truth.total,
+                    });
+            }
+        }
+        let mut writes: Vec<RepairFuture<'_>> = Vec::new();
+        for (tenant, fixes) in fixes {
+            for chunk in fixes.chunks(self.config.repair_batch) {
+                let chunk = chunk.to_vec();
+                writes.push(Box::pin(async move {
+                    usage_counters::repair(redis, TenantId(tenant), &chunk, ttl).await
+                }));
+            }
+        }
+        let results: Vec<_> = futures::stream::iter(writes).buffered(16).collect().await;
+        for result in results {
+            for set in result? {
+                if set {
+                    report.repaired += 1;
+                } else {
+                    report.raced += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Per tenant: last aggregation, backlog and the oldest work not yet aggregated.
+    pub async fn status(&self, now: DateTime<Utc>) -> Result<StatusReport, AggregationError> {
+        let mut conn = self.db.acquire().await?;
+        let state = repo::state(&mut conn).await?;
+        let tenants = repo::backlog(&mut conn, state.watermark, 1000).await?;
+        Ok(StatusReport {
+            now,
+            state,
+            tenants,
+        })
+    }
+}
+
+type ObserveFuture<'r> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Vec<usage_counters::Observed>, RedisError>>
+            + Send
+            + 'r,
+    >,
+>;
+type RepairFuture<'r> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<bool>, RedisError>> + Send + 'r>>;
+
+#[derive(Debug, thiserror::Error)]
+enum RepairError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+}
+
+impl RunReport {
+    pub fn emit_metrics(&self) {
+        metrics::counter!("AggregationCellsExamined").increment(self.cells_examined);
+        metrics::counter!("AggregationCellsWritten").increment(self.cells_written);
+        metrics::counter!("AggregationRevisions").increment(self.revisions);
+        metrics::gauge!("AggregationQueuedCells").set(self.queued_after as f64);
+        if let Some(c) = &self.counters {
+            metrics::counter!("CounterDriftFound").increment(c.drift_found);
+            metrics::counter!("CounterDriftRepaired").increment(c.repaired);
+            metrics::counter!("CounterRepairRaced").increment(c.raced);
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! `usage_aggregates`, its work queue and watermark (migration 0007): the SQL of an aggregation
+//! run ([`crate::aggregation`]) and of the summary the API reads.
+//!
+//! A run, in one transaction under [`try_lock`]: [`collect`] queues the cells that every
+//! transaction finished since the last run touched, [`next_cells`] / [`compute`] /
+//! [`dequeue`] work the queue in chunks, [`finalize`] closes the periods past their grace.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::db::DbError;
+use crate::domain::period::PeriodType;
+use crate::domain::TenantId;
+
+/// One (tenant, metric, period) of the rollups.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cell {
+    pub period_type: PeriodType,
+    pub period_start: DateTime<Utc>,
+    pub tenant_id: Uuid,
+    pub metric: String,
+}
+
+/// Takes the run's transaction-scoped advisory lock; `false` when another run holds it.
+pub async fn try_lock(conn: &mut PgConnection) -> Result<bool, DbError> {
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_xact_lock(usage_aggregation_lock_id()) AS "locked!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(locked)
+}
+
+/// What [`collect`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Collected {
+    /// (tenant, metric, day) touched by the transactions collected.
+    pub changed_days: i64,
+    /// Cells added to the queue (those already queued are not counted again).
+    pub queued: i64,
+    /// Every transaction below this id has been collected.
+    pub watermark: i64,
+}
+
+/// Queues every cell touched by a transaction that finished since the last collection, and
+/// moves the watermark. The upper bound is the oldest transaction still running: everything
+/// below it has finished, so a transaction that commits late is collected by a later run,
+/// never skipped. Rows are found by the BRIN index on `xact_id`: the cost follows the change.
+pub async fn collect(conn: &mut PgConnection) -> Result<Collected, DbError> {
+    let bounds = sqlx::query!(
+        r#"SELECT watermark,
+                  (pg_snapshot_xmin(pg_current_snapshot())::text)::bigint AS "upper!"
+             FROM usage_aggregation_state FOR UPDATE"#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let upper = bounds.upper.max(bounds.watermark);
+    let found = sqlx::query!(
+        r#"WITH changed AS (
+               SELECT DISTINCT tenant_id, metric, date_trunc('day', occurred_at, 'UTC') AS day
+                 FROM usage_events
+                WHERE xact_id >= $1 AND xact_id < $2
+           ), queued AS (
+               INSERT INTO usage_aggregation_queue (period_type, period_start, tenant_id, metric,
+                                                    reason)
+               SELECT DISTINCT p.period_type, date_trunc(p.unit, c.day, 'UTC'), c.tenant_id,
+                      c.metric, 'change'
+                 FROM changed c
+                CROSS JOIN (VALUES ('daily', 'day'), ('weekly', 'week'), ('monthly', 'month'))
+                      AS p(period_type, unit)
+               ON CONFLICT DO NOTHING
+               RETURNING 1
+           )
+           SELECT (SELECT count(*) FROM changed) AS "changed!",
+                  (SELECT count(*) FROM queued) AS "queued!""#,
+        bounds.watermark,
+        upper
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query!("UPDATE usage_aggregation_state SET watermark = $1", upper)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Collected {
+        changed_days: found.changed,
+        queued: found.queued,
+        watermark: upper,
+    })
+}
+
+/// Queues every cell of `periods` that has events (or an aggregate) on the days `[from, to)`,
+/// optionally of one tenant. Returns how many were added.
+pub async fn enqueue_range(
+    conn: &mut PgConnection,
+    from: NaiveDate,
+    to: NaiveDate,
+    tenant: Option<TenantId>,
+    periods: &[PeriodType],
+) -> Result<i64, DbError> {
+    let periods: Vec<&str> = periods.iter().map(|p| p.as_str()).collect();
+    let from = crate::domain::period::midnight(from);
+    let to = crate::domain::period::midnight(to);
+    let queued = sqlx::query_scalar!(
+        r#"WITH p AS (
+               SELECT * FROM (VALUES ('daily', 'day'), ('weekly', 'week'), ('monthly', 'month'))
+                   AS p(period_type, unit)
+                WHERE period_type = ANY($4::text[])
+           ), cells AS (
+               SELECT DISTINCT p.period_type, date_trunc(p.unit, e.occurred_at, 'UTC') AS start,
+                      e.tenant_id, e.metric
+                 FROM usage_events e CROSS JOIN p
+                WHERE e.occurred_at >= $1 AND e.occurred_at < $2
+                  AND ($3::uuid IS NULL OR e.tenant_id = $3)
+               UNION
+               SELECT a.period_type, a.period_start, a.tenant_id, a.metric
+                 FROM usage_aggregates a
+                WHERE a.period_type = ANY($4::text[])
+                  AND a.period_start < $2 AND a.period_end > $1
+                  AND ($3::uuid IS NULL OR a.tenant_id = $3)
+           ), queued AS (
+               INSERT INTO usage_aggregation_queue (period_type, period_start, tenant_id, metric,
+                                                    reason)
+               SELECT period_type, start, tenant_id, metric, 'backfill' FROM cells
+               ON CONFLICT DO NOTHING
+               RETURNING 1
+           )
+           SELECT count(*) AS "queued!" FROM queued"#,
+        from,
+        to,
+        tenant.map(|t| t.0),
+        &periods as &[&str]
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(queued)
+}
+
+/// The next cells of the queue, grouped by period type and in time order (so a chunk's events
+/// lie in a short range of partitions).
+pub async fn next_cells(conn: &mut PgConnection, limit: i64) -> Result<Vec<Cell>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT period_type, period_start, tenant_id, metric
+             FROM usage_aggregation_queue
+            ORDER BY period_type, period_start, tenant_id, metric
+            LIMIT $1"#,
+        limit
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Cell {
+                period_type: PeriodType::parse(&r.period_type)?,
+                period_start: r.period_start,
+                tenant_id: r.tenant_id,
+                metric: r.metric,
+            })
+        })
+        .collect()
+}
+
+/// Removes cells from the queue.
+pub async fn dequeue(conn: &mut PgConnection, cells: &[Cell]) -> Result<u64, DbError> {
+    let types: Vec<&str> = cells.iter().map(|c| c.period_type.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = cells.iter().map(|c| c.period_start).collect();
+    let tenants: Vec<Uuid> = cells.iter().map(|c| c.tenant_id).collect();
+    let metrics: Vec<&str> = cells.iter().map(|c| c.metric.as_str()).collect();
+    let done = sqlx::query!(
+        r#"DELETE FROM usage_aggregation_queue q
+            USING UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[])
+                  AS c(period_type, period_start, tenant_id, metric)
+            WHERE q.period_type = c.period_type AND q.period_start = c.period_start
+              AND q.tenant_id = c.tenant_id AND q.metric = c.metric"#,
+        &types as &[&str],
+        &starts,
+        &tenants,
+        &metrics as &[&str]
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Those of `cells` that have an aggregate.
+pub async fn aggregated(
+    conn: &mut PgConnection,
+    cells: &[Cell],
+) -> Result<std::collections::HashSet<Cell>, DbError> {
+    let types: Vec<&str> = cells.iter().map(|c| c.period_type.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = cells.iter().map(|c| c.period_start).collect();
+    let tenants: Vec<Uuid> = cells.iter().map(|c| c.tenant_id).collect();
+    let metrics: Vec<&str> = cells.iter().map(|c| c.metric.as_str()).collect();
+    let rows = sqlx::query!(
+        r#"SELECT a.period_type, a.period_start, a.tenant_id, a.metric
+             FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[])
+                  AS c(period_type, period_start, tenant_id, metric)
+             JOIN usage_aggregates a
+               ON a.tenant_id = c.tenant_id AND a.period_type = c.period_type
+              AND a.period_start = c.period_start AND a.metric = c.metric"#,
+        &types as &[&str],
+        &starts,
+        &tenants,
+        &metrics as &[&str]
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Cell {
+                period_type: PeriodType::parse(&r.period_type)?,
+                period_start: r.period_start,
+                tenant_id: r.tenant_id,
+                metric: r.metric,
+            })
+        })
+        .collect()
+}
+
+/// A cell [`compute`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub tenant_id: Uuid,
+    pub metric: String,
+    pub period_start: DateTime<Utc>,
+    /// The cell was final before this change: a revision.
+    pub revised: bool,
+}
+
+/// Recomputes cells of one period type from their events, in one grouped statement, and
+/// upserts those whose source changed (a cell without events is written only to bring an
+/// existing aggregate down to zero). `now` and `grace` decide `final`; a change to a final cell
+/// counts a revision. Returns the cells written.
+pub async fn compute(
+    conn: &mut PgConnection,
+    period: PeriodType,
+    cells: &[Cell],
+    now: DateTime<Utc>,
+    grace_seconds: f64,
+) -> Result<Vec<Written>, DbError> {
+    let Some(first) = cells.iter().map(|c| c.period_start).min() else {
+        return Ok(Vec::new());
+    };
+    let last = cells.iter().map(|c| c.period_start).max().unwrap_or(first);
+    let tenants: Vec<Uuid> = cells.iter().map(|c| c.tenant_id).collect();
+    let metrics: Vec<&str> = cells.iter().map(|c| c.metric.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = cells.iter().map(|c| c.period_start).collect();
+    let rows = sqlx::query!(
+        r#"WITH cells AS (
+               SELECT * FROM UNNEST($3::uuid[], $4::text[], $5::timestamptz[])
+                   AS c(tenant_id, metric, period_start)
+           ), sums AS (
+               SELECT e.tenant_id, e.metric, date_trunc($2, e.occurred_at, 'UTC') AS period_start,
+                      sum(e.quantity) AS total, count(*) AS events,
+                      count(DISTINCT e.actor_id) AS actors, sum(e.seq) AS seq_sum,
+                      bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
+                 FROM usage_events e
+                WHERE e.occurred_at >= $6
+                  AND e.occurred_at < ($7::timestamptz AT TIME ZONE 'UTC'
+                                       + ('1 ' || $2)::interval) AT TIME ZONE 'UTC'
+                  AND e.voided_at IS NULL
+                  AND (e.tenant_id, e.metric, date_trunc($2, e.occurred_at, 'UTC'))
+                      IN (SELECT tenant_id, metric, period_start FROM cells)
+                GROUP BY 1, 2, 3
+           ), computed AS (
+               SELECT c.tenant_id, c.metric, c.period_start,
+                      (c.period_start AT TIME ZONE 'UTC' + ('1 ' || $2)::interval)
+                          AT TIME ZONE 'UTC' AS period_end,
+                      coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
+                      coalesce(s.actors, 0) AS actors,
+                      sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_sum,
+                                                  s.seq_xor), 'UTF8')) AS source_hash
+                 FROM cells c LEFT JOIN sums s USING (tenant_id, metric, period_start)
+           )
+           INSERT INTO usage_aggregates AS a
+                  (tenant_id, period_type, period_start, period_end, metric, classification,
+                   total_quantity, event_count, distinct_actors, source_hash, computed_at,
+                   final, finalized_at)
+           SELECT c.tenant_id, $1, c.period_start, c.period_end, c.metric, m.classification,
+                  c.total, c.events, c.actors, c.source_hash, $8,
+                  c.period_end + make_interval(secs => $9) <= $8,
+                  CASE WHEN c.period_end + make_interval(secs => $9) <= $8 THEN $8 END
+             FROM computed c
+             JOIN metrics m ON m.name = c.metric
+            WHERE c.events > 0
+               OR EXISTS (SELECT 1 FROM usage_aggregates x
+                           WHERE x.tenant_id = c.tenant_id AND x.period_type = $1
+                             AND x.period_start = c.period_start AND x.metric = c.metric)
+           ON CONFLICT (tenant_id, period_type, period_start, metric) DO UPDATE
+              SET total_quantity = EXCLUDED.total_quantity,
+                  event_count = EXCLUDED.event_count,
+                  distinct_actors = EXCLUDED.distinct_actors,
+                  source_hash = EXCLUDED.source_hash,
+                  computed_at = EXCLUDED.computed_at,
+                  final = a.final OR EXCLUDED.final,
+                  finalized_at = coalesce(a.finalized_at, EXCLUDED.finalized_at),
+                  revisions_after_final = a.revisions_after_final + a.final::int,
+                  revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END
+            WHERE a.source_hash IS DISTINCT FROM EXCLUDED.source_hash
+           RETURNING a.tenant_id, a.metric, a.period_start,
+                     (a.revised_at IS NOT DISTINCT FROM $8 AND a.revisions_after_final > 0)
+                         AS "revised!""#,
+        period.as_str(),
+        period.unit(),
+        &tenants,
+        &metrics as &[&str],
+        &starts,
+        first,
+        last,
+        now,
+        grace_seconds
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Written {
+            tenant_id: r.tenant_id,
+            metric: r.metric,
+            period_start: r.period_start,
+            revised: r.revised,
+        })
+        .collect())
+}
+
+/// Marks final every cell whose period ended more than `grace_seconds` before `now` and that
+/// is not waiting in the queue. Returns how many.
+pub async fn finalize(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    grace_seconds: f64,
+) -> Result<u64, DbError> {
+    let done = sqlx::query!(
+        r#"UPDATE usage_aggregates a SET final = true, finalized_at = $1
+            WHERE NOT a.final AND a.period_end <= $1::timestamptz - make_interval(secs => $2)
+              AND NOT EXISTS (SELECT 1 FROM usage_aggregation_queue q
+                               WHERE q.period_type = a.period_type
+                                 AND q.period_start = a.period_start
+                                 AND q.tenant_id = a.tenant_id AND q.metric = a.metric)"#,
+        now,
+        grace_seconds
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Records a finished run.
+pub async fn save_run(
+    conn: &mut PgConnection,
+    at: DateTime<Utc>,
+    report: &serde_json::Value,
+) -> Result<(), DbError> {
+    sqlx::query!(
+        "UPDATE usage_aggregation_state SET last_run_at = $1, last_run = $2",
+        at,
+        report
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The aggregation's own state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    pub watermark: i64,
+    pub last_run_at: Option<DateTime<Utc>>,
+    pub last_run: Option<serde_json::Value>,
+    pub queued_cells: i64,
+}
+
+pub async fn state(conn: &mut PgConnection) -> Result<State, DbError> {
+    let row = sqlx::query!(
+        r#"SELECT watermark, last_run_at, last_run,
+                  (SELECT count(*) FROM usage_aggregation_queue) AS "queued!"
+             FROM usage_aggregation_state"#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(State {
+        watermark: row.watermark,
+        last_run_at: row.last_run_at,
+        last_run: row.last_run,
+        queued_cells: row.queued,
+    })
+}
+
+/// One tenant's aggregation backlog.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantBacklog {
+    pub tenant: String,
+    /// The last time one of the tenant's aggregates changed.
+    pub last_aggregated_at: Option<DateTime<Utc>>,
+    /// Cells queued for the next run.
+    pub queued_cells: i64,
+    /// Events written since the watermark (not yet collected).
+    pub pending_events: i64,
+    /// The oldest work not yet aggregated: the earliest of the pending events' arrival and
+    /// the queued cells' enqueueing.
+    pub oldest_unaggregated_at: Option<DateTime<Utc>>,
+}
+
+/// Per tenant (by slug, at most `limit`): last aggregation, backlog, oldest unaggregated work.
+pub async fn backlog(
+    conn: &mut PgConnection,
+    watermark: i64,
+    limit: i64,
+) -> Result<Vec<TenantBacklog>, DbError> {
+    let rows = sqlx::query_as!(
+        TenantBacklog,
+        r#"WITH pending AS (
+               SELECT tenant_id, count(*) AS events, min(created_at) AS oldest
+                 FROM usage_events WHERE xact_id >= $1 GROUP BY tenant_id
+           ), queued AS (
+               SELECT tenant_id, count(*) AS cells, min(enqueued_at) AS oldest
+                 FROM usage_aggregation_queue GROUP BY tenant_id
+           )
+           SELECT t.slug AS tenant,
+                  (SELECT max(a.computed_at) FROM usage_aggregates a WHERE a.tenant_id = t.id)
+                      AS last_aggregated_at,
+                  coalesce(q.cells, 0) AS "queued_cells!",
+                  coalesce(p.events, 0) AS "pending_events!",
+                  least(p.oldest, q.oldest) AS oldest_unaggregated_at
+             FROM tenants t
+             LEFT JOIN pending p ON p.tenant_id = t.id
+             LEFT JOIN queued q ON q.tenant_id = t.id
+            ORDER BY t.slug
+            LIMIT $2"#,
+        watermark,
+        limit
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}
+
+/// A daily cell and its total, for the counters' repair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayTotal {
+    pub tenant_id: Uuid,
+    pub day: NaiveDate,
+    pub metric: String,
+    pub total: i128,
+}
+
+fn parse_total(text: &str) -> Result<i128, DbError> {
+    text.parse::<i128>()
+        .map_err(|_| DbError::Decode(format!("total {text:?} is not an integer")))
+}
+
+/// Every daily aggregate from `since` on (an index range), as the counters should hold it.
+pub async fn daily_totals_since(
+    conn: &mut PgConnection,
+    since: NaiveDate,
+) -> Result<Vec<DayTotal>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT tenant_id, period_start, metric, total_quantity::text AS "total!"
+             FROM usage_aggregates
+            WHERE period_type = 'daily' AND period_start >= $1
+            ORDER BY tenant_id, period_start, metric"#,
+        crate::domain::period::midnight(since)
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(DayTotal {
+                tenant_id: r.tenant_id,
+                day: r.period_start.date_naive(),
+                metric: r.metric,
+                total: parse_total(&r.total)?,
+            })
+        })
+        .collect()
+}
+
+/// The current totals of daily cells, straight from the events (voided ones excluded).
+pub async fn fresh_day_totals(
+    conn: &mut PgConnection,
+    cells: &[(Uuid, NaiveDate, &str)],
+) -> Result<Vec<DayTotal>, DbError> {
+    let tenants: Vec<Uuid> = cells.iter().map(|c| c.0).collect();
+    let days: Vec<DateTime<Utc>> = cells
+        .iter()
+        .map(|c| crate::domain::period::midnight(c.1))
+        .collect();
+    let metrics: Vec<&str> = cells.iter().map(|c| c.2).collect();
+    let rows = sqlx::query!(
+        r#"SELECT c.tenant_id AS "tenant_id!", c.day AS "day!", c.metric AS "metric!",
+                  coalesce(t.total, 0)::text AS "total!"
+             FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[]) AS c(tenant_id, day, metric)
+             CROSS JOIN LATERAL (
+                 SELECT sum(e.quantity) AS total FROM usage_events e
+                  WHERE e.tenant_id = c.tenant_id AND e.metric = c.metric
+                    AND e.occurred_at >= c.day AND e.occurred_at < c.day + interval '24 hours'
+                    AND e.voided_at IS NULL
+             ) t"#,
+        &tenants,
+        &days,
+        &metrics as &[&str]
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(DayTotal {
+                tenant_id: r.tenant_id,
+                day: r.day.date_naive(),
+                metric: r.metric,
+                total: parse_total(&r.total)?,
+            })
+        })
+        .collect()
+}
+
+/// One row of the summary the API returns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Aggregate {
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub metric: String,
+    pub classification: String,
+    /// Exact (a sum of 64-bit quantities), as a decimal string.
+    pub total_quantity: String,
+    pub event_count: i64,
+    pub distinct_actors: i64,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub computed_at: DateTime<Utc>,
+    pub revisions_after_final: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revised_at: Option<DateTime<Utc>>,
+}
+
+/// A tenant's aggregates of one period type whose periods start in `[from, to)`, optionally of
+/// one metric: one range of the primary key. Run it in the tenant's read transaction.
+pub async fn summary(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    period: PeriodType,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    metric: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Aggregate>, DbError> {
+    let rows = sqlx::query_as!(
+        Aggregate,
+        r#"SELECT period_start, period_end, metric, classification,
+                  total_quantity::text AS "total_quantity!", event_count, distinct_actors,
+                  final AS is_final,
+                  computed_at, revisions_after_final, revised_at
+             FROM usage_aggregates
+            WHERE tenant_id = $1 AND period_type = $2 AND period_start >= $3 AND period_start < $4
+              AND ($5::text IS NULL OR metric = $5)
+            ORDER BY period_start, metric
+            LIMIT $6"#,
+        tenant.0,
+        period.as_str(),
+        from,
+        to,
+        metric,
+        limit
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}
