@@ -1,5 +1,5 @@
 //! `ingest-usage`: authenticated, tenant-scoped batch ingestion of usage events with idempotent
-//! dedup, real-time counters in Redis, and usage queries.
+//! dedup, real-time counters in Redis, usage queries and summaries, and corrections (voids).
 //!
 //! The Lambda entry point (`main.rs`) only wires [`App::from_env`] to [`routes::handle`]; tests
 //! and the benchmark call the same functions in-process.
@@ -7,10 +7,12 @@
 pub mod app;
 pub mod batch;
 pub mod config;
+pub mod corrections;
 pub mod cursor;
 pub mod ingest;
 pub mod query;
 pub mod routes;
+pub mod summary;
 
 pub use app::App;
 pub use config::IngestConfig;

@@ -10,34 +10,71 @@ use meterbridge::http::ApiError;
 use meterbridge::Database;
 
 use crate::app::App;
-use crate::{ingest, query};
+use crate::{corrections, ingest, query, summary};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     PostEvents,
     ListEvents,
     Realtime,
+    Summary,
+    /// The event id, percent-decoded.
+    VoidEvent(String),
 }
 
 impl Route {
-    /// The scope a key needs for this route.
-    pub fn scope(self) -> Scope {
+    /// The scope a key needs for this route (a void also needs an internal key).
+    pub fn scope(&self) -> Scope {
         match self {
-            Route::PostEvents => Scope::UsageWrite,
-            Route::ListEvents | Route::Realtime => Scope::UsageRead,
+            Route::PostEvents | Route::VoidEvent(_) => Scope::UsageWrite,
+            Route::ListEvents | Route::Realtime | Route::Summary => Scope::UsageRead,
         }
     }
 }
 
 /// Matches a path (with any stage prefix removed by the edge).
 pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
-    match (path, method) {
-        ("/v1/usage/events", &Method::POST) => Ok(Route::PostEvents),
-        ("/v1/usage/events", &Method::GET) => Ok(Route::ListEvents),
-        ("/v1/usage/realtime", &Method::GET) => Ok(Route::Realtime),
-        ("/v1/usage/events" | "/v1/usage/realtime", _) => Err(ApiError::MethodNotAllowed),
+    let allowed = |expected: Method, route: Route| {
+        if *method == expected {
+            Ok(route)
+        } else {
+            Err(ApiError::MethodNotAllowed)
+        }
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "usage", "events"] => match *method {
+            Method::POST => Ok(Route::PostEvents),
+            Method::GET => Ok(Route::ListEvents),
+            _ => Err(ApiError::MethodNotAllowed),
+        },
+        ["v1", "usage", "realtime"] => allowed(Method::GET, Route::Realtime),
+        ["v1", "usage", "summary"] => allowed(Method::GET, Route::Summary),
+        ["v1", "usage", "events", id, "void"] if !id.is_empty() => {
+            let id = percent_decode(id)
+                .ok_or_else(|| ApiError::NotFound("no such usage event".into()))?;
+            allowed(Method::POST, Route::VoidEvent(id))
+        }
         _ => Err(ApiError::NotFound(format!("no route for {path}"))),
     }
+}
+
+/// `%XX` escapes decoded; `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl HttpApi for App {
@@ -53,7 +90,8 @@ impl HttpApi for App {
 
     fn route(&self, method: &Method, path: &str) -> Result<(Route, Access), ApiError> {
         let route = route(method, path)?;
-        Ok((route, Access::ApiKey(route.scope())))
+        let scope = route.scope();
+        Ok((route, Access::ApiKey(scope)))
     }
 
     async fn call(&self, route: Route, call: Call<'_>) -> Result<Response<Body>, ApiError> {
@@ -62,6 +100,8 @@ impl HttpApi for App {
             Route::PostEvents => ingest::post_events(self, caller, call.request).await,
             Route::ListEvents => query::list_events(self, caller, call.request).await,
             Route::Realtime => query::realtime(self, caller, call.request).await,
+            Route::Summary => summary::summary(self, caller, call.request).await,
+            Route::VoidEvent(id) => corrections::void_event(self, caller, &id, call.request).await,
         }
     }
 }
@@ -97,5 +137,30 @@ mod tests {
             405
         );
         assert_eq!(route(&Method::GET, "/v1/other").unwrap_err().status(), 404);
+        assert_eq!(
+            route(&Method::GET, "/v1/usage/summary").unwrap(),
+            Route::Summary
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/usage/events/evt%2F1%20a/void").unwrap(),
+            Route::VoidEvent("evt/1 a".into())
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/usage/events/e1/void")
+                .unwrap_err()
+                .status(),
+            405
+        );
+        for bad in [
+            "/v1/usage/events//void",
+            "/v1/usage/events/%zz/void",
+            "/v1/usage/events/%ff/void",
+        ] {
+            assert_eq!(
+                route(&Method::POST, bad).unwrap_err().status(),
+                404,
+                "{bad}"
+            );
+        }
     }
 }

@@ -112,6 +112,20 @@ async fn every_fixture_runs_through_the_handler(owner: PgPool) {
     let r = send(&app, run("delete-events.json")).await;
     assert_eq!(r.status, 405, "{}", r.body);
 
+    // The void of post-events.json's first event (3 api.requests): kept, marked, uncounted.
+    let r = send(&app, run("void-event.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["voidedNow"], true);
+    assert_eq!(r.body["event"]["quantity"], 3);
+    assert_eq!(fx.counter("api.requests").await, Some(0));
+
+    // The summary (no aggregation has run in this test: an empty, well-formed answer).
+    let r = send(&app, run("summary.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["period"], "daily");
+    assert_eq!(r.body["metric"], "api.requests");
+    assert!(r.body["aggregates"].is_array());
+
     // 3 + 2 + 1 accepted events are in PostgreSQL.
     assert_eq!(fx.stored_events().await, 6);
 

@@ -30,7 +30,7 @@ pub struct DedupKeys {
 impl DedupKeys {
     pub fn of(tenant: TenantId, source: &SourceService, event: &UsageEvent) -> Self {
         DedupKeys {
-            event: key("event", tenant, [source.as_str(), &event.event_id, ""]),
+            event: Self::event_key(tenant, source, &event.event_id),
             idempotency: event
                 .idempotency_key
                 .as_deref()
@@ -45,6 +45,11 @@ impl DedupKeys {
                 ],
             ),
         }
+    }
+
+    /// The key of an event id alone (to find a stored event by the id its source gave it).
+    pub fn event_key(tenant: TenantId, source: &SourceService, event_id: &str) -> Uuid {
+        key("event", tenant, [source.as_str(), event_id, ""])
     }
 
     /// The keys `usage_event_keys` remembers: the event id's, and the idempotency key's when

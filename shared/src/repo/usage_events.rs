@@ -326,6 +326,13 @@ pub struct StoredUsageEvent {
     pub idempotency_key: Option<String>,
     pub metadata: Value,
     pub created_at: DateTime<Utc>,
+    /// Set when the event was voided (it then counts in no aggregate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voided_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voided_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub void_reason: Option<String>,
 }
 
 /// A position in the listing order (occurred_at, seq).
@@ -378,7 +385,8 @@ pub async fn list(
     let rows = sqlx::query_as!(
         StoredUsageEvent,
         r#"SELECT seq, event_id, metric, quantity, occurred_at, actor_id, source_service,
-                  correlation_id, classification, idempotency_key, metadata, created_at
+                  correlation_id, classification, idempotency_key, metadata, created_at,
+                  voided_at, voided_by, void_reason
              FROM usage_events
             WHERE tenant_id = $1
               AND (occurred_at, seq) > ($2::timestamptz, $3::int8)
@@ -415,6 +423,7 @@ pub async fn day_totals(
         r#"SELECT metric, sum(quantity)::text AS "total!"
              FROM usage_events
             WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+              AND voided_at IS NULL
             GROUP BY metric ORDER BY metric"#,
         tenant.0,
         start,
@@ -431,4 +440,70 @@ pub async fn day_totals(
             Ok((r.metric, total))
         })
         .collect()
+}
+
+/// Where a tenant's event is stored, found by one of its remembered key hashes (the keys live
+/// as long as the deduplication window).
+pub async fn locate(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key_hash: Uuid,
+) -> Result<Option<ListPosition>, DbError> {
+    let row = sqlx::query!(
+        r#"SELECT occurred_at, seq FROM usage_event_keys
+            WHERE key_hash = $2 AND tenant_id = $1
+            LIMIT 1"#,
+        tenant.0,
+        key_hash
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| ListPosition {
+        occurred_at: r.occurred_at,
+        seq: r.seq,
+    }))
+}
+
+/// Marks a stored event voided, unless it already is. Returns the event as it now stands, and
+/// whether this call voided it; `None` when no such event is stored.
+pub async fn void(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    at: ListPosition,
+    by: &str,
+    reason: &str,
+) -> Result<Option<(StoredUsageEvent, bool)>, DbError> {
+    let voided = sqlx::query_as!(
+        StoredUsageEvent,
+        r#"UPDATE usage_events
+              SET voided_at = now(), voided_by = $4, void_reason = $5
+            WHERE tenant_id = $1 AND occurred_at = $2 AND seq = $3 AND voided_at IS NULL
+           RETURNING seq, event_id, metric, quantity, occurred_at, actor_id, source_service,
+                     correlation_id, classification, idempotency_key, metadata, created_at,
+                     voided_at, voided_by, void_reason"#,
+        tenant.0,
+        at.occurred_at,
+        at.seq,
+        by,
+        reason
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(event) = voided {
+        return Ok(Some((event, true)));
+    }
+    let current = sqlx::query_as!(
+        StoredUsageEvent,
+        r#"SELECT seq, event_id, metric, quantity, occurred_at, actor_id, source_service,
+                  correlation_id, classification, idempotency_key, metadata, created_at,
+                  voided_at, voided_by, void_reason
+             FROM usage_events
+            WHERE tenant_id = $1 AND occurred_at = $2 AND seq = $3"#,
+        tenant.0,
+        at.occurred_at,
+        at.seq
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(current.map(|event| (event, false)))
 }
