@@ -50,6 +50,25 @@ enum UsageCommand {
     Maintain,
     /// Day partitions, archived days and key generations
     Status,
+    /// One incremental aggregation run now
+    Aggregate,
+    /// Recompute the aggregates of a range of days (inclusive)
+    Backfill {
+        /// First day, YYYY-MM-DD
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last day, YYYY-MM-DD
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        /// One tenant's slug (all tenants when absent)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// daily, weekly, monthly (repeatable; all when absent)
+        #[arg(long = "period", value_parser = parse_period)]
+        periods: Vec<meterbridge::domain::period::PeriodType>,
+    },
+    /// Per tenant: last aggregation, backlog, oldest unaggregated work
+    AggregationStatus,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +139,10 @@ enum ApiKeyAction {
     List { tenant: String },
 }
 
+fn parse_period(raw: &str) -> Result<meterbridge::domain::period::PeriodType, String> {
+    meterbridge::domain::period::PeriodType::parse(raw).map_err(|e| e.message)
+}
+
 impl Cli {
     pub fn into_command(self) -> Command {
         match self.action {
@@ -166,6 +189,19 @@ impl Cli {
             Action::Usage { action } => match action {
                 UsageCommand::Maintain => Command::UsageMaintain,
                 UsageCommand::Status => Command::UsageStatus,
+                UsageCommand::Aggregate => Command::UsageAggregate,
+                UsageCommand::Backfill {
+                    from,
+                    to,
+                    tenant,
+                    periods,
+                } => Command::UsageBackfill {
+                    from,
+                    to,
+                    tenant,
+                    periods: (!periods.is_empty()).then_some(periods),
+                },
+                UsageCommand::AggregationStatus => Command::UsageAggregationStatus,
             },
             Action::Payment { action } => match action {
                 PaymentCommand::Refund {
@@ -194,6 +230,44 @@ mod tests {
     #[test]
     fn cli_builds_the_same_commands_as_payloads() {
         assert_eq!(parse(&["migrate"]).unwrap(), Command::Migrate);
+        assert_eq!(
+            parse(&[
+                "usage",
+                "backfill",
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-07",
+                "--tenant",
+                "acme",
+                "--period",
+                "daily"
+            ])
+            .unwrap(),
+            serde_json::from_value::<Command>(serde_json::json!({
+                "action": "usage.backfill", "from": "2026-11-01", "to": "2026-11-07",
+                "tenant": "acme", "periods": ["daily"]}))
+            .unwrap()
+        );
+        assert!(parse(&[
+            "usage",
+            "backfill",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-07",
+            "--period",
+            "hourly"
+        ])
+        .is_err());
+        assert_eq!(
+            parse(&["usage", "aggregate"]).unwrap(),
+            Command::UsageAggregate
+        );
+        assert_eq!(
+            parse(&["usage", "aggregation-status"]).unwrap(),
+            Command::UsageAggregationStatus
+        );
         assert_eq!(
             parse(&["tenant", "create", "acme", "--name", "Acme Inc"]).unwrap(),
             Command::TenantCreate {

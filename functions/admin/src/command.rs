@@ -79,6 +79,23 @@ pub enum Command {
     /// Day partitions, archived days and key generations.
     #[serde(rename = "usage.status")]
     UsageStatus,
+    /// One incremental aggregation run, now (the aggregate-usage function's scheduled job).
+    #[serde(rename = "usage.aggregate")]
+    UsageAggregate,
+    /// Recomputes the aggregates of a range of days (inclusive) from the events.
+    #[serde(rename = "usage.backfill")]
+    UsageBackfill {
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        #[serde(default)]
+        tenant: Option<String>,
+        /// `daily`, `weekly`, `monthly`; all when absent.
+        #[serde(default)]
+        periods: Option<Vec<meterbridge::domain::period::PeriodType>>,
+    },
+    /// Per tenant: last aggregation, backlog, oldest unaggregated work.
+    #[serde(rename = "usage.aggregation-status")]
+    UsageAggregationStatus,
 }
 
 impl Command {
@@ -98,6 +115,9 @@ impl Command {
             Command::OutboxRelay => "outbox.relay",
             Command::UsageMaintain => "usage.maintain",
             Command::UsageStatus => "usage.status",
+            Command::UsageAggregate => "usage.aggregate",
+            Command::UsageBackfill { .. } => "usage.backfill",
+            Command::UsageAggregationStatus => "usage.aggregation-status",
         }
     }
 }

@@ -10,6 +10,7 @@ use admin::cli::Cli;
 use admin::Admin;
 use clap::Parser;
 use lambda_runtime::{service_fn, LambdaEvent};
+use meterbridge::aggregation::AggregationConfig;
 use meterbridge::config::Env;
 use meterbridge::relay::{Relay, RelayConfig};
 use meterbridge::repo::usage_storage::StoragePolicy;
@@ -60,6 +61,7 @@ async fn admin_from_env() -> Result<(Services, Admin), String> {
         db: services.db.clone(),
         relay,
         storage: StoragePolicy::from_env(&env).map_err(|e| e.to_string())?,
+        aggregation: AggregationConfig::from_env(&env).map_err(|e| e.to_string())?,
     };
     Ok((services, admin))
 }

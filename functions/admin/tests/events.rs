@@ -203,6 +203,23 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
         "{out}"
     );
 
+    // Aggregation, as the owner: a run, a backfill of a week, the status per tenant.
+    let out = ok(&db, run("usage-aggregate.json")).await;
+    assert_eq!(out["aggregation"]["outcome"], "done", "{out}");
+    assert_eq!(
+        out["aggregation"]["counters"]["error"],
+        "no Redis configured"
+    );
+    let out = ok(&db, run("usage-backfill.json")).await;
+    assert_eq!(out["backfill"]["outcome"], "done", "{out}");
+    assert!(out["backfill"]["backfillQueued"].is_i64(), "{out}");
+    let out = ok(&db, run("usage-aggregation-status.json")).await;
+    assert!(out["aggregation"]["tenants"].is_array(), "{out}");
+    assert!(
+        out["aggregation"]["state"]["lastRunAt"].is_string(),
+        "{out}"
+    );
+
     let out = ok(&db, run("tenant-disable.json")).await;
     assert_eq!(out["tenant"]["status"], "disabled");
     assert!(out["tenant"]["disabledAt"].is_string());
