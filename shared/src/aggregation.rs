@@ -94,7 +94,7 @@ impl AggregationConfig {
             counter_ttl_days: env.bounded_or(
                 "COUNTER_TTL_DAYS",
                 d.counter_ttl_days as u64,
-                1..=35,
+                1..=90,
             )? as i64,
             deadline_margin_ms: env.bounded_or(
                 "AGGREGATION_DEADLINE_MARGIN_MS",

@@ -1,0 +1,70 @@
+# Sourced by scripts/demo.sh: the aggregation (aggregate-usage, as meterbridge_ops) rolls the
+# events up, the summary reads the rollups, a void corrects them, and the Redis counters heal
+# after a flush.
+aggregate() { # PAYLOAD-FILE — one job through the Lambda invoke API; prints its report
+  invoke aggregate-usage "$(cat "events/aggregate-usage/$1")"
+}
+show_run() {
+  python3 -c 'import json,sys
+r=json.load(sys.stdin); c=r.get("counters") or {}
+print("  %s: collected %d cells, examined %d, written %d, unchanged %d, finalized %d; counters checked %d, drift %d, repaired %d" % (
+  r["outcome"], r["collected"]["queued"], r["cellsExamined"], r["cellsWritten"], r["cellsUnchanged"], r["finalized"],
+  c.get("checked", 0), c.get("driftFound", 0), c.get("repaired", 0)))
+sys.exit(r["outcome"] not in ("done", "skipped: locked") or bool(c.get("error")))'
+}
+show_summary() { # METRIC EXPECTED-TOTAL
+  python3 -c 'import json,sys
+status, body = sys.stdin.read().split(" ", 1); d=json.loads(body)
+rows=[a for a in d["aggregates"] if a["metric"] == sys.argv[1]]
+for a in d["aggregates"]:
+    print("  %s %-32s total %-8s events %-4s actors %-3s final %-5s computed %s" % (a["periodStart"][:10], a["metric"], a["totalQuantity"], a["eventCount"], a["distinctActors"], a["final"], a["computedAt"]))
+sys.exit(status != "200" or not rows or rows[-1]["totalQuantity"] != sys.argv[2])' "$@"
+}
+realtime_total() { # METRIC — today's counter from GET /v1/usage/realtime (and its source)
+  http GET /v1/usage/realtime "$INTERNAL_KEY" \
+    | python3 -c 'import json,sys; s,b=sys.stdin.read().split(" ",1); d=json.loads(b); print(d["counters"].get(sys.argv[1], 0), d["source"])' "$1"
+}
+
+say "aggregate-usage: a scheduled run (events/aggregate-usage/scheduled.json)"
+aggregate scheduled.json | show_run
+TODAY=$(date -u +%Y-%m-%d)
+DEMO_TOTAL=$(psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -Atc \
+  "select coalesce(sum(quantity), 0) from usage_events e join tenants t on t.id = e.tenant_id
+    where t.slug = '$TENANT' and metric = 'api.requests' and voided_at is null
+      and occurred_at >= '$TODAY' and occurred_at < date '$TODAY' + 1")
+say "ingest-usage: GET /v1/usage/summary?period=daily (today's rollups; api.requests = $DEMO_TOTAL in PostgreSQL)"
+http GET "/v1/usage/summary?period=daily&from=$TODAY&to=$TODAY" "$INTERNAL_KEY" | show_summary api.requests "$DEMO_TOTAL"
+
+say "ingest-usage: POST /v1/usage/events/$RUN_ID-evt-1/void (internal key) — kept, marked, uncounted"
+echo "  real-time api.requests before: $(realtime_total api.requests)"
+http POST "/v1/usage/events/$RUN_ID-evt-1/void" "$INTERNAL_KEY" '{"reason": "demo: sent twice upstream"}' \
+  | python3 -c 'import json,sys; s,b=sys.stdin.read().split(" ",1); d=json.loads(b); e=d["event"]; print("  %s voidedNow=%s %s %s by %s: %s" % (s, d["voidedNow"], e["eventId"], e["quantity"], e["voidedBy"], e["voidReason"])); sys.exit(s != "200" or not d["voidedNow"])'
+echo "  real-time api.requests after:  $(realtime_total api.requests)"
+http POST "/v1/usage/events/$RUN_ID-evt-1/void" "$EXTERNAL_KEY" '{"reason": "a partner may not"}' | summary 403 code=forbidden
+aggregate scheduled.json | show_run
+VOIDED_TOTAL=$(psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -Atc \
+  "select coalesce(sum(quantity), 0) from usage_events e join tenants t on t.id = e.tenant_id
+    where t.slug = '$TENANT' and metric = 'api.requests' and voided_at is null
+      and occurred_at >= '$TODAY' and occurred_at < date '$TODAY' + 1")
+http GET "/v1/usage/summary?period=daily&from=$TODAY&to=$TODAY&metric=api.requests" "$INTERNAL_KEY" | show_summary api.requests "$VOIDED_TOTAL"
+
+VOICE_TOTAL=$(psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -Atc \
+  "select coalesce(sum(quantity), 0) from usage_events e join tenants t on t.id = e.tenant_id
+    where t.slug = '$TENANT' and metric = 'voice.minutes.authorized' and voided_at is null
+      and occurred_at >= '$TODAY' and occurred_at < date '$TODAY' + 1")
+say "Redis FLUSHALL: the real-time counters are gone ..."
+echo "  real-time voice.minutes.authorized before: $(realtime_total voice.minutes.authorized)"
+redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+echo "  real-time voice.minutes.authorized after the flush: $(realtime_total voice.minutes.authorized)"
+say "... and one aggregation run restores every counter in the window"
+aggregate scheduled.json | show_run
+HEALED=$(realtime_total voice.minutes.authorized)
+echo "  real-time voice.minutes.authorized: $HEALED (PostgreSQL: $VOICE_TOTAL)"
+[ "${HEALED%% *}" = "$VOICE_TOTAL" ] || { echo "counters not healed: $HEALED, PostgreSQL $VOICE_TOTAL" >&2; exit 1; }
+
+say "aggregate-usage: backfill (events/aggregate-usage/backfill.json, for every tenant: this demo's is $TENANT) and status"
+invoke aggregate-usage "{\"job\": \"backfill\", \"from\": \"$TODAY\", \"to\": \"$TODAY\", \"tenant\": \"$TENANT\", \"periods\": [\"daily\"]}" | show_run
+aggregate status.json \
+  | python3 -c 'import json,sys; d=json.load(sys.stdin)
+for t in d["tenants"]: print("  %-20s last aggregated %s, queued %d, pending events %d" % (t["tenant"], t["lastAggregatedAt"], t["queuedCells"], t["pendingEvents"]))
+print("  last run %s: %s" % (d["state"]["lastRunAt"], d["state"]["lastRun"]["outcome"]))'
