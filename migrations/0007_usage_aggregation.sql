@@ -77,7 +77,8 @@ CREATE TABLE public.usage_aggregates (
     total_quantity  numeric NOT NULL CHECK (total_quantity >= 0 AND scale(total_quantity) = 0),
     event_count     bigint NOT NULL CHECK (event_count >= 0),
     distinct_actors bigint NOT NULL CHECK (distinct_actors >= 0),
-    -- What the cell was computed from: event count, sum and XOR of hashes of the events' seq.
+    -- What the cell was computed from: SHA-256 of its event count and the XOR of 64-bit hashes
+    -- of its events' seq (any event added or voided changes it).
     source_hash     bytea NOT NULL,
     computed_at     timestamptz NOT NULL,
     final           boolean NOT NULL DEFAULT false,

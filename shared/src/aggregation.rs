@@ -56,6 +56,8 @@ pub struct AggregationConfig {
     pub backfill_max_days: i64,
     /// Counters per Redis script call in a repair (one tenant's at a time).
     pub repair_batch: usize,
+    /// `work_mem` of a run's transaction: the sorts of its grouped statements stay in memory.
+    pub work_mem_mb: u32,
     /// The storage policy's retention (`USAGE_RETENTION_DAYS`): a cell that starts before it
     /// is never recomputed once it has an aggregate.
     pub retention_days: i32,
@@ -70,6 +72,7 @@ impl Default for AggregationConfig {
             deadline_margin_ms: 10_000,
             backfill_max_days: 400,
             repair_batch: 500,
+            work_mem_mb: 64,
             retention_days: crate::repo::usage_storage::StoragePolicy::default().retention_days,
         }
     }
@@ -77,7 +80,8 @@ impl Default for AggregationConfig {
 
 impl AggregationConfig {
     /// `AGGREGATION_CHUNK_CELLS`, `AGGREGATION_GRACE_SECONDS`, `COUNTER_TTL_DAYS`,
-    /// `AGGREGATION_DEADLINE_MARGIN_MS`, `USAGE_RETENTION_DAYS` (the storage policy's).
+    /// `AGGREGATION_DEADLINE_MARGIN_MS`, `AGGREGATION_WORK_MEM_MB`, `USAGE_RETENTION_DAYS` (the
+    /// storage policy's).
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let d = AggregationConfig::default();
         Ok(AggregationConfig {
@@ -101,6 +105,11 @@ impl AggregationConfig {
                 d.deadline_margin_ms,
                 0..=600_000,
             )?,
+            work_mem_mb: env.bounded_or(
+                "AGGREGATION_WORK_MEM_MB",
+                u64::from(d.work_mem_mb),
+                4..=1024,
+            )? as u32,
             retention_days: crate::repo::usage_storage::StoragePolicy::from_env(env)?
                 .retention_days,
             ..d
@@ -228,7 +237,7 @@ impl<'a> Aggregator<'a> {
             .checked_sub(Duration::from_millis(self.config.deadline_margin_ms))
             .unwrap_or(started);
         let mut tx = self.db.begin().await?;
-        if !repo::try_lock(&mut tx).await? {
+        if !repo::try_lock(&mut tx, self.config.work_mem_mb).await? {
             return Ok(RunReport {
                 outcome: "skipped: locked".into(),
                 ..RunReport::default()
@@ -245,7 +254,6 @@ impl<'a> Aggregator<'a> {
         let retired_before = crate::domain::period::midnight(
             now.date_naive() - chrono::Duration::days(i64::from(self.config.retention_days)),
         );
-        let mut daily_written: Vec<(Uuid, NaiveDate, String)> = Vec::new();
         let mut stopped = false;
         loop {
             if Instant::now() >= stop_at {
@@ -268,18 +276,27 @@ impl<'a> Aggregator<'a> {
             } else {
                 repo::aggregated(&mut tx, &early).await?
             };
-            let mut by_period: BTreeMap<PeriodType, Vec<Cell>> = BTreeMap::new();
+            let mut periods: BTreeMap<(PeriodType, DateTime<Utc>), CellKeys> = BTreeMap::new();
             for cell in early.into_iter().chain(cells) {
                 if kept.contains(&cell) {
                     report.skipped_retired += 1;
                 } else {
-                    by_period.entry(cell.period_type).or_default().push(cell);
+                    periods
+                        .entry((cell.period_type, cell.period_start))
+                        .or_default()
+                        .push((cell.tenant_id, cell.metric));
                 }
             }
-            for (period, cells) in by_period {
+            for ((period, start), cells) in periods {
+                let end = period
+                    .end_of(start.date_naive())
+                    .map(crate::domain::period::midnight)
+                    .ok_or_else(|| DbError::Decode(format!("no period after {start}")))?;
                 let written = repo::compute(
                     &mut tx,
                     period,
+                    start,
+                    end,
                     &cells,
                     now,
                     self.config.grace_seconds as f64,
@@ -287,13 +304,6 @@ impl<'a> Aggregator<'a> {
                 .await?;
                 report.cells_written += written.len() as u64;
                 report.revisions += written.iter().filter(|w| w.revised).count() as u64;
-                if period == PeriodType::Daily {
-                    daily_written.extend(
-                        written
-                            .into_iter()
-                            .map(|w| (w.tenant_id, w.period_start.date_naive(), w.metric)),
-                    );
-                }
             }
         }
         report.cells_unchanged = report
@@ -306,7 +316,6 @@ impl<'a> Aggregator<'a> {
         let saved = serde_json::to_value(&report).unwrap_or_default();
         repo::save_run(&mut tx, now, &saved).await?;
         tx.commit().await.map_err(DbError::from)?;
-        tracing::debug!(daily_written = daily_written.len(), "aggregation committed");
 
         report.counters = Some(self.repair_counters(now).await);
         report.duration_ms = started.elapsed().as_millis() as u64;
@@ -425,10 +434,14 @@ impl<'a> Aggregator<'a> {
 
         // 3. Set those that drifted, each only if it is still as it was read.
         let mut fixes: BTreeMap<Uuid, Vec<usage_counters::Fix>> = BTreeMap::new();
-        for ((cell, counter), truth) in suspects.into_iter().zip(fresh) {
+        for (cell, counter) in suspects {
+            let truth = fresh
+                .get(&(cell.tenant_id, cell.day, cell.metric.clone()))
+                .copied()
+                .unwrap_or(0);
             let drifted = match counter.value {
-                Some(v) => v != truth.total,
-                None => truth.total != 0,
+                Some(v) => v != truth,
+                None => truth != 0,
             };
             if drifted {
                 report.drift_found += 1;
@@ -439,7 +452,7 @@ impl<'a> Aggregator<'a> {
                         day: cell.day,
                         metric: cell.metric,
                         observed: counter,
-                        value: truth.total,
+                        value: truth,
                     });
             }
         }
@@ -477,6 +490,9 @@ impl<'a> Aggregator<'a> {
         })
     }
 }
+
+/// (tenant, metric) of the cells of one period.
+type CellKeys = Vec<(Uuid, String)>;
 
 type ObserveFuture<'r> = std::pin::Pin<
     Box<

@@ -6,17 +6,22 @@
 //!   statements as a plain SQL transaction;
 //! - `relay`: outbox rows relayed to a local PutEvents endpoint beside the raw limit — the same
 //!   claim and mark statements without publishing — and the fast path's latency;
+//! - `aggregate` (not in the default set): the aggregation of 1,000,000 events beside the same
+//!   grouped SQL run directly, an incremental run, and the Redis counters' repair; see
+//!   `aggregate.rs`;
 //! - `growth` (not in the default set): ingestion at batch 500 on an empty table and after
 //!   loading it to `BENCH_GROWTH_SIZES` rows (10 M, 30 M), for `BENCH_SCHEMA` `after` (this
 //!   design) or `before` (migration 0005's); see `growth.rs`.
 //!
-//! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_WORKLOADS`
+//! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_MIGRATIONS=N`
+//! measures the schema as of migration N (the before of a schema change). `BENCH_WORKLOADS`
 //! (ingest,verify), `BENCH_EVENTS` (20000), `BENCH_VERIFICATIONS` (2000), `BENCH_REPEAT` (3),
 //! `BENCH_BATCHES` (100,500,1000) and `BENCH_CALLERS` (1,4) size the run. Needs PostgreSQL as a
 //! superuser at `BENCH_DATABASE_URL` (default postgres://postgres@127.0.0.1:5432/postgres) and
 //! Redis at `REDIS_URL`; it creates and drops its own database.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program: fail loudly
 
+mod aggregate;
 mod growth;
 mod ingest;
 mod measure;
@@ -68,6 +73,12 @@ async fn main() {
     let schema = growth::Schema::from_env();
     if workloads.contains("growth") && schema == growth::Schema::Before {
         meterbridge::testing::migrate_up_to(&owner, 5).await;
+    } else if let Some(version) = std::env::var("BENCH_MIGRATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        // The schema as of an earlier migration: the "before" of a change's ingestion cost.
+        meterbridge::testing::migrate_up_to(&owner, version).await;
     } else {
         meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
     }
@@ -150,6 +161,9 @@ async fn main() {
         rows.push(relay::run_fast_path(&api_url, &endpoint, &key.key, payments).await);
     }
     measure::report(&rows);
+    if workloads.contains("aggregate") {
+        aggregate::run(&owner, repeat).await;
+    }
     if workloads.contains("growth") {
         let sizes = list("BENCH_GROWTH_SIZES", &[10_000_000, 30_000_000]);
         let points = growth::run(

@@ -23,10 +23,17 @@ pub struct Cell {
     pub metric: String,
 }
 
-/// Takes the run's transaction-scoped advisory lock; `false` when another run holds it.
-pub async fn try_lock(conn: &mut PgConnection) -> Result<bool, DbError> {
+/// Takes the run's transaction-scoped advisory lock; `false` when another run holds it. The
+/// transaction plans every statement for its actual parameters (a chunk of 3 cells and one of
+/// 2,000 need different plans; a cached generic plan would guess), with `work_mem_mb` for the
+/// sorts of its grouped statements.
+pub async fn try_lock(conn: &mut PgConnection, work_mem_mb: u32) -> Result<bool, DbError> {
     let locked = sqlx::query_scalar!(
-        r#"SELECT pg_try_advisory_xact_lock(usage_aggregation_lock_id()) AS "locked!""#
+        r#"SELECT pg_try_advisory_xact_lock(usage_aggregation_lock_id())
+                  AND set_config('plan_cache_mode', 'force_custom_plan', true) IS NOT NULL
+                  AND set_config('work_mem', $1 || 'MB', true) IS NOT NULL
+                  AS "locked!""#,
+        work_mem_mb.to_string()
     )
     .fetch_one(&mut *conn)
     .await?;
@@ -229,65 +236,68 @@ pub struct Written {
     pub revised: bool,
 }
 
-/// Recomputes cells of one period type from their events, in one grouped statement, and
-/// upserts those whose source changed (a cell without events is written only to bring an
-/// existing aggregate down to zero). `now` and `grace` decide `final`; a change to a final cell
-/// counts a revision. Returns the cells written.
+/// Up to this many cells, a recompute probes the index per cell; beyond, it scans the period.
+pub const PROBE_CELLS: usize = 64;
+
+/// Recomputes the cells of one period (`[start, end)`, one type) from their events, in one
+/// grouped statement over exactly that range, and upserts those whose source changed (a cell
+/// without events is written only to bring an existing aggregate down to zero). `now` and
+/// `grace` decide `final`; a change to a final cell counts a revision. Returns the cells
+/// written. Run with custom plans (see [`try_lock`]'s transaction): PostgreSQL then sees how
+/// many cells there are and picks index probes for a few, one scan of the range for many.
+#[allow(clippy::too_many_arguments)]
 pub async fn compute(
     conn: &mut PgConnection,
     period: PeriodType,
-    cells: &[Cell],
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    cells: &[(Uuid, String)],
     now: DateTime<Utc>,
     grace_seconds: f64,
 ) -> Result<Vec<Written>, DbError> {
-    let Some(first) = cells.iter().map(|c| c.period_start).min() else {
+    if cells.is_empty() {
         return Ok(Vec::new());
-    };
-    let last = cells.iter().map(|c| c.period_start).max().unwrap_or(first);
-    let tenants: Vec<Uuid> = cells.iter().map(|c| c.tenant_id).collect();
-    let metrics: Vec<&str> = cells.iter().map(|c| c.metric.as_str()).collect();
-    let starts: Vec<DateTime<Utc>> = cells.iter().map(|c| c.period_start).collect();
-    let rows = sqlx::query!(
-        r#"WITH cells AS (
-               SELECT * FROM UNNEST($3::uuid[], $4::text[], $5::timestamptz[])
-                   AS c(tenant_id, metric, period_start)
+    }
+    let tenants: Vec<Uuid> = cells.iter().map(|c| c.0).collect();
+    let metrics: Vec<&str> = cells.iter().map(|c| c.1.as_str()).collect();
+    // A few cells: probe each through the (tenant, metric, occurred_at) index. Many: one scan
+    // of the period's partitions, keeping the cells' rows by a hashed lookup of their keys.
+    let written: Vec<(Uuid, String, DateTime<Utc>, bool)> = if cells.len() <= PROBE_CELLS {
+        sqlx::query!(
+            r#"WITH cells AS (
+               SELECT * FROM UNNEST($2::uuid[], $3::text[]) AS c(tenant_id, metric)
            ), sums AS (
-               SELECT e.tenant_id, e.metric, date_trunc($2, e.occurred_at, 'UTC') AS period_start,
-                      sum(e.quantity) AS total, count(*) AS events,
-                      count(DISTINCT e.actor_id) AS actors, sum(e.seq) AS seq_sum,
-                      bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
-                 FROM usage_events e
-                WHERE e.occurred_at >= $6
-                  AND e.occurred_at < ($7::timestamptz AT TIME ZONE 'UTC'
-                                       + ('1 ' || $2)::interval) AT TIME ZONE 'UTC'
-                  AND e.voided_at IS NULL
-                  AND (e.tenant_id, e.metric, date_trunc($2, e.occurred_at, 'UTC'))
-                      IN (SELECT tenant_id, metric, period_start FROM cells)
-                GROUP BY 1, 2, 3
+               SELECT tenant_id, metric, sum(total) AS total, sum(events) AS events,
+                      count(actor_id) AS actors, bit_xor(seq_xor) AS seq_xor
+                 FROM (SELECT e.tenant_id, e.metric, e.actor_id, sum(e.quantity) AS total,
+                              count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
+                         FROM usage_events e
+                        WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
+                          AND (e.tenant_id, e.metric) IN (SELECT tenant_id, metric FROM cells)
+                        GROUP BY 1, 2, 3) by_actor
+                GROUP BY 1, 2
            ), computed AS (
-               SELECT c.tenant_id, c.metric, c.period_start,
-                      (c.period_start AT TIME ZONE 'UTC' + ('1 ' || $2)::interval)
-                          AT TIME ZONE 'UTC' AS period_end,
+               SELECT c.tenant_id, c.metric,
                       coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
                       coalesce(s.actors, 0) AS actors,
-                      sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_sum,
-                                                  s.seq_xor), 'UTF8')) AS source_hash
-                 FROM cells c LEFT JOIN sums s USING (tenant_id, metric, period_start)
+                      sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_xor),
+                                        'UTF8')) AS source_hash
+                 FROM cells c LEFT JOIN sums s USING (tenant_id, metric)
            )
            INSERT INTO usage_aggregates AS a
                   (tenant_id, period_type, period_start, period_end, metric, classification,
                    total_quantity, event_count, distinct_actors, source_hash, computed_at,
                    final, finalized_at)
-           SELECT c.tenant_id, $1, c.period_start, c.period_end, c.metric, m.classification,
-                  c.total, c.events, c.actors, c.source_hash, $8,
-                  c.period_end + make_interval(secs => $9) <= $8,
-                  CASE WHEN c.period_end + make_interval(secs => $9) <= $8 THEN $8 END
+           SELECT c.tenant_id, $1, $4, $5, c.metric, m.classification,
+                  c.total, c.events, c.actors, c.source_hash, $6,
+                  $5::timestamptz + make_interval(secs => $7) <= $6,
+                  CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END
              FROM computed c
              JOIN metrics m ON m.name = c.metric
             WHERE c.events > 0
                OR EXISTS (SELECT 1 FROM usage_aggregates x
                            WHERE x.tenant_id = c.tenant_id AND x.period_type = $1
-                             AND x.period_start = c.period_start AND x.metric = c.metric)
+                             AND x.period_start = $4 AND x.metric = c.metric)
            ON CONFLICT (tenant_id, period_type, period_start, metric) DO UPDATE
               SET total_quantity = EXCLUDED.total_quantity,
                   event_count = EXCLUDED.event_count,
@@ -299,28 +309,101 @@ pub async fn compute(
                   revisions_after_final = a.revisions_after_final + a.final::int,
                   revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END
             WHERE a.source_hash IS DISTINCT FROM EXCLUDED.source_hash
+               OR (a.total_quantity, a.event_count, a.distinct_actors)
+                  IS DISTINCT FROM (EXCLUDED.total_quantity, EXCLUDED.event_count,
+                                    EXCLUDED.distinct_actors)
            RETURNING a.tenant_id, a.metric, a.period_start,
-                     (a.revised_at IS NOT DISTINCT FROM $8 AND a.revisions_after_final > 0)
+                     (a.revised_at IS NOT DISTINCT FROM $6 AND a.revisions_after_final > 0)
                          AS "revised!""#,
-        period.as_str(),
-        period.unit(),
-        &tenants,
-        &metrics as &[&str],
-        &starts,
-        first,
-        last,
-        now,
-        grace_seconds
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
+            period.as_str(),
+            &tenants,
+            &metrics as &[&str],
+            start,
+            end,
+            now,
+            grace_seconds
+        )
+        .fetch_all(&mut *conn)
+        .await?
         .into_iter()
-        .map(|r| Written {
-            tenant_id: r.tenant_id,
-            metric: r.metric,
-            period_start: r.period_start,
-            revised: r.revised,
+        .map(|r| (r.tenant_id, r.metric, r.period_start, r.revised))
+        .collect()
+    } else {
+        let keys: Vec<String> = cells.iter().map(|(t, m)| format!("{t}/{m}")).collect();
+        sqlx::query!(
+            r#"WITH cells AS (
+               SELECT * FROM UNNEST($2::uuid[], $3::text[]) AS c(tenant_id, metric)
+           ), sums AS (
+               SELECT tenant_id, metric, sum(total) AS total, sum(events) AS events,
+                      count(actor_id) AS actors, bit_xor(seq_xor) AS seq_xor
+                 FROM (SELECT e.tenant_id, e.metric, e.actor_id, sum(e.quantity) AS total,
+                              count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
+                         FROM usage_events e
+                        WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
+                          AND e.tenant_id::text || '/' || e.metric = ANY($8::text[])
+                        GROUP BY 1, 2, 3) by_actor
+                GROUP BY 1, 2
+           ), computed AS (
+               SELECT c.tenant_id, c.metric,
+                      coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
+                      coalesce(s.actors, 0) AS actors,
+                      sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_xor),
+                                        'UTF8')) AS source_hash
+                 FROM cells c LEFT JOIN sums s USING (tenant_id, metric)
+           )
+           INSERT INTO usage_aggregates AS a
+                  (tenant_id, period_type, period_start, period_end, metric, classification,
+                   total_quantity, event_count, distinct_actors, source_hash, computed_at,
+                   final, finalized_at)
+           SELECT c.tenant_id, $1, $4, $5, c.metric, m.classification,
+                  c.total, c.events, c.actors, c.source_hash, $6,
+                  $5::timestamptz + make_interval(secs => $7) <= $6,
+                  CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END
+             FROM computed c
+             JOIN metrics m ON m.name = c.metric
+            WHERE c.events > 0
+               OR EXISTS (SELECT 1 FROM usage_aggregates x
+                           WHERE x.tenant_id = c.tenant_id AND x.period_type = $1
+                             AND x.period_start = $4 AND x.metric = c.metric)
+           ON CONFLICT (tenant_id, period_type, period_start, metric) DO UPDATE
+              SET total_quantity = EXCLUDED.total_quantity,
+                  event_count = EXCLUDED.event_count,
+                  distinct_actors = EXCLUDED.distinct_actors,
+                  source_hash = EXCLUDED.source_hash,
+                  computed_at = EXCLUDED.computed_at,
+                  final = a.final OR EXCLUDED.final,
+                  finalized_at = coalesce(a.finalized_at, EXCLUDED.finalized_at),
+                  revisions_after_final = a.revisions_after_final + a.final::int,
+                  revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END
+            WHERE a.source_hash IS DISTINCT FROM EXCLUDED.source_hash
+               OR (a.total_quantity, a.event_count, a.distinct_actors)
+                  IS DISTINCT FROM (EXCLUDED.total_quantity, EXCLUDED.event_count,
+                                    EXCLUDED.distinct_actors)
+           RETURNING a.tenant_id, a.metric, a.period_start,
+                     (a.revised_at IS NOT DISTINCT FROM $6 AND a.revisions_after_final > 0)
+                         AS "revised!""#,
+            period.as_str(),
+            &tenants,
+            &metrics as &[&str],
+            start,
+            end,
+            now,
+            grace_seconds,
+            &keys as &[String]
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.tenant_id, r.metric, r.period_start, r.revised))
+        .collect()
+    };
+    Ok(written
+        .into_iter()
+        .map(|(tenant_id, metric, period_start, revised)| Written {
+            tenant_id,
+            metric,
+            period_start,
+            revised,
         })
         .collect())
 }
@@ -479,41 +562,75 @@ pub async fn daily_totals_since(
         .collect()
 }
 
-/// The current totals of daily cells, straight from the events (voided ones excluded).
+/// The current totals of daily cells, straight from the events (voided ones excluded), by
+/// (tenant, day, metric); a cell without events is absent (its total is 0). A few cells are
+/// probed through the index; many are read with one scan of their days.
 pub async fn fresh_day_totals(
     conn: &mut PgConnection,
     cells: &[(Uuid, NaiveDate, &str)],
-) -> Result<Vec<DayTotal>, DbError> {
-    let tenants: Vec<Uuid> = cells.iter().map(|c| c.0).collect();
-    let days: Vec<DateTime<Utc>> = cells
-        .iter()
-        .map(|c| crate::domain::period::midnight(c.1))
-        .collect();
-    let metrics: Vec<&str> = cells.iter().map(|c| c.2).collect();
-    let rows = sqlx::query!(
-        r#"SELECT c.tenant_id AS "tenant_id!", c.day AS "day!", c.metric AS "metric!",
-                  coalesce(t.total, 0)::text AS "total!"
-             FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[]) AS c(tenant_id, day, metric)
-             CROSS JOIN LATERAL (
-                 SELECT sum(e.quantity) AS total FROM usage_events e
-                  WHERE e.tenant_id = c.tenant_id AND e.metric = c.metric
-                    AND e.occurred_at >= c.day AND e.occurred_at < c.day + interval '24 hours'
-                    AND e.voided_at IS NULL
-             ) t"#,
-        &tenants,
-        &days,
-        &metrics as &[&str]
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+) -> Result<std::collections::HashMap<(Uuid, NaiveDate, String), i128>, DbError> {
+    let (Some(first), Some(last)) = (
+        cells.iter().map(|c| c.1).min(),
+        cells.iter().map(|c| c.1).max(),
+    ) else {
+        return Ok(Default::default());
+    };
+    let rows: Vec<(Uuid, DateTime<Utc>, String, String)> = if cells.len() <= PROBE_CELLS {
+        let tenants: Vec<Uuid> = cells.iter().map(|c| c.0).collect();
+        let days: Vec<DateTime<Utc>> = cells
+            .iter()
+            .map(|c| crate::domain::period::midnight(c.1))
+            .collect();
+        let metrics: Vec<&str> = cells.iter().map(|c| c.2).collect();
+        sqlx::query!(
+            r#"SELECT c.tenant_id AS "tenant_id!", c.day AS "day!", c.metric AS "metric!",
+                      t.total::text AS "total!"
+                 FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[])
+                      AS c(tenant_id, day, metric)
+                 CROSS JOIN LATERAL (
+                     SELECT sum(e.quantity) AS total FROM usage_events e
+                      WHERE e.tenant_id = c.tenant_id AND e.metric = c.metric
+                        AND e.occurred_at >= c.day
+                        AND e.occurred_at < c.day + interval '24 hours'
+                        AND e.voided_at IS NULL
+                 ) t
+                WHERE t.total IS NOT NULL"#,
+            &tenants,
+            &days,
+            &metrics as &[&str]
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.tenant_id, r.day, r.metric, r.total))
+        .collect()
+    } else {
+        let keys: Vec<String> = cells
+            .iter()
+            .map(|(t, d, m)| format!("{t}/{m}/{d}"))
+            .collect();
+        let end = last.succ_opt().unwrap_or(last);
+        sqlx::query!(
+            r#"SELECT e.tenant_id, date_trunc('day', e.occurred_at, 'UTC') AS "day!", e.metric,
+                      sum(e.quantity)::text AS "total!"
+                 FROM usage_events e
+                WHERE e.occurred_at >= $1 AND e.occurred_at < $2 AND e.voided_at IS NULL
+                  AND e.tenant_id::text || '/' || e.metric || '/'
+                      || to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') = ANY($3::text[])
+                GROUP BY 1, 2, 3"#,
+            crate::domain::period::midnight(first),
+            crate::domain::period::midnight(end),
+            &keys as &[String]
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.tenant_id, r.day, r.metric, r.total))
+        .collect()
+    };
     rows.into_iter()
-        .map(|r| {
-            Ok(DayTotal {
-                tenant_id: r.tenant_id,
-                day: r.day.date_naive(),
-                metric: r.metric,
-                total: parse_total(&r.total)?,
-            })
+        .map(|(tenant, day, metric, total)| {
+            Ok(((tenant, day.date_naive(), metric), parse_total(&total)?))
         })
         .collect()
 }
