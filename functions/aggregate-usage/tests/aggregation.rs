@@ -42,6 +42,29 @@ async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPoo
     assert_eq!(first.outcome, "done");
     let want = expected(&events[20..]);
     assert_eq!(stored(&owner).await, want);
+    // And the same totals computed directly in SQL, period by period.
+    for (period, unit) in [("daily", "day"), ("weekly", "week"), ("monthly", "month")] {
+        let mismatched: i64 = sqlx::query_scalar(
+            "WITH direct AS (
+                 SELECT tenant_id, metric, date_trunc($2, occurred_at, 'UTC') AS start,
+                        sum(quantity) AS total, count(*) AS events,
+                        count(DISTINCT actor_id) AS actors
+                   FROM usage_events WHERE voided_at IS NULL GROUP BY 1, 2, 3)
+             SELECT count(*) FROM direct d
+               FULL JOIN (SELECT * FROM usage_aggregates
+                           WHERE period_type = $1 AND event_count > 0) a
+                 ON a.tenant_id = d.tenant_id AND a.metric = d.metric
+                AND a.period_start = d.start
+              WHERE (a.total_quantity, a.event_count, a.distinct_actors)
+                    IS DISTINCT FROM (d.total, d.events, d.actors)",
+        )
+        .bind(period)
+        .bind(unit)
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+        assert_eq!(mismatched, 0, "{period}");
+    }
     // (More when the voids were collected by a later run than the events.)
     assert!(first.cells_written as usize >= want.len());
     assert_eq!(

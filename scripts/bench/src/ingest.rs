@@ -148,6 +148,8 @@ pub struct Prepared {
     pub(crate) metadata: Value,
     pub(crate) payload_hash: Vec<u8>,
     pub(crate) operation_key: uuid::Uuid,
+    /// The dedup keys the handler remembers for the event (the `(c)` baseline copies them).
+    pub(crate) remembered: Vec<uuid::Uuid>,
 }
 
 pub fn prepare(
@@ -171,7 +173,9 @@ pub fn prepare(
                 .iter()
                 .map(|raw| {
                     let e = validate_event(raw.clone(), &who).unwrap();
-                    let operation_key = DedupKeys::of(tenant.id, &source, &e).operation;
+                    let keys = DedupKeys::of(tenant.id, &source, &e);
+                    let operation_key = keys.operation;
+                    let remembered: Vec<uuid::Uuid> = keys.remembered().collect();
                     Prepared {
                         event_id: e.event_id,
                         metric: e.metric,
@@ -184,6 +188,7 @@ pub fn prepare(
                         metadata: e.metadata,
                         payload_hash: e.payload_hash.to_vec(),
                         operation_key,
+                        remembered,
                     }
                 })
                 .collect()
@@ -301,6 +306,78 @@ pub async fn run_copy(
     .await;
     Row {
         workload: "(b) COPY (raw limit)",
+        batch,
+        callers,
+        events,
+        elapsed,
+        latencies,
+        peak_rss_kib: peak_rss_kib(),
+    }
+}
+
+/// (c) The raw limit of everything the handler writes since migration 0006: `COPY` of the event
+/// rows and of their remembered dedup keys into the open key generation, in one transaction.
+pub async fn run_copy_with_keys(
+    owner: &PgPool,
+    work: Vec<Vec<Prepared>>,
+    tenant: &Tenant,
+    batch: usize,
+    callers: usize,
+) -> Row {
+    let events: usize = work.iter().map(Vec::len).sum();
+    let generation: i32 =
+        sqlx::query_scalar("SELECT generation FROM usage_key_generations WHERE closed_at IS NULL")
+            .fetch_one(owner)
+            .await
+            .unwrap();
+    let payloads: Vec<(Vec<u8>, Vec<u8>)> = work
+        .iter()
+        .enumerate()
+        .map(|(b, rows)| {
+            // The key rows point at a (day, seq) of their own: the key table has no foreign
+            // key, and the write costs the same.
+            let mut keys = String::new();
+            for (i, r) in rows.iter().enumerate() {
+                for key in &r.remembered {
+                    keys.push_str(&format!(
+                        "{generation}\t{key}\t{}\t{}\t{}\n",
+                        tenant.id,
+                        r.occurred_at.to_rfc3339(),
+                        (b * 100_000 + i) as i64
+                    ));
+                }
+            }
+            (copy_text(rows, tenant), keys.into_bytes())
+        })
+        .collect();
+    let pool = owner.clone();
+    peak_rss_reset();
+    let (elapsed, latencies) = run_concurrently(
+        payloads,
+        callers,
+        move |_, (events, keys): (Vec<u8>, Vec<u8>)| {
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let mut copy = tx.copy_in_raw(COPY_SQL.as_str()).await.unwrap();
+                copy.send(events).await.unwrap();
+                copy.finish().await.unwrap();
+                let mut copy = tx
+                    .copy_in_raw(
+                        "COPY usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq) \
+                         FROM STDIN",
+                    )
+                    .await
+                    .unwrap();
+                copy.send(keys).await.unwrap();
+                copy.finish().await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        },
+    )
+    .await;
+    Row {
+        workload: "(c) COPY events + keys",
         batch,
         callers,
         events,

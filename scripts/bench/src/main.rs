@@ -1,7 +1,8 @@
 //! meterbridge benchmark, each workload beside its baselines in the same run:
 //! - `ingest`: usage ingestion through the real handler (in-process, real PostgreSQL and Redis)
-//!   beside (a) the older per-row design — one INSERT per event, each its own transaction — and
-//!   (b) the raw limit — `COPY` of the same rows;
+//!   beside (a) the older per-row design — one INSERT per event, each its own transaction —,
+//!   (b) the raw limit of the event rows — `COPY` of them — and (c) the raw limit of every row
+//!   the handler writes — `COPY` of the events and of their dedup keys, in one transaction;
 //! - `verify`: payment verifications through the real handler beside the raw limit — the same
 //!   statements as a plain SQL transaction;
 //! - `relay`: outbox rows relayed to a local PutEvents endpoint beside the raw limit — the same
@@ -33,7 +34,9 @@ use meterbridge::repo::metrics;
 use meterbridge::testing::{create_api_key, create_tenant, database_url_as, API_ROLE};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use ingest::{build_apps, make_batches, prepare, run_copy, run_handler, run_per_row};
+use ingest::{
+    build_apps, make_batches, prepare, run_copy, run_copy_with_keys, run_handler, run_per_row,
+};
 
 #[tokio::main]
 async fn main() {
@@ -109,7 +112,9 @@ async fn main() {
     for &batch in &ingest_batches {
         for &callers in &caller_counts {
             let apps = build_apps(&api_url, callers).await;
-            let (mut handler, mut per_row, mut copy) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut handler, mut per_row, mut copy, mut copy_keys) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let keyed = has_key_table(&owner).await;
             for round in 0..repeat {
                 let tag = format!("{batch}x{callers}r{round}");
                 let work = make_batches(&format!("h{tag}"), total, batch);
@@ -125,8 +130,19 @@ async fn main() {
                 let prepared = prepare(&work, &tenant, &catalog);
                 reset(&owner).await;
                 copy.push(run_copy(&owner, prepared, &tenant, batch, callers).await);
+
+                if keyed {
+                    let work = make_batches(&format!("k{tag}"), total, batch);
+                    let prepared = prepare(&work, &tenant, &catalog);
+                    reset(&owner).await;
+                    copy_keys
+                        .push(run_copy_with_keys(&owner, prepared, &tenant, batch, callers).await);
+                }
             }
             rows.extend([handler, per_row, copy].into_iter().map(measure::median));
+            if keyed {
+                rows.push(measure::median(copy_keys));
+            }
         }
     }
     if workloads.contains("verify") {
@@ -196,6 +212,14 @@ async fn fresh_database(admin_url: &str) -> PgPool {
     PgPoolOptions::new()
         .max_connections(8)
         .connect(&url)
+        .await
+        .unwrap()
+}
+
+/// Whether the schema remembers dedup keys (migration 0006 on).
+async fn has_key_table(pool: &PgPool) -> bool {
+    sqlx::query_scalar("SELECT to_regclass('public.usage_event_keys') IS NOT NULL")
+        .fetch_one(pool)
         .await
         .unwrap()
 }

@@ -121,6 +121,12 @@ pub fn report(rows: &[Row]) {
                 if vs_copy >= 70.0 { "met" } else { "NOT met" },
                 if vs_row >= 20.0 { "met" } else { "NOT met" }
             );
+            if let Some(c) = find("(c)") {
+                println!(
+                    "batch 500, {callers} caller(s): handler = {:.0}% of COPY of the same rows (events + their dedup keys)",
+                    h.rate() / c.rate() * 100.0
+                );
+            }
         }
         let relay = |name: &str| rows.iter().find(|r| r.workload == name);
         if callers == 1 {
