@@ -523,3 +523,55 @@ async fn status_reports_backlog_per_tenant(owner: PgPool) {
     assert!(row["oldestUnaggregatedAt"].is_null());
     assert!(row["lastAggregatedAt"].is_string());
 }
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filter(owner: PgPool) {
+    // 50 tenants × 3 metrics on one day: 150 cells per period, beyond the index-probe size.
+    let mut tenants = Vec::new();
+    for _ in 0..50 {
+        tenants.push(create_tenant(&owner, "wide").await.id.0);
+    }
+    let early = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        + Duration::minutes(1);
+    let mut events = Vec::new();
+    for (i, t) in tenants.iter().enumerate() {
+        for (j, metric) in METRICS.iter().enumerate() {
+            events.push(Ev {
+                tenant: *t,
+                metric,
+                quantity: (i * 10 + j + 1) as i64,
+                at: early,
+                actor: Some(format!("a{}", i % 3)),
+            });
+        }
+    }
+    insert(&owner, &events).await;
+    let app = app(&owner, &[]).await;
+    // No aggregate yet: every group of the period is computed, the cells' kept.
+    run(&app, &owner, Utc::now()).await;
+    assert_eq!(stored(&owner).await, expected(&events));
+
+    // 66 of the 150 pairs change (more than the probe size, fewer than half of those known):
+    // the scan keeps the changed cells' rows by their keys.
+    let mut more = Vec::new();
+    for t in &tenants[..22] {
+        for metric in METRICS {
+            more.push(Ev {
+                tenant: *t,
+                metric,
+                quantity: 1000,
+                at: early + Duration::seconds(1),
+                actor: Some("late".into()),
+            });
+        }
+    }
+    insert(&owner, &more).await;
+    let report = run(&app, &owner, Utc::now()).await;
+    assert_eq!(report.cells_written, 3 * 66, "{report:?}");
+    events.extend(more);
+    assert_eq!(stored(&owner).await, expected(&events));
+}

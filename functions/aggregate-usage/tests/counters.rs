@@ -337,3 +337,43 @@ async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
         "{last:?}"
     );
 }
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_repair_of_many_counters_reads_their_days_in_one_scan(owner: PgPool) {
+    // Its own Redis database (see own_redis_url), flushed: 80 tenants × 2 metrics × 2 days
+    // = 320 counters to restore, beyond the index-probe size.
+    let url = format!("{}/10", redis_url().trim_end_matches('/'));
+    let today = Utc::now().date_naive();
+    let mut events = Vec::new();
+    let mut tenants = Vec::new();
+    for i in 0..80 {
+        let tenant = create_tenant(&owner, "many").await.id.0;
+        tenants.push(tenant);
+        for day in [today, today - Duration::days(2)] {
+            for metric in ["api.requests", "leads.processed"] {
+                events.push(Ev {
+                    tenant,
+                    metric,
+                    quantity: i + 1,
+                    at: day.and_hms_opt(0, 0, 0).unwrap().and_utc(),
+                    actor: None,
+                });
+            }
+        }
+    }
+    insert(&owner, &events).await;
+    let app = app(&owner, &[("REDIS_URL", &url)]).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+    let report = run(&app, &owner, Utc::now()).await.counters.unwrap();
+    assert_eq!((report.checked, report.repaired), (320, 320), "{report:?}");
+    for tenant in [tenants[0], tenants[79]] {
+        for day in [today, today - Duration::days(2)] {
+            assert_eq!(
+                counter(&url, tenant, day, "leads.processed").await,
+                Some(pg_total(&owner, tenant, day, "leads.processed").await)
+            );
+        }
+    }
+}

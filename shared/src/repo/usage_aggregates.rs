@@ -329,7 +329,19 @@ pub async fn compute(
         .map(|r| (r.tenant_id, r.metric, r.period_start, r.revised))
         .collect()
     } else {
-        let keys: Vec<String> = cells.iter().map(|(t, m)| format!("{t}/{m}")).collect();
+        // When the cells are most of the period's (as when new events reach every tenant), the
+        // filter costs more than the groups it saves: every group is computed and the cells'
+        // are kept (the upsert reads the sums through the cells).
+        let known: i64 = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "known!" FROM usage_aggregates
+                WHERE period_type = $1 AND period_start = $2"#,
+            period.as_str(),
+            start
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let keys: Option<Vec<String>> = (cells.len() as i64 * 2 < known)
+            .then(|| cells.iter().map(|(t, m)| format!("{t}/{m}")).collect());
         sqlx::query!(
             r#"WITH cells AS (
                SELECT * FROM UNNEST($2::uuid[], $3::text[]) AS c(tenant_id, metric)
@@ -340,7 +352,8 @@ pub async fn compute(
                               count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
                          FROM usage_events e
                         WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
-                          AND e.tenant_id::text || '/' || e.metric = ANY($8::text[])
+                          AND ($8::text[] IS NULL
+                               OR e.tenant_id::text || '/' || e.metric = ANY($8::text[]))
                         GROUP BY 1, 2, 3) by_actor
                 GROUP BY 1, 2
            ), computed AS (
@@ -389,7 +402,7 @@ pub async fn compute(
             end,
             now,
             grace_seconds,
-            &keys as &[String]
+            keys.as_deref() as Option<&[String]>
         )
         .fetch_all(&mut *conn)
         .await?
