@@ -68,13 +68,15 @@ async fn load(owner: &PgPool, tenants: &[uuid::Uuid], events: usize, recent: boo
 }
 
 /// The raw limit: the grouped statement of a recompute, over the whole table, per period type,
-/// with the job's `work_mem`.
+/// with the job's settings (`work_mem`, no JIT).
 async fn raw(owner: &PgPool, work_mem_mb: u32) -> Duration {
     let mut tx = owner.begin().await.unwrap();
-    sqlx::query(&format!("SET LOCAL work_mem = '{work_mem_mb}MB'"))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    for setting in [
+        format!("SET LOCAL work_mem = '{work_mem_mb}MB'"),
+        "SET LOCAL jit = off".into(),
+    ] {
+        sqlx::query(&setting).execute(&mut *tx).await.unwrap();
+    }
     let started = Instant::now();
     for unit in ["day", "week", "month"] {
         let cells: i64 = sqlx::query_scalar(
