@@ -264,6 +264,9 @@ pub async fn compute(
     let metrics: Vec<&str> = cells.iter().map(|c| c.1.as_str()).collect();
     // A few cells: probe each through the (tenant, metric, occurred_at) index. Many: one scan
     // of the period's partitions, keeping the cells' rows by a hashed lookup of their keys.
+    // The two statements differ only in that filter, and are two on purpose: a semi-join under
+    // an `OR` that custom plans could fold away is not pulled up, so one statement for both
+    // would lose the index probes.
     let written: Vec<(Uuid, String, DateTime<Utc>, bool)> = if cells.len() <= PROBE_CELLS {
         sqlx::query!(
             r#"WITH cells AS (
