@@ -237,7 +237,13 @@ impl<'a> Aggregator<'a> {
             .checked_sub(Duration::from_millis(self.config.deadline_margin_ms))
             .unwrap_or(started);
         let mut tx = self.db.begin().await?;
-        if !repo::try_lock(&mut tx, self.config.work_mem_mb).await? {
+        // A statement may take the run's whole time, and no longer: one cancelled at the
+        // deadline rolls the run back cleanly instead of the Lambda dying in it.
+        let statement_timeout_ms = deadline
+            .saturating_duration_since(started)
+            .as_millis()
+            .clamp(1_000, 900_000) as u64;
+        if !repo::try_lock(&mut tx, self.config.work_mem_mb, statement_timeout_ms).await? {
             return Ok(RunReport {
                 outcome: "skipped: locked".into(),
                 ..RunReport::default()

@@ -26,16 +26,24 @@ pub struct Cell {
 /// Takes the run's transaction-scoped advisory lock; `false` when another run holds it. The
 /// transaction plans every statement for its actual parameters (a chunk of 3 cells and one of
 /// 2,000 need different plans; a cached generic plan would guess), with `work_mem_mb` for the
-/// hash tables of its grouped statements, and without JIT compilation (which costs a large
-/// statement more to compile, 0.1 s and up, than its simple expressions gain).
-pub async fn try_lock(conn: &mut PgConnection, work_mem_mb: u32) -> Result<bool, DbError> {
+/// hash tables of its grouped statements, without JIT compilation (which costs a large
+/// statement more to compile, 0.1 s and up, than its simple expressions gain), and with a
+/// statement timeout of the run's time (the connection's default suits API requests, not a
+/// month of a large tenant's events).
+pub async fn try_lock(
+    conn: &mut PgConnection,
+    work_mem_mb: u32,
+    statement_timeout_ms: u64,
+) -> Result<bool, DbError> {
     let locked = sqlx::query_scalar!(
         r#"SELECT pg_try_advisory_xact_lock(usage_aggregation_lock_id())
                   AND set_config('plan_cache_mode', 'force_custom_plan', true) IS NOT NULL
                   AND set_config('work_mem', $1 || 'MB', true) IS NOT NULL
                   AND set_config('jit', 'off', true) IS NOT NULL
+                  AND set_config('statement_timeout', $2, true) IS NOT NULL
                   AS "locked!""#,
-        work_mem_mb.to_string()
+        work_mem_mb.to_string(),
+        statement_timeout_ms.to_string()
     )
     .fetch_one(&mut *conn)
     .await?;
