@@ -127,6 +127,23 @@ pub struct Backfill {
     pub periods: Vec<PeriodType>,
 }
 
+impl Backfill {
+    /// A backfill as a payload names it: every period type when `periods` is absent.
+    pub fn of(
+        from: NaiveDate,
+        to: NaiveDate,
+        tenant: Option<String>,
+        periods: Option<Vec<PeriodType>>,
+    ) -> Self {
+        Backfill {
+            from,
+            to,
+            tenant,
+            periods: periods.unwrap_or_else(|| PeriodType::ALL.to_vec()),
+        }
+    }
+}
+
 /// What one run did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -143,13 +143,7 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             tenant,
             periods,
         } => {
-            let request = Backfill {
-                from,
-                to,
-                tenant,
-                periods: periods
-                    .unwrap_or_else(|| meterbridge::domain::period::PeriodType::ALL.to_vec()),
-            };
+            let request = Backfill::of(from, to, tenant, periods);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
             let aggregator = admin.aggregator();
             let report = Box::pin(aggregator.backfill(&request, chrono::Utc::now(), deadline))

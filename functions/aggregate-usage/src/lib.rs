@@ -123,12 +123,7 @@ pub async fn handle(
             tenant,
             periods,
         } => {
-            let request = Backfill {
-                from,
-                to,
-                tenant,
-                periods: periods.unwrap_or_else(|| PeriodType::ALL.to_vec()),
-            };
+            let request = Backfill::of(from, to, tenant, periods);
             let report = app.aggregator().backfill(&request, now, deadline).await?;
             log_run("backfill", &report);
             serde_json::to_value(report)
