@@ -8,7 +8,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$MB_ROOT"
 
 DB_NAME=${MB_DB_NAME:-meterbridge}
-WATCH_PORT=${WATCH_PORT:-9000}
 TENANT=${DEMO_TENANT:-demo}
 KEYS_FILE=$MB_CACHE/demo-keys.env
 export SQLX_OFFLINE=true
@@ -56,18 +55,6 @@ if ! kill -0 "$(cat "$MB_CACHE/watch.pid")" 2>/dev/null; then
   exit 1
 fi
 
-# invoke FUNCTION JSON — prints the function's JSON response; fails on a function error.
-invoke() {
-  local out
-  out=$(curl -sS --max-time 600 -X POST "http://127.0.0.1:$WATCH_PORT/2015-03-31/functions/$1/invocations" \
-        -H 'content-type: application/json' -d "$2")
-  if printf '%s' "$out" | grep -q '"errorType"'; then
-    echo "$1 failed: $out" >&2; return 1
-  fi
-  printf '%s\n' "$out"
-}
-admin() { invoke admin "$1"; }
-json_get() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 say "admin: migrate"
 admin "$(cat events/admin/migrate.json)" | json_get '", ".join(str(m["version"]) + " " + m["description"] for m in d["migrations"])'

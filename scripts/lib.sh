@@ -7,14 +7,18 @@ MB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MB_CACHE=${MB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meterbridge}
 MB_TOOLS_VENV=$MB_CACHE/venv-tools   # moto server + cargo-lambda (+ boto3 for seeding secrets)
 MB_SAM_VENV=$MB_CACHE/venv-sam       # aws-sam-cli + cfn-lint (pins an older boto3 than moto wants)
+MB_CONTRACT_VENV=$MB_CACHE/venv-contract # openapi-spec-validator + schemathesis
 MOTO_PORT=${MOTO_PORT:-5055}
 MOTO_VERSION=5.2.1
 CARGO_LAMBDA_VERSION=1.9.2
 SAM_VERSION=1.170.0
 CFN_LINT_VERSION=1.58.0
+SCHEMATHESIS_VERSION=4.32.5
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
 PG_HOST=127.0.0.1
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
+WATCH_PORT=${WATCH_PORT:-9000}       # cargo lambda watch (scripts/demo.sh)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$MB_CACHE/target}
 export AWS_ENDPOINT_URL=${AWS_ENDPOINT_URL:-http://127.0.0.1:$MOTO_PORT}
 export AWS_REGION=${AWS_REGION:-us-east-1}
@@ -89,6 +93,16 @@ ensure_sam_venv() {
   "$MB_SAM_VENV/bin/pip" install -q --disable-pip-version-check "aws-sam-cli==$SAM_VERSION" "cfn-lint==$CFN_LINT_VERSION"
 }
 
+ensure_contract_venv() {
+  if [ -x "$MB_CONTRACT_VENV/bin/schemathesis" ] && [ -x "$MB_CONTRACT_VENV/bin/openapi-spec-validator" ] \
+     && "$MB_CONTRACT_VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then return; fi
+  ensure_python_venv
+  say "installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION into $MB_CONTRACT_VENV"
+  python3 -m venv "$MB_CONTRACT_VENV"
+  "$MB_CONTRACT_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
+    "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
+}
+
 moto_up() { curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT/moto-api/" 2>/dev/null; }
 
 ensure_moto() {
@@ -101,3 +115,17 @@ ensure_moto() {
 }
 
 ensure_services() { ensure_postgres; ensure_redis; ensure_moto; }
+
+# invoke FUNCTION JSON — invokes a function under `cargo lambda watch` (scripts/demo.sh) and
+# prints its JSON response; fails on a function error.
+invoke() {
+  local out
+  out=$(curl -sS --max-time 600 -X POST "http://127.0.0.1:$WATCH_PORT/2015-03-31/functions/$1/invocations" \
+        -H 'content-type: application/json' -d "$2")
+  if printf '%s' "$out" | grep -q '"errorType"'; then
+    echo "$1 failed: $out" >&2; return 1
+  fi
+  printf '%s\n' "$out"
+}
+admin() { invoke admin "$1"; }
+json_get() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Command 2: everything the project checks — formatting, clippy, the SAM template lint and the
+# Command 2: everything the project checks — formatting, clippy, the SAM template lint, the
+# OpenAPI contract (validated, and fuzzed by Schemathesis against the running stack) and the
 # full test suite against real PostgreSQL, Redis and moto (started here when missing).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$MB_ROOT"
 
 ensure_services
 ensure_sam_venv
+ensure_contract_venv
 
 # sqlx::test gives every test its own database, created through this URL; queries compile from
 # the committed .sqlx/ data, so the build needs no database.
@@ -24,6 +26,9 @@ say "template lint (cfn-lint, sam validate --lint)"
 "$MB_SAM_VENV/bin/cfn-lint" template.yaml
 "$MB_SAM_VENV/bin/sam" validate --lint --region "$AWS_REGION" >/dev/null
 
+say "OpenAPI contract: openapi-spec-validator (routes and examples against the code: tests/contract.rs)"
+"$MB_CONTRACT_VENV/bin/openapi-spec-validator" openapi.yaml
+
 say "end to end: scripts/demo.sh (every function under cargo lambda watch, secrets from moto)"
 # The demo checks every response it prints; it runs before the suite so the test runner's
 # summary closes the output. It runs under strace, which records the command line of every
@@ -33,6 +38,9 @@ EXECVE_LOG=$MB_CACHE/demo-execve.log
 (unset DATABASE_URL REDIS_URL
  strace -f -qq -b execve -e trace=execve -e signal=none -s 65536 -o "$EXECVE_LOG" bash scripts/demo.sh)
 "$MB_TOOLS_VENV/bin/python" scripts/check_argv_secrets.py "$EXECVE_LOG" "$MB_CACHE/demo-keys.env"
+
+say "contract fuzzing: scripts/schemathesis.sh against the stack the demo left running"
+bash scripts/schemathesis.sh
 
 say "local stack scripts (scripts/tests)"
 for script_test in scripts/tests/*.sh; do bash "$script_test"; done

@@ -14,7 +14,7 @@ pay POST /v1/payments "$INTERNAL_KEY" "$(payment_body create-payment.json)" "ide
 say "verify-payment: an external key may not verify — 403"
 pay POST "/v1/payments/$PAYMENT_ID/verify" "$EXTERNAL_KEY" '{"verifiedBy":"partner","verificationMethod":"manual"}' \
   | show_payment 403
-say "verify-payment: POST /v1/payments/{id}/verify (internal key) — PAID_VERIFIED, payment.paid in the outbox"
+say "verify-payment: POST /v1/payments/{paymentId}/verify (internal key) — PAID_VERIFIED, payment.paid in the outbox"
 pay POST "/v1/payments/$PAYMENT_ID/verify" "$INTERNAL_KEY" "$(payment_body verify-payment.json)" \
   | show_payment 200 outcome=applied payment.status=PAID_VERIFIED
 

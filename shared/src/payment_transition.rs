@@ -94,7 +94,11 @@ pub async fn apply(
         return Ok(Outcome::NotFound);
     };
 
-    if let Some((reason, detail)) = mismatch(&payment, request) {
+    let refused = match mismatch(&payment, request) {
+        Some(refused) => Some(refused),
+        None => reference_in_use(tx, tenant, &payment, request).await?,
+    };
+    if let Some((reason, detail)) = refused {
         audit(tx, tenant, &payment, request, actor, false, None, reason).await?;
         return Ok(Outcome::Refused {
             payment,
@@ -189,6 +193,26 @@ fn mismatch(payment: &Payment, request: &Request<'_>) -> Option<(&'static str, S
         }
     }
     None
+}
+
+/// A reference to record (the payment has none) that another payment already holds: the update
+/// would break the unique index, so it is refused like a mismatch.
+async fn reference_in_use(
+    tx: &mut PgConnection,
+    tenant: TenantId,
+    payment: &Payment,
+    request: &Request<'_>,
+) -> Result<Option<(&'static str, String)>, DbError> {
+    let (Some(asked), None) = (request.provider_reference, &payment.provider_reference) else {
+        return Ok(None);
+    };
+    let taken = payments::reference_taken(tx, tenant, &payment.provider, asked, payment.id).await?;
+    Ok(taken.then(|| {
+        (
+            "reference_in_use",
+            "another payment of this tenant has this provider reference".into(),
+        )
+    }))
 }
 
 fn past_tense(action: PaymentAction) -> &'static str {

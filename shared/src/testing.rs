@@ -372,3 +372,5 @@ impl Bus {
         out
     }
 }
+
+pub mod contract;

@@ -23,6 +23,27 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, as API Gateway names it (`METHOD /path/{param}`): `openapi.yaml` and the
+    /// function's `HttpApi` events in `template.yaml` list exactly these (tests/contract.rs).
+    pub const KEYS: [&'static str; 5] = [
+        "POST /v1/usage/events",
+        "GET /v1/usage/events",
+        "GET /v1/usage/realtime",
+        "GET /v1/usage/summary",
+        "POST /v1/usage/events/{eventId}/void",
+    ];
+
+    /// This route's entry in [`Route::KEYS`].
+    pub fn key(&self) -> &'static str {
+        match self {
+            Route::PostEvents => Self::KEYS[0],
+            Route::ListEvents => Self::KEYS[1],
+            Route::Realtime => Self::KEYS[2],
+            Route::Summary => Self::KEYS[3],
+            Route::VoidEvent(_) => Self::KEYS[4],
+        }
+    }
+
     /// The scope a key needs for this route (a void also needs an internal key).
     pub fn scope(&self) -> Scope {
         match self {

@@ -27,6 +27,17 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::body::Fields;
 
+/// A database error, with the unique violation of a provider reference another payment holds
+/// (a create, or a verification recording a reference while a create races it) as a 409.
+pub fn reference_conflict(e: DbError) -> ApiError {
+    match e.sqlstate().as_deref() {
+        Some(UNIQUE_VIOLATION) => ApiError::Conflict(
+            "another payment of this tenant has the same provider and providerReference".into(),
+        ),
+        _ => e.into(),
+    }
+}
+
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 const CREATE: &str = "payment.create";
 const UNIQUE_VIOLATION: &str = "23505";
@@ -132,13 +143,7 @@ pub async fn create(app: &App, call: &Call<'_>) -> Result<Response<Body>, ApiErr
     let created =
         retry_transient(|| create_once(app, caller, &call.correlation_id, &new, key.as_deref()))
             .await
-            .map_err(|e| match e.sqlstate().as_deref() {
-                Some(UNIQUE_VIOLATION) => ApiError::Conflict(
-                    "another payment of this tenant has the same provider and providerReference"
-                        .into(),
-                ),
-                _ => e.into(),
-            })?;
+            .map_err(reference_conflict)?;
     match created {
         Created::New(body) => Ok(json_response(StatusCode::CREATED, &body)),
         Created::Replay(recorded) => {

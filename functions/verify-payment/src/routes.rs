@@ -23,6 +23,27 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, as API Gateway names it (`METHOD /path/{param}`): `openapi.yaml` and the
+    /// function's `HttpApi` events in `template.yaml` list exactly these (tests/contract.rs).
+    pub const KEYS: [&'static str; 5] = [
+        "POST /v1/payments",
+        "GET /v1/payments",
+        "GET /v1/payments/{paymentId}",
+        "POST /v1/payments/{paymentId}/verify",
+        "POST /v1/webhooks/{provider}/{tenant}",
+    ];
+
+    /// This route's entry in [`Route::KEYS`].
+    pub fn key(&self) -> &'static str {
+        match self {
+            Route::Create => Self::KEYS[0],
+            Route::List => Self::KEYS[1],
+            Route::Get(_) => Self::KEYS[2],
+            Route::Verify(_) => Self::KEYS[3],
+            Route::Webhook { .. } => Self::KEYS[4],
+        }
+    }
+
     pub fn access(&self) -> Access {
         match self {
             Route::Create => Access::ApiKey(Scope::PaymentsWrite),

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::body::Fields;
-use crate::payments::{actor_label, not_found};
+use crate::payments::{actor_label, not_found, reference_conflict};
 use meterbridge::payment_transition::{self as transition, Actor, Outcome, Target};
 
 struct VerifyRequest {
@@ -100,7 +100,8 @@ pub async fn verify(app: &App, call: &Call<'_>, id: Uuid) -> Result<Response<Bod
         tx.commit().await?;
         Ok(outcome)
     })
-    .await?;
+    .await
+    .map_err(reference_conflict)?;
     if let Outcome::Applied { event_id, .. } = &outcome {
         app.publish_now(caller.tenant_id, *event_id).await;
     }

@@ -121,6 +121,11 @@ pub async fn receive(
             "the event id must be 1-255 characters".into(),
         ));
     }
+    if event.kind.is_empty() || event.kind.chars().count() > 128 {
+        return Err(ApiError::Malformed(
+            "the event type must be 1-128 characters".into(),
+        ));
+    }
     handle_event(app, tenant, provider, &event, call).await
 }
 

@@ -165,6 +165,29 @@ pub async fn lock(
     .transpose()
 }
 
+/// Whether another of the tenant's payments holds this provider reference (which the unique
+/// index `payments_provider_reference` keeps for one payment).
+pub async fn reference_taken(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    provider: &str,
+    reference: &str,
+    except: Uuid,
+) -> Result<bool, DbError> {
+    let taken = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM payments
+                           WHERE tenant_id = $1 AND provider = $2 AND provider_reference = $3
+                             AND id <> $4) AS "taken!""#,
+        tenant.0,
+        provider,
+        reference,
+        except
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(taken)
+}
+
 /// The payment a provider knows by `reference`, locked like [`lock`].
 pub async fn lock_by_reference(
     conn: &mut PgConnection,
