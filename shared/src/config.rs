@@ -134,6 +134,62 @@ impl std::fmt::Debug for RedisSource {
     }
 }
 
+/// How to talk to Redis beyond its URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// `REDIS_CLUSTER`: use the cluster client (ElastiCache cluster mode, Serverless). A secret
+    /// with `"cluster": true` turns it on as well.
+    pub cluster: bool,
+    /// `REDIS_TLS_CA_FILE`: a PEM file of the CAs a `rediss://` server must chain to, in place of
+    /// the built-in public roots (a private CA, or the tests' own).
+    pub tls_ca_file: Option<std::path::PathBuf>,
+}
+
+/// libpq's `sslmode` values, as `DB_SSL_MODE` takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbSslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl FromStr for DbSslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "disable" => DbSslMode::Disable,
+            "allow" => DbSslMode::Allow,
+            "prefer" => DbSslMode::Prefer,
+            "require" => DbSslMode::Require,
+            "verify-ca" => DbSslMode::VerifyCa,
+            "verify-full" => DbSslMode::VerifyFull,
+            _ => {
+                return Err(
+                    "expected one of disable, allow, prefer, require, verify-ca, verify-full"
+                        .into(),
+                )
+            }
+        })
+    }
+}
+
+/// TLS to PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbTls {
+    /// `DB_SSL_MODE`. Unset, it is `verify-full` inside Lambda (a network path we do not own)
+    /// and `prefer` elsewhere (local servers rarely have TLS).
+    pub mode: DbSslMode,
+    /// Whether `DB_SSL_MODE` was set: only then does it override an `sslmode` in `DATABASE_URL`.
+    pub mode_is_explicit: bool,
+    /// `DB_SSL_ROOT_CERT`: a PEM bundle of CAs the server may chain to (the RDS bundle), trusted
+    /// besides the built-in public roots. Only `verify-ca` and `verify-full` look at it.
+    pub root_cert: Option<std::path::PathBuf>,
+}
+
 /// What every function needs, read once at cold start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -141,8 +197,10 @@ pub struct Config {
     pub service: String,
     pub stage: String,
     pub database: DatabaseSource,
+    pub db_tls: DbTls,
     /// `None` when the function was given no Redis (the admin function needs none).
     pub redis: Option<RedisSource>,
+    pub redis_options: RedisOptions,
     pub secrets_ttl: Duration,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
@@ -190,6 +248,21 @@ impl Config {
             },
             (None, None) => return Err(ConfigError::Missing("DB_SECRET_ID")),
         };
+        let db_tls = DbTls {
+            mode: env.parse_or(
+                "DB_SSL_MODE",
+                if in_lambda {
+                    DbSslMode::VerifyFull
+                } else {
+                    DbSslMode::Prefer
+                },
+            )?,
+            mode_is_explicit: env.optional("DB_SSL_MODE").is_some(),
+            root_cert: match env.optional("DB_SSL_ROOT_CERT") {
+                None => None,
+                Some(path) => Some(pem_bundle("DB_SSL_ROOT_CERT", path)?),
+            },
+        };
         let redis = match (local_only("REDIS_URL")?, env.optional("REDIS_SECRET_ID")) {
             (Some(url), _) => Some(RedisSource::Url(url)),
             (None, Some(secret_id)) => Some(RedisSource::Secret { secret_id }),
@@ -202,7 +275,15 @@ impl Config {
                 .unwrap_or_else(|| default_service.to_owned()),
             stage: env.optional("STAGE").unwrap_or_else(|| "local".into()),
             database,
+            db_tls,
             redis,
+            redis_options: RedisOptions {
+                cluster: env.parse_or("REDIS_CLUSTER", false)?,
+                tls_ca_file: match env.optional("REDIS_TLS_CA_FILE") {
+                    None => None,
+                    Some(path) => Some(pem_bundle("REDIS_TLS_CA_FILE", path)?),
+                },
+            },
             secrets_ttl: Duration::from_secs(env.bounded_or(
                 "SECRETS_TTL_SECONDS",
                 300,
@@ -227,6 +308,17 @@ impl Config {
                 .unwrap_or_else(|| "Meterbridge".into()),
         })
     }
+}
+
+/// A CA bundle is checked at cold start: missing or empty, it would otherwise surface only as
+/// every connection failing its handshake.
+fn pem_bundle(name: &'static str, path: String) -> Result<std::path::PathBuf, ConfigError> {
+    let invalid = |reason| ConfigError::Invalid { name, reason };
+    let pem = std::fs::read_to_string(&path).map_err(|e| invalid(format!("{path}: {e}")))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid(format!("{path} holds no PEM certificate")));
+    }
+    Ok(path.into())
 }
 
 #[cfg(test)]
@@ -269,6 +361,7 @@ mod tests {
                 secret_id: "r".into()
             })
         );
+        assert_eq!(config.redis_options, RedisOptions::default());
         assert_eq!(config.service, "svc");
         assert_eq!(config.db_max_connections, 2);
         assert_eq!(config.secrets_ttl, Duration::from_secs(300));
@@ -301,6 +394,39 @@ mod tests {
     }
 
     #[test]
+    fn redis_cluster_mode_and_ca_file() {
+        let ca =
+            std::env::temp_dir().join(format!("meterbridge-redis-ca-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let with = |cluster: &str, ca: &std::path::Path| {
+            let ca = ca.to_string_lossy().into_owned();
+            Config::from(
+                &env(&[
+                    ("DB_SECRET_ID", "db"),
+                    ("REDIS_CLUSTER", cluster),
+                    ("REDIS_TLS_CA_FILE", &ca),
+                ]),
+                "svc",
+            )
+        };
+        let config = with("true", &ca).unwrap();
+        assert!(config.redis_options.cluster);
+        assert_eq!(
+            config.redis_options.tls_ca_file.as_deref(),
+            Some(ca.as_path())
+        );
+        let err = with("yes", &ca).unwrap_err().to_string();
+        assert!(err.contains("REDIS_CLUSTER"), "{err}");
+        std::fs::remove_file(&ca).unwrap();
+        let err = with("false", &ca).unwrap_err().to_string();
+        assert!(err.contains("REDIS_TLS_CA_FILE"), "{err}");
+    }
+
+    #[test]
     fn url_overrides_are_refused_inside_lambda() {
         let config = Config::from(&env(&[("DATABASE_URL", "postgres://x")]), "svc").unwrap();
         assert_eq!(config.database, DatabaseSource::Url("postgres://x".into()));
@@ -314,6 +440,81 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn db_ssl_mode_defaults_to_verify_full_only_inside_lambda() {
+        let local = Config::from(&env(&[("DB_SECRET_ID", "db")]), "svc").unwrap();
+        let expected = DbTls {
+            mode: DbSslMode::Prefer,
+            mode_is_explicit: false,
+            root_cert: None,
+        };
+        assert_eq!(local.db_tls, expected);
+        let lambda = Config::from(
+            &env(&[
+                ("DB_SECRET_ID", "db"),
+                ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+            ]),
+            "svc",
+        )
+        .unwrap();
+        assert_eq!(lambda.db_tls.mode, DbSslMode::VerifyFull);
+        assert!(!lambda.db_tls.mode_is_explicit);
+    }
+
+    #[test]
+    fn db_ssl_mode_takes_libpq_values_and_nothing_else() {
+        for (raw, mode) in [
+            ("disable", DbSslMode::Disable),
+            ("allow", DbSslMode::Allow),
+            ("prefer", DbSslMode::Prefer),
+            ("require", DbSslMode::Require),
+            ("verify-ca", DbSslMode::VerifyCa),
+            ("VERIFY-FULL", DbSslMode::VerifyFull),
+        ] {
+            let config =
+                Config::from(&env(&[("DB_SECRET_ID", "db"), ("DB_SSL_MODE", raw)]), "svc").unwrap();
+            assert_eq!(config.db_tls.mode, mode, "{raw}");
+            assert!(config.db_tls.mode_is_explicit);
+        }
+        for raw in ["verify_full", "true", "strict"] {
+            let err = Config::from(&env(&[("DB_SECRET_ID", "db"), ("DB_SSL_MODE", raw)]), "svc")
+                .unwrap_err();
+            assert!(err.to_string().contains("DB_SSL_MODE"), "{err}");
+            assert!(err.to_string().contains("verify-full"), "{err}");
+        }
+    }
+
+    #[test]
+    fn db_ssl_root_cert_must_be_a_readable_pem_bundle() {
+        let dir = std::env::temp_dir().join(format!("meterbridge-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bundle = dir.join("ca.pem");
+        std::fs::write(
+            &bundle,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let not_pem = dir.join("notes.txt");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let missing = dir.join("absent.pem");
+        let with = |path: &std::path::Path| {
+            let path = path.to_string_lossy().into_owned();
+            Config::from(
+                &env(&[("DB_SECRET_ID", "db"), ("DB_SSL_ROOT_CERT", &path)]),
+                "svc",
+            )
+        };
+
+        let config = with(&bundle).unwrap();
+        assert_eq!(config.db_tls.root_cert.as_deref(), Some(bundle.as_path()));
+        for bad in [&not_pem, &missing] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("DB_SSL_ROOT_CERT"), "{err}");
+            assert!(err.contains(&*bad.to_string_lossy()), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

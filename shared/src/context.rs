@@ -54,10 +54,14 @@ impl Services {
             None
         };
         let db = Database::connect(&config, secrets.clone()).await?;
-        let redis = config
-            .redis
-            .clone()
-            .map(|source| Redis::new(source, secrets.clone(), config.redis_timeout));
+        let redis = config.redis.clone().map(|source| {
+            Redis::with_options(
+                source,
+                secrets.clone(),
+                config.redis_timeout,
+                config.redis_options.clone(),
+            )
+        });
         let secrets = match secrets {
             Some(secrets) => tokio::sync::OnceCell::new_with(Some(secrets)),
             None => tokio::sync::OnceCell::new(),

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::config::{Config, DatabaseSource};
+use crate::config::{Config, DatabaseSource, DbSslMode, DbTls};
 use crate::domain::TenantId;
 use crate::secrets::{DbCredentials, Secrets, SecretsError};
 
@@ -164,6 +164,27 @@ fn is_auth_failure(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")))
 }
 
+/// `DB_SSL_MODE` and `DB_SSL_ROOT_CERT` on `options`. A `DATABASE_URL`'s own `sslmode` yields
+/// only to a `DB_SSL_MODE` that was set, so a local URL keeps working as written.
+fn with_tls(options: PgConnectOptions, tls: &DbTls, from_url: bool) -> PgConnectOptions {
+    let options = if tls.mode_is_explicit || !from_url {
+        options.ssl_mode(match tls.mode {
+            DbSslMode::Disable => PgSslMode::Disable,
+            DbSslMode::Allow => PgSslMode::Allow,
+            DbSslMode::Prefer => PgSslMode::Prefer,
+            DbSslMode::Require => PgSslMode::Require,
+            DbSslMode::VerifyCa => PgSslMode::VerifyCa,
+            DbSslMode::VerifyFull => PgSslMode::VerifyFull,
+        })
+    } else {
+        options
+    };
+    match &tls.root_cert {
+        Some(bundle) => options.ssl_root_cert(bundle),
+        None => options,
+    }
+}
+
 #[derive(Clone)]
 enum Credentials {
     Url,
@@ -188,6 +209,8 @@ impl Database {
     /// Builds the pool without connecting: the first query connects. With a secret, the
     /// credentials are read now (cached by the secrets client).
     pub async fn connect(config: &Config, secrets: Option<Arc<Secrets>>) -> Result<Self, DbError> {
+        // sqlx builds its `verify-ca` verifier on the process-wide rustls provider.
+        crate::tls::install_crypto_provider();
         // Server-side limits for every session: no statement runs, no lock is waited for, and no
         // transaction sits idle (a frozen or killed container's) longer than these.
         let tune = |options: PgConnectOptions| {
@@ -209,12 +232,19 @@ impl Database {
                 ),
             ])
         };
-        let base = tune(PgConnectOptions::new_without_pgpass());
+        let base = with_tls(
+            tune(PgConnectOptions::new_without_pgpass()),
+            &config.db_tls,
+            false,
+        );
         let (credentials, options) = match &config.database {
             DatabaseSource::Url(url) => {
                 let parsed = PgConnectOptions::from_str(url)
                     .map_err(|e| DbError::Config(format!("DATABASE_URL does not parse: {e}")))?;
-                (Credentials::Url, tune(parsed))
+                (
+                    Credentials::Url,
+                    with_tls(tune(parsed), &config.db_tls, true),
+                )
             }
             DatabaseSource::Secret {
                 secret_id,

@@ -21,6 +21,7 @@ pub mod secrets;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 pub mod usage_counters;
 
 pub use config::Config;
