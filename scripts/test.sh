@@ -24,7 +24,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "template lint (cfn-lint, sam validate --lint)"
 "$MB_SAM_VENV/bin/cfn-lint" template.yaml
-"$MB_SAM_VENV/bin/sam" validate --lint --region "$AWS_REGION" >/dev/null
+bash scripts/sam.sh validate --lint --region "$AWS_REGION" >/dev/null   # the wrapper the README documents
 
 say "OpenAPI contract: openapi-spec-validator (routes and examples against the code: tests/contract.rs)"
 "$MB_CONTRACT_VENV/bin/openapi-spec-validator" openapi.yaml

@@ -536,7 +536,9 @@ enum RepairError {
 }
 
 impl RunReport {
+    /// The metrics of a committed run (the staleness alarm watches `AggregationRunsCommitted`).
     pub fn emit_metrics(&self) {
+        metrics::counter!("AggregationRunsCommitted").increment(1);
         metrics::counter!("AggregationCellsExamined").increment(self.cells_examined);
         metrics::counter!("AggregationCellsWritten").increment(self.cells_written);
         metrics::counter!("AggregationRevisions").increment(self.revisions);

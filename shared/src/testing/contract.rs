@@ -68,10 +68,14 @@ pub fn spec_routes(spec: &Value, tags: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
+/// `template.yaml`, its CloudFormation tags (`!Ref`, `!Sub`, …) as tagged values.
+pub fn template() -> serde_norway::Value {
+    serde_norway::from_str(&read("template.yaml")).expect("template.yaml is YAML")
+}
+
 /// The `HttpApi` events of every function in `template.yaml`: function → route keys.
 pub fn template_routes() -> BTreeMap<String, BTreeSet<String>> {
-    let template: serde_norway::Value =
-        serde_norway::from_str(&read("template.yaml")).expect("template.yaml is YAML");
+    let template = template();
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let resources = template["Resources"].as_mapping().expect("Resources");
     for (name, resource) in resources {
