@@ -8,6 +8,8 @@ cd "$MB_ROOT"
 ensure_services
 ensure_sam_venv
 ensure_contract_venv
+# The TLS tests make their certificates with openssl and start their own redis-server/PostgreSQL.
+command -v openssl >/dev/null || apt_install openssl
 
 # sqlx::test gives every test its own database, created through this URL; queries compile from
 # the committed .sqlx/ data, so the build needs no database.
