@@ -20,20 +20,22 @@ for a in d["aggregates"]:
     print("  %s %-32s total %-8s events %-4s actors %-3s final %-5s computed %s" % (a["periodStart"][:10], a["metric"], a["totalQuantity"], a["eventCount"], a["distinctActors"], a["final"], a["computedAt"]))
 sys.exit(status != "200" or not rows or rows[-1]["totalQuantity"] != sys.argv[2])' "$@"
 }
-realtime_total() { # METRIC — today's counter from GET /v1/usage/realtime (and its source)
-  http GET /v1/usage/realtime "$INTERNAL_KEY" \
+# The day of this run's events (NOW_TS, 20-ingest-usage.sh), not "today": a run across midnight
+# UTC must still read the day it wrote.
+DEMO_DAY=${NOW_TS:0:10}
+realtime_total() { # METRIC — the demo day's counter from GET /v1/usage/realtime (and its source)
+  http GET "/v1/usage/realtime?date=$DEMO_DAY" "$INTERNAL_KEY" \
     | python3 -c 'import json,sys; s,b=sys.stdin.read().split(" ",1); d=json.loads(b); print(d["counters"].get(sys.argv[1], 0), d["source"])' "$1"
 }
 
 say "aggregate-usage: a scheduled run (events/aggregate-usage/scheduled.json)"
 aggregate scheduled.json | show_run
-TODAY=$(date -u +%Y-%m-%d)
 DEMO_TOTAL=$(psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -Atc \
   "select coalesce(sum(quantity), 0) from usage_events e join tenants t on t.id = e.tenant_id
     where t.slug = '$TENANT' and metric = 'api.requests' and voided_at is null
-      and occurred_at >= '$TODAY' and occurred_at < date '$TODAY' + 1")
-say "ingest-usage: GET /v1/usage/summary?period=daily (today's rollups; api.requests = $DEMO_TOTAL in PostgreSQL)"
-http GET "/v1/usage/summary?period=daily&from=$TODAY&to=$TODAY" "$INTERNAL_KEY" | show_summary api.requests "$DEMO_TOTAL"
+      and occurred_at >= '$DEMO_DAY' and occurred_at < date '$DEMO_DAY' + 1")
+say "ingest-usage: GET /v1/usage/summary?period=daily (the demo day's rollups; api.requests = $DEMO_TOTAL in PostgreSQL)"
+http GET "/v1/usage/summary?period=daily&from=$DEMO_DAY&to=$DEMO_DAY" "$INTERNAL_KEY" | show_summary api.requests "$DEMO_TOTAL"
 
 say "ingest-usage: POST /v1/usage/events/$RUN_ID-evt-1/void (internal key) — kept, marked, uncounted"
 echo "  real-time api.requests before: $(realtime_total api.requests)"
@@ -45,13 +47,13 @@ aggregate scheduled.json | show_run
 VOIDED_TOTAL=$(psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -Atc \
   "select coalesce(sum(quantity), 0) from usage_events e join tenants t on t.id = e.tenant_id
     where t.slug = '$TENANT' and metric = 'api.requests' and voided_at is null
-      and occurred_at >= '$TODAY' and occurred_at < date '$TODAY' + 1")
-http GET "/v1/usage/summary?period=daily&from=$TODAY&to=$TODAY&metric=api.requests" "$INTERNAL_KEY" | show_summary api.requests "$VOIDED_TOTAL"
+      and occurred_at >= '$DEMO_DAY' and occurred_at < date '$DEMO_DAY' + 1")
+http GET "/v1/usage/summary?period=daily&from=$DEMO_DAY&to=$DEMO_DAY&metric=api.requests" "$INTERNAL_KEY" | show_summary api.requests "$VOIDED_TOTAL"
 
 VOICE_TOTAL=$(psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -Atc \
   "select coalesce(sum(quantity), 0) from usage_events e join tenants t on t.id = e.tenant_id
     where t.slug = '$TENANT' and metric = 'voice.minutes.authorized' and voided_at is null
-      and occurred_at >= '$TODAY' and occurred_at < date '$TODAY' + 1")
+      and occurred_at >= '$DEMO_DAY' and occurred_at < date '$DEMO_DAY' + 1")
 say "Redis FLUSHALL: the real-time counters are gone ..."
 echo "  real-time voice.minutes.authorized before: $(realtime_total voice.minutes.authorized)"
 redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
@@ -63,7 +65,7 @@ echo "  real-time voice.minutes.authorized: $HEALED (PostgreSQL: $VOICE_TOTAL)"
 [ "${HEALED%% *}" = "$VOICE_TOTAL" ] || { echo "counters not healed: $HEALED, PostgreSQL $VOICE_TOTAL" >&2; exit 1; }
 
 say "aggregate-usage: backfill (events/aggregate-usage/backfill.json, for every tenant: this demo's is $TENANT) and status"
-invoke aggregate-usage "{\"job\": \"backfill\", \"from\": \"$TODAY\", \"to\": \"$TODAY\", \"tenant\": \"$TENANT\", \"periods\": [\"daily\"]}" | show_run
+invoke aggregate-usage "{\"job\": \"backfill\", \"from\": \"$DEMO_DAY\", \"to\": \"$DEMO_DAY\", \"tenant\": \"$TENANT\", \"periods\": [\"daily\"]}" | show_run
 aggregate status.json \
   | python3 -c 'import json,sys; d=json.load(sys.stdin)
 for t in d["tenants"]: print("  %-20s last aggregated %s, queued %d, pending events %d" % (t["tenant"], t["lastAggregatedAt"], t["queuedCells"], t["pendingEvents"]))
