@@ -96,6 +96,26 @@ pub fn template_routes() -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+/// The spec's operations tagged with any of `tags` and the `HttpApi` events of the template's
+/// `function` are exactly `keys`, and the spec's example path of each key routes to it through
+/// `route` (a router's match, giving the route key it matched).
+pub fn check_router<E: std::fmt::Display>(
+    tags: &[&str],
+    function: &str,
+    keys: &[&str],
+    route: impl Fn(&http::Method, &str) -> Result<&'static str, E>,
+) {
+    let spec = openapi();
+    let keys: BTreeSet<String> = keys.iter().map(|k| k.to_string()).collect();
+    assert_eq!(spec_routes(&spec, tags), keys, "openapi.yaml");
+    assert_eq!(template_routes()[function], keys, "template.yaml");
+    for key in &keys {
+        let (method, path) = example_path(&spec, key);
+        let matched = route(&method, &path).unwrap_or_else(|e| panic!("{key}: {path}: {e}"));
+        assert_eq!(matched, key, "{path}");
+    }
+}
+
 /// A request path for a route key, each path parameter filled with the spec's example of it.
 pub fn example_path(spec: &Value, key: &str) -> (http::Method, String) {
     let operation = &operations(spec)[key];
