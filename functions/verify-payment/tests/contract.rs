@@ -115,3 +115,45 @@ async fn recording_a_reference_another_payment_holds_is_a_409(owner: sqlx::PgPoo
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["payment"]["providerReference"], "pi_own");
 }
+
+/// The reference check is the tenant's own: another tenant's payment with the same reference
+/// neither blocks the verification nor shows through it.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn another_tenants_reference_does_not_block_a_verification(owner: sqlx::PgPool) {
+    use meterbridge::domain::Trust;
+    use meterbridge::testing::{create_api_key, create_tenant};
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let globex = create_tenant(&owner, "globex").await;
+    let globex_key = create_api_key(&owner, &globex, "billing", Trust::Internal).await;
+    let body = json!({"amountMinor": 700, "currency": "USD", "provider": "stripe",
+                      "providerReference": "pi_shared"})
+    .to_string();
+    let r = send(
+        &app,
+        fx.request(
+            "POST",
+            "/v1/payments",
+            Some(&globex_key.key),
+            Some(&body),
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    let r = send(
+        &app,
+        fx.post(
+            "/v1/payments",
+            &json!({"amountMinor": 700, "currency": "USD", "provider": "stripe"}),
+        ),
+    )
+    .await;
+    let id = r.body["payment"]["id"].as_str().unwrap().to_owned();
+    let verify = json!({"verifiedBy": "ops", "verificationMethod": "manual",
+                        "providerReference": "pi_shared"});
+    let r = send(&app, fx.post(&format!("/v1/payments/{id}/verify"), &verify)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["payment"]["providerReference"], "pi_shared");
+}
