@@ -118,7 +118,12 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
         }
         Command::UsageMaintain => {
             let mut tx = db.pool().begin().await.map_err(DbError::from)?;
-            let done = usage_storage::maintain(&mut tx, chrono::Utc::now(), &admin.storage).await?;
+            let mut done =
+                usage_storage::maintain(&mut tx, chrono::Utc::now(), &admin.storage).await?;
+            tx.commit().await.map_err(DbError::from)?;
+            // In a transaction of its own: its build must not hold a rotation's lock.
+            let mut tx = db.pool().begin().await.map_err(DbError::from)?;
+            done.extend(usage_storage::compact(&mut tx).await?);
             tx.commit().await.map_err(DbError::from)?;
             for step in &done {
                 tracing::info!(action = %step.action, object = %step.object, "usage storage");

@@ -118,8 +118,8 @@ async fn store_once(
 ) -> Result<Stored, DbError> {
     let (tenant, source) = (caller.tenant_id, &caller.source);
     let mut tx = db.tenant_tx(tenant).await?;
-    let generation = usage_events::hold_key_generation(&mut tx).await?;
-    if usage_events::insert(&mut tx, generation, tenant, source, leaders, keys).await?
+    let generations = usage_events::hold_key_generation(&mut tx).await?;
+    if usage_events::insert(&mut tx, &generations, tenant, source, leaders, keys).await?
         == Insert::Stored
     {
         tx.commit().await?;
@@ -138,9 +138,11 @@ async fn store_once(
         .collect();
     for _ in 0..COLLISION_ROUNDS {
         let mut tx = db.tenant_tx(tenant).await?;
-        let generation = usage_events::hold_key_generation(&mut tx).await?;
+        let generations = usage_events::hold_key_generation(&mut tx).await?;
         usage_events::serialize_collisions(&mut tx, tenant).await?;
-        let taken = usage_events::find_taken(&mut tx, tenant, &remembered, &operations).await?;
+        let taken =
+            usage_events::find_taken(&mut tx, &generations, tenant, &remembered, &operations)
+                .await?;
         let (fresh, fresh_keys): (Vec<&UsageEvent>, Vec<DedupKeys>) = leaders
             .iter()
             .zip(keys)
@@ -152,7 +154,7 @@ async fn store_once(
             .map(|(e, k)| (*e, *k))
             .unzip();
         if fresh.is_empty()
-            || usage_events::insert(&mut tx, generation, tenant, source, &fresh, &fresh_keys)
+            || usage_events::insert(&mut tx, &generations, tenant, source, &fresh, &fresh_keys)
                 .await?
                 == Insert::Stored
         {

@@ -91,7 +91,7 @@ async fn a_frozen_transaction_blocks_nobody_for_long(owner: PgPool) {
 
     // A container froze while storing this event: its open transaction holds the event's keys.
     let mut tx = frozen.services.db.tenant_tx(fx.tenant.id).await.unwrap();
-    let generation = usage_events::hold_key_generation(&mut tx).await.unwrap();
+    let generations = usage_events::hold_key_generation(&mut tx).await.unwrap();
     let stored = UsageEvent {
         event_id: event["eventId"].as_str().unwrap().to_owned(),
         metric: "api.requests".into(),
@@ -108,7 +108,7 @@ async fn a_frozen_transaction_blocks_nobody_for_long(owner: PgPool) {
     let keys = DedupKeys::of(fx.tenant.id, &source, &stored);
     let outcome = usage_events::insert(
         &mut tx,
-        generation,
+        &generations,
         fx.tenant.id,
         &source,
         &[&stored],

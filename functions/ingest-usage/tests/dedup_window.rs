@@ -31,6 +31,24 @@ async fn maintain(
     done
 }
 
+async fn compact(owner: &PgPool) -> Vec<StorageAction> {
+    let mut tx = owner.begin().await.unwrap();
+    let done = usage_storage::compact(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    done
+}
+
+/// The partitions of usage_event_keys, by name.
+async fn key_partitions(owner: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent = 'usage_event_keys'::regclass ORDER BY 1",
+    )
+    .fetch_all(owner)
+    .await
+    .unwrap()
+}
+
 /// A moment at which the open key generation (opened now) is due for rotation.
 fn rotation_due() -> DateTime<Utc> {
     Utc::now() + Days::hours(StoragePolicy::default().generation_hours.into()) + Days::hours(1)
@@ -159,8 +177,174 @@ async fn keys_are_remembered_for_the_window_then_forgotten(owner: PgPool) {
     );
 }
 
-/// Batches of the same events race rotations that a test clock forces one after another: each
-/// event is stored once, whichever generation took its keys.
+/// Closed generations merge into one partition whose keys still count; an expired generation
+/// stops counting at once, though its keys wait in the compacted partition for the next
+/// compaction, which leaves them out.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let policy = StoragePolicy::default();
+    let day = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
+    let keyed = with(
+        &fx.event(1, "api.requests", 2),
+        "idempotencyKey",
+        json!("order-1"),
+    );
+    let first = fx.event(2, "api.requests", 3);
+    let second = fx.event(3, "api.requests", 4);
+    let r = fx
+        .submit(&app, json!({ "events": [keyed.clone(), first.clone()] }))
+        .await;
+    assert_eq!(r.body["accepted"], 2, "{}", r.body);
+    assert_eq!(compact(&owner).await, [], "nothing is closed yet");
+
+    // Two rotations: generation 1 holds the first two events' keys, generation 2 the third's.
+    let t1 = Utc::now() + day;
+    assert_eq!(
+        did(&maintain(&owner, t1, &policy).await, "rotated"),
+        ["usage_event_keys_g2"]
+    );
+    assert_eq!(
+        compact(&owner).await,
+        [],
+        "one closed partition needs no compaction"
+    );
+    let r = fx.submit(&app, json!({ "events": [second.clone()] })).await;
+    assert_eq!(r.body["accepted"], 1, "{}", r.body);
+    let t2 = t1 + day;
+    assert_eq!(
+        did(&maintain(&owner, t2, &policy).await, "rotated"),
+        ["usage_event_keys_g3"]
+    );
+    let done = compact(&owner).await;
+    assert_eq!(did(&done, "compacted"), ["usage_event_keys_c1_2"]);
+    assert_eq!(
+        did(&done, "dropped"),
+        ["usage_event_keys_g1", "usage_event_keys_g2"]
+    );
+    assert_eq!(
+        key_partitions(&owner).await,
+        ["usage_event_keys_c1_2", "usage_event_keys_g3"]
+    );
+    assert_eq!(compact(&owner).await, [], "compacted already");
+
+    // Every key still counts: duplicates, and conflicts for another payload.
+    let r = fx
+        .submit(
+            &app,
+            json!({ "events": [keyed.clone(), first.clone(), second.clone()] }),
+        )
+        .await;
+    assert_eq!(
+        statuses(&r.body),
+        ["duplicate", "duplicate", "duplicate"],
+        "{}",
+        r.body
+    );
+    let later = Utc::now() - Days::minutes(1);
+    let moved_first = with(&first, "occurredAt", json!(later.to_rfc3339()));
+    let moved_second = with(&second, "occurredAt", json!(later.to_rfc3339()));
+    let rekeyed = with(
+        &with(&keyed, "eventId", json!(format!("{}-new", fx.run))),
+        "quantity",
+        json!(9),
+    );
+    let r = fx
+        .submit(
+            &app,
+            json!({ "events": [moved_first.clone(), moved_second.clone(), rekeyed.clone()] }),
+        )
+        .await;
+    assert_eq!(
+        statuses(&r.body),
+        ["conflict", "conflict", "conflict"],
+        "{}",
+        r.body
+    );
+    assert_eq!(fx.stored_events().await, 3);
+
+    // The window after generation 1 closed it expires: its keys stop counting at once...
+    let gone = t1 + Days::days(policy.dedup_window_days.into()) + Days::minutes(1);
+    let done = maintain(&owner, gone, &policy).await;
+    assert_eq!(did(&done, "expired"), ["usage_event_keys_g1"]);
+    let r = fx
+        .submit(
+            &app,
+            json!({ "events": [moved_first.clone(), moved_second.clone()] }),
+        )
+        .await;
+    assert_eq!(statuses(&r.body), ["accepted", "conflict"], "{}", r.body);
+    // ...and the next compaction leaves them out.
+    let done = compact(&owner).await;
+    assert_eq!(did(&done, "compacted"), ["usage_event_keys_c2_3"]);
+    let forgotten: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_event_keys WHERE generation = 1")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert_eq!(forgotten, 0);
+    let r = fx.submit(&app, json!({ "events": [moved_second] })).await;
+    assert_eq!(statuses(&r.body), ["conflict"], "{}", r.body);
+    let r = fx.submit(&app, json!({ "events": [second] })).await;
+    assert_eq!(statuses(&r.body), ["duplicate"], "{}", r.body);
+
+    // Once every generation in it has expired, the compacted partition goes whole.
+    let all_gone = gone + Days::days(policy.dedup_window_days.into()) + day;
+    let done = maintain(&owner, all_gone, &policy).await;
+    assert!(
+        did(&done, "expired").contains(&"usage_event_keys_g3".to_owned()),
+        "{done:?}"
+    );
+    let done = compact(&owner).await;
+    assert!(
+        did(&done, "dropped").contains(&"usage_event_keys_c2_3".to_owned()),
+        "{done:?}"
+    );
+    assert_eq!(
+        did(&done, "compacted"),
+        ["usage_event_keys_c4_4"],
+        "{done:?}"
+    );
+    let left: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT generation FROM usage_event_keys ORDER BY 1")
+            .fetch_all(&owner)
+            .await
+            .unwrap();
+    assert_eq!(left, [4], "only the live generations' keys are left");
+}
+
+/// A compaction builds without holding ingestion back, and its swap waits for the ingestion in
+/// flight like a rotation (and gives up at its lock timeout).
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let policy = StoragePolicy::default();
+    let day = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
+    maintain(&owner, Utc::now() + day, &policy).await;
+    maintain(&owner, Utc::now() + day + day, &policy).await;
+
+    let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
+    let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
+    assert_eq!(held.closed, [1, 2]);
+    let mut compaction = owner.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '300ms'")
+        .execute(&mut *compaction)
+        .await
+        .unwrap();
+    let err = usage_storage::compact(&mut compaction).await.unwrap_err();
+    assert_eq!(err.sqlstate().as_deref(), Some("55P03"), "{err}");
+    drop(compaction);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        did(&compact(&owner).await, "compacted"),
+        ["usage_event_keys_c1_2"]
+    );
+}
+
+/// Batches of the same events race rotations and compactions that a test clock forces one
+/// after another: each event is stored once, whichever generation or partition took its keys.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn no_duplicate_slips_between_generations(owner: PgPool) {
     let fx = Arc::new(Fixture::new(&owner).await);
@@ -194,20 +378,27 @@ async fn no_duplicate_slips_between_generations(owner: PgPool) {
     let rotations = {
         let owner = owner.clone();
         tokio::spawn(async move {
-            let mut rotated = 0;
+            let (mut rotated, mut compacted) = (0, 0);
             for hour in 1..=40 {
                 let done = maintain(&owner, Utc::now() + Days::hours(hour), &policy).await;
                 rotated += did(&done, "rotated").len();
+                if hour % 3 == 0 {
+                    compacted += did(&compact(&owner).await, "compacted").len();
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            rotated
+            (rotated, compacted)
         })
     };
     let mut accepted = 0;
     for sender in senders {
         accepted += sender.await.unwrap();
     }
-    assert!(rotations.await.unwrap() >= 10);
+    let (rotated, compacted) = rotations.await.unwrap();
+    assert!(
+        rotated >= 10 && compacted >= 3,
+        "{rotated} rotations, {compacted} compactions"
+    );
     let stored = fx.stored_events().await;
     assert_eq!(
         accepted as i64, stored,
@@ -350,6 +541,7 @@ fn the_policy_keeps_events_longer_than_keys() {
     assert!(StoragePolicy::default().check().is_ok());
     let short = StoragePolicy {
         retention_days: 72,
+        generation_hours: 36 * 24,
         ..StoragePolicy::default()
     };
     assert!(
@@ -487,6 +679,8 @@ async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
         "UPDATE usage_event_keys SET generation = 2",
         "UPDATE usage_key_generations SET closed_at = now()",
         "SELECT * FROM usage_storage_maintain(now(), 14, 90, 7, interval '36 days', interval '36 days')",
+        "SELECT * FROM usage_event_keys_compact()",
+        "UPDATE usage_key_generations SET expired_at = now()",
     ] {
         let mut sp = (&mut tx).begin().await.unwrap();
         let err = sqlx::query(statement).execute(&mut *sp).await.unwrap_err();

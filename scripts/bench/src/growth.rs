@@ -9,8 +9,8 @@
 //! last 30 days, ten tenants, random text ids as clients send them. They are loaded outside the
 //! measured time with the table's indexes dropped and built again afterwards, then the tables
 //! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows are placed in
-//! the key generation their arrival falls in: the open generation opened 15 days ago, the
-//! closed one (which every batch probes) holds the 15 days before.
+//! the key generation their arrival falls in: the open generation opened half a generation
+//! ago (12 hours), the closed ones compacted into one partition (which every batch probes).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -118,6 +118,10 @@ pub async fn run(
             for _ in 0..repeat {
                 let work = random_id_batches(events, batch);
                 settle(owner, step == 0).await;
+                let io = match std::env::var("BENCH_GROWTH_IO").as_deref() {
+                    Ok("1") => Some(IoSnapshot::take(owner).await),
+                    _ => None,
+                };
                 runs.push(match schema {
                     Schema::After => run_handler(&apps[i], key, work, batch, c).await,
                     Schema::Before => {
@@ -125,6 +129,9 @@ pub async fn run(
                         run_old_insert(&api, tenant, prepared, batch, c).await
                     }
                 });
+                if let Some(io) = io {
+                    io.report_since(owner, size, c).await;
+                }
             }
             rows.push(crate::measure::median(runs));
         }
@@ -184,16 +191,24 @@ async fn size_of(owner: &PgPool) -> (i64, i64) {
     .unwrap()
 }
 
-/// Generation 1 closed 15 days ago (after 36 days open), generation 2 open since.
+/// The key generations as the schema keeps them between two rotations, midway: the open one
+/// (`usage_event_keys_g2`) opened half a generation ago, and every closed one compacted into
+/// one partition (here generation 1, opened before the loaded history, which its load builds
+/// in key order as a compaction does).
 async fn half_full_generations(owner: &PgPool) {
+    let half = meterbridge::repo::usage_storage::StoragePolicy::default().generation_hours / 2;
     for statement in [
-        "SELECT count(usage_event_keys_create_partition(2))",
-        "UPDATE usage_key_generations SET opened_at = now() - interval '51 days',
-                closed_at = now() - interval '15 days'",
-        "INSERT INTO usage_key_generations (generation, opened_at)
-         VALUES (2, now() - interval '15 days')",
+        "SELECT count(usage_event_keys_create_partition(2))".to_owned(),
+        format!(
+            "UPDATE usage_key_generations SET opened_at = now() - interval '60 days',
+                    closed_at = now() - interval '{half} hours'"
+        ),
+        format!(
+            "INSERT INTO usage_key_generations (generation, opened_at, stored_in)
+             VALUES (2, now() - interval '{half} hours', 'usage_event_keys_g2')"
+        ),
     ] {
-        sqlx::query(statement).execute(owner).await.unwrap();
+        sqlx::query(&statement).execute(owner).await.unwrap();
     }
 }
 
@@ -417,5 +432,72 @@ pub fn report(schema: Schema, points: &[Point]) {
                 if ratio >= 80.0 { "met" } else { "NOT met" }
             );
         }
+    }
+}
+
+/// `BENCH_GROWTH_IO=1`: buffer and WAL counters, to show where a measurement's time went: the pages each relation
+/// read from outside `shared_buffers` (and found inside), and the WAL written.
+struct IoSnapshot {
+    relations: std::collections::HashMap<String, (i64, i64)>,
+    wal: (i64, i64, i64),
+}
+
+impl IoSnapshot {
+    async fn take(owner: &PgPool) -> IoSnapshot {
+        // Statistics reach the shared counters within a second of a transaction's end.
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(owner)
+            .await
+            .unwrap();
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT indexrelname::text, idx_blks_read, idx_blks_hit FROM pg_statio_user_indexes
+              WHERE relname LIKE 'usage\\_%'
+             UNION ALL
+             SELECT relname::text, coalesce(heap_blks_read, 0), coalesce(heap_blks_hit, 0)
+               FROM pg_statio_user_tables WHERE relname LIKE 'usage\\_%'",
+        )
+        .fetch_all(owner)
+        .await
+        .unwrap();
+        let wal: (i64, i64, i64) =
+            sqlx::query_as("SELECT wal_records, wal_fpi, wal_bytes::int8 FROM pg_stat_wal")
+                .fetch_one(owner)
+                .await
+                .unwrap();
+        IoSnapshot {
+            relations: rows.into_iter().map(|(n, r, h)| (n, (r, h))).collect(),
+            wal,
+        }
+    }
+
+    /// Prints (to stderr) what changed since this snapshot: WAL, and the relations that read
+    /// the most pages from outside shared_buffers.
+    async fn report_since(&self, owner: &PgPool, stored: usize, callers: usize) {
+        // An idle backend reports its counters within 10 s (PGSTAT_IDLE_INTERVAL).
+        tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+        let now = IoSnapshot::take(owner).await;
+        let mut deltas: Vec<(String, i64, i64)> = now
+            .relations
+            .iter()
+            .map(|(name, (r, h))| {
+                let (r0, h0) = self.relations.get(name).copied().unwrap_or_default();
+                (name.clone(), r - r0, h - h0)
+            })
+            .filter(|(_, r, h)| r + h > 0)
+            .collect();
+        deltas.sort_by_key(|(_, r, h)| std::cmp::Reverse((*r, *h)));
+        let top: Vec<String> = deltas
+            .iter()
+            .take(8)
+            .map(|(n, r, h)| format!("{n} {r}/{h}"))
+            .collect();
+        eprintln!(
+            "io at {stored} rows, {callers} caller(s): WAL {} records, {} full pages, {:.0} MB; \
+             pages read/hit: {}",
+            now.wal.0 - self.wal.0,
+            now.wal.1 - self.wal.1,
+            (now.wal.2 - self.wal.2) as f64 / 1e6,
+            top.join(", ")
+        );
     }
 }

@@ -58,17 +58,18 @@ impl<'e> Columns<'e> {
     }
 }
 
-/// Holds the key generation for the rest of the transaction: the rotation (which takes the
-/// same advisory lock exclusively) waits for this transaction, so every key it writes lands in
-/// the generation it read, and every key committed before it is visible to its probes. Call it
-/// first, before any statement that reads or writes keys.
+/// Holds the key generations for the rest of the transaction: the rotation and the
+/// compaction (which take the same advisory lock exclusively) wait for this transaction, so
+/// every key it writes lands in the generation it read, and every key committed before it is
+/// visible to its probes. Call it first, before any statement that reads or writes keys.
 ///
 /// The transaction's statements are also planned for their actual parameters and the tables'
 /// actual sizes: a plan cached while a new generation or day was still empty would read it
 /// through (a sequential scan per batch) long after it has grown.
 ///
-/// Returns the open generation, which stays open until this transaction ends.
-pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneration, DbError> {
+/// Returns the open generation and the closed ones whose keys still count, which stay so until
+/// this transaction ends.
+pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGenerations, DbError> {
     sqlx::query!(
         r#"SELECT pg_advisory_xact_lock_shared($1) AS "locked!: ()",
                   set_config('plan_cache_mode', 'force_custom_plan', true) AS "plans!""#,
@@ -77,16 +78,44 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
     .fetch_one(&mut *conn)
     .await?;
     // A statement of its own: its snapshot is taken after the lock was granted.
-    let open =
-        sqlx::query_scalar!("SELECT generation FROM usage_key_generations WHERE closed_at IS NULL")
-            .fetch_one(&mut *conn)
-            .await?;
-    Ok(KeyGeneration(open))
+    let live = sqlx::query!(
+        r#"SELECT generation, closed_at IS NULL AS "open!" FROM usage_key_generations
+            WHERE expired_at IS NULL ORDER BY generation"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let open = live
+        .iter()
+        .find(|g| g.open)
+        .map(|g| g.generation)
+        .ok_or_else(|| DbError::Config("no key generation is open".into()))?;
+    Ok(KeyGenerations {
+        open,
+        closed: live
+            .iter()
+            .filter(|g| !g.open)
+            .map(|g| g.generation)
+            .collect(),
+    })
 }
 
-/// The open key generation, as held by [`hold_key_generation`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyGeneration(pub i32);
+/// The key generations as held by [`hold_key_generation`]: the open one, which takes new keys,
+/// and the closed ones whose keys still count (expired ones are left out, even while their
+/// keys wait in a compacted partition for the next compaction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGenerations {
+    pub open: i32,
+    pub closed: Vec<i32>,
+}
+
+impl KeyGenerations {
+    /// Every generation whose keys count.
+    pub fn live(&self) -> Vec<i32> {
+        std::iter::once(self.open)
+            .chain(self.closed.iter().copied())
+            .collect()
+    }
+}
 
 /// Queues this transaction behind the tenant's other batches that also collided with stored
 /// keys (the slow path only; new events never take it): they probe and insert one after the
@@ -122,13 +151,13 @@ pub enum Insert {
 /// with their operation keys, and their remembered keys into the open generation, in one
 /// statement. The unique indexes (the day partition's on the operation, the open generation's
 /// on the keys) refuse a key already there, after waiting for a concurrent writer to finish;
-/// the same statement counts the keys the closed generation already holds (the open one is
-/// pruned from the count: its unique index has just checked the same keys). Each index is
+/// the same statement counts the keys that the live closed generations already hold (the
+/// open one's unique index has just checked the same keys). Each index is
 /// written in key order, so two batches that share keys wait for each other rather than
 /// deadlock.
 pub async fn insert(
     conn: &mut PgConnection,
-    generation: KeyGeneration,
+    generations: &KeyGenerations,
     tenant: TenantId,
     source: &SourceService,
     events: &[&UsageEvent],
@@ -163,7 +192,8 @@ pub async fn insert(
                 ORDER BY k.key_hash
            )
            SELECT count(*) AS "earlier!" FROM usage_event_keys
-            WHERE generation <> $17 AND tenant_id = $1 AND key_hash = ANY($16::uuid[])"#,
+            WHERE generation = ANY($18::int4[]) AND tenant_id = $1
+              AND key_hash = ANY($16::uuid[])"#,
         tenant.0,
         source.as_str(),
         &c.event_ids as &[&str],
@@ -180,7 +210,8 @@ pub async fn insert(
         &c.idempotency_keys as &[Option<Uuid>],
         &c.operation_keys,
         &c.remembered,
-        generation.0
+        generations.open,
+        &generations.closed
     )
     .fetch_one(&mut *conn)
     .await;
@@ -217,11 +248,12 @@ pub struct TakenKeys {
     pub holders: Vec<ExistingKeys>,
 }
 
-/// Which of the batch's keys some stored event of the tenant holds — `remembered` in any live
-/// generation, `operations` (key and instant) in their day partitions — and those events. Index
+/// Which of the batch's keys some stored event of the tenant holds — `remembered` in the live
+/// `generations`, `operations` (key and instant) in their day partitions — and those events. Index
 /// lookups, not joins: each names the events' instants, so it reads only their days.
 pub async fn find_taken(
     conn: &mut PgConnection,
+    generations: &KeyGenerations,
     tenant: TenantId,
     remembered: &[Uuid],
     operations: &[(Uuid, DateTime<Utc>)],
@@ -229,9 +261,10 @@ pub async fn find_taken(
     // Planned for the actual instants (see hold_key_generation), so only their days are read.
     let held = sqlx::query!(
         r#"SELECT key_hash, occurred_at, seq FROM usage_event_keys
-            WHERE tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
+            WHERE generation = ANY($3::int4[]) AND tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
         tenant.0,
-        remembered
+        remembered,
+        &generations.live()
     )
     .fetch_all(&mut *conn)
     .await?;

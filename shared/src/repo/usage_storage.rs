@@ -21,8 +21,9 @@ pub struct StoragePolicy {
     pub retention_days: i32,
     /// Days an archived (detached) day waits for export before it is dropped.
     pub archive_days: i32,
-    /// How long a key generation stays open. As long as the window by default: then only one
-    /// closed generation is ever probed (a key costs one insert and one probe).
+    /// How long a key generation stays open: a day by default, so that the B-tree every key
+    /// is inserted into holds a day of keys; the closed generations are compacted into one
+    /// partition (see [`compact`]), so a key costs one insert and one read-only probe.
     pub generation_hours: i32,
     /// The deduplication window: a key is remembered at least this long after its event was
     /// stored (at most one generation longer).
@@ -35,7 +36,7 @@ impl Default for StoragePolicy {
             days_ahead: 14,
             retention_days: 90,
             archive_days: 7,
-            generation_hours: 36 * 24,
+            generation_hours: 24,
             dedup_window_days: 36,
         }
     }
@@ -91,7 +92,8 @@ impl StoragePolicy {
 }
 
 /// One thing a run did: `created`, `archived` or `dropped` a day partition; `rotated` to or
-/// `expired` a key generation.
+/// `expired` a key generation; `compacted` closed generations into a partition, `dropped` a
+/// merged one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StorageAction {
     pub action: String,
@@ -127,6 +129,25 @@ pub async fn maintain(
         .collect())
 }
 
+/// Merges the partitions of the closed key generations into one partition built in key
+/// order, leaving out the expired generations; nothing when at most one such partition exists
+/// and it holds no expired generation. Run it after [`maintain`], in a transaction of its own:
+/// it builds without holding ingestion back, and only its swap does (briefly).
+pub async fn compact(conn: &mut PgConnection) -> Result<Vec<StorageAction>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT action AS "action!", object AS "object!" FROM usage_event_keys_compact()"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| StorageAction {
+            action: r.action,
+            object: r.object,
+        })
+        .collect())
+}
+
 /// What is stored: day partitions (attached and archived), key generations, and the first and
 /// last day covered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -137,6 +158,9 @@ pub struct StorageStatus {
     pub last_day: Option<String>,
     pub archived_days: i64,
     pub key_generations: i64,
+    /// Partitions of `usage_event_keys`: the open generation's, a compacted one, and those of
+    /// generations closed since the last compaction.
+    pub key_partitions: i64,
     pub open_generation: Option<i32>,
     pub open_since: Option<DateTime<Utc>>,
 }
@@ -152,7 +176,10 @@ pub async fn status(conn: &mut PgConnection) -> Result<StorageStatus, DbError> {
                   (SELECT max(day) FROM days) AS last_day,
                   (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                     WHERE n.nspname = 'usage_archive' AND c.relkind = 'r') AS "archived_days!",
-                  (SELECT count(*) FROM usage_key_generations) AS "key_generations!",
+                  (SELECT count(*) FROM usage_key_generations WHERE expired_at IS NULL)
+                      AS "key_generations!",
+                  (SELECT count(*) FROM pg_inherits
+                    WHERE inhparent = 'public.usage_event_keys'::regclass) AS "key_partitions!",
                   (SELECT generation FROM usage_key_generations WHERE closed_at IS NULL)
                       AS open_generation,
                   (SELECT opened_at FROM usage_key_generations WHERE closed_at IS NULL)
@@ -166,6 +193,7 @@ pub async fn status(conn: &mut PgConnection) -> Result<StorageStatus, DbError> {
         last_day: row.last_day,
         archived_days: row.archived_days,
         key_generations: row.key_generations,
+        key_partitions: row.key_partitions,
         open_generation: row.open_generation,
         open_since: row.open_since,
     })
@@ -194,7 +222,11 @@ mod tests {
     #[test]
     fn the_retention_must_outlast_every_key() {
         // 36 days of window + 36 days of generation + a day > 72 days.
-        assert!(StoragePolicy::from_env(&env(&[("USAGE_RETENTION_DAYS", "72")])).is_err());
+        assert!(StoragePolicy::from_env(&env(&[
+            ("USAGE_RETENTION_DAYS", "72"),
+            ("DEDUP_GENERATION_HOURS", "864")
+        ]))
+        .is_err());
         // 36 days + a day's generation + a day = 38 days <= 40.
         let daily = env(&[
             ("USAGE_RETENTION_DAYS", "40"),
