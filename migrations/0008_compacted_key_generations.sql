@@ -166,6 +166,9 @@ CREATE FUNCTION public.usage_event_keys_compact()
         v_name    text;
         v_part    text;
         v_list    text;
+        v_keys    bigint;
+        v_filter  integer;
+        v_blocks  integer;
     BEGIN
         PERFORM pg_catalog.pg_advisory_xact_lock(public.usage_storage_lock_id());
         SELECT coalesce(array_agg(DISTINCT g.stored_in), '{}'),
@@ -194,6 +197,29 @@ CREATE FUNCTION public.usage_event_keys_compact()
                  SELECT generation, key_hash, tenant_id, occurred_at, seq
                    FROM public.usage_event_keys WHERE generation IN (%s) ORDER BY key_hash',
                 v_name, v_list);
+            GET DIAGNOSTICS v_keys = ROW_COUNT;
+            -- Its Bloom filter: about 10 bits per key, in 4096-bit blocks (section 4).
+            v_blocks := greatest(1, ceil(v_keys * 10 / 4096.0))::integer;
+            v_filter := pg_catalog.nextval('public.usage_key_filter_ids');
+            EXECUTE pg_catalog.format(
+                'INSERT INTO public.usage_key_filter_blocks (filter, block, bits)
+                 WITH bytes AS (
+                     SELECT public.usage_key_block(k.key_hash, %2$s) AS block, s.bit >> 3 AS byte,
+                            pg_catalog.bit_or(1 << (s.bit & 7)) AS v
+                       FROM public.%1$I k
+                      CROSS JOIN LATERAL (SELECT public.usage_key_bit(k.key_hash, i)
+                                            FROM pg_catalog.generate_series(0, 5) AS i) AS s(bit)
+                      GROUP BY 1, 2)
+                 SELECT %3$s, g.block,
+                        pg_catalog.decode(pg_catalog.string_agg(
+                            pg_catalog.lpad(pg_catalog.to_hex(coalesce(b.v, 0)), 2, ''0''), ''''
+                            ORDER BY g.byte), ''hex'')
+                   FROM pg_catalog.generate_series(0, %2$s - 1) AS bl(block)
+                  CROSS JOIN pg_catalog.generate_series(0, 511) AS by(byte)
+                  CROSS JOIN LATERAL (SELECT bl.block, by.byte) AS g
+                   LEFT JOIN bytes b ON b.block = g.block AND b.byte = g.byte
+                  GROUP BY g.block',
+                v_name, v_blocks, v_filter);
             -- Implies the partition bound, so ATTACH needs no scan.
             EXECUTE pg_catalog.format('ALTER TABLE public.%I ADD CONSTRAINT %I CHECK (generation IN (%s))',
                                       v_name, v_name || '_bound', v_list);
@@ -210,12 +236,72 @@ CREATE FUNCTION public.usage_event_keys_compact()
             action := 'dropped'; object := v_part; RETURN NEXT;
         END LOOP;
         DELETE FROM public.usage_key_generations WHERE expired_at IS NOT NULL;
+        DELETE FROM public.usage_key_filter_blocks WHERE filter IS DISTINCT FROM v_filter;
         IF v_name IS NOT NULL THEN
             EXECUTE pg_catalog.format('ALTER TABLE public.usage_event_keys ATTACH PARTITION public.%I
                                        FOR VALUES IN (%s)', v_name, v_list);
-            UPDATE public.usage_key_generations SET stored_in = v_name
+            UPDATE public.usage_key_generations
+               SET stored_in = v_name, filter_id = v_filter, filter_blocks = v_blocks
              WHERE generation = ANY (v_live);
             action := 'compacted'; object := v_name; RETURN NEXT;
         END IF;
     END $$;
 REVOKE ALL ON FUNCTION public.usage_event_keys_compact() FROM PUBLIC;
+
+------------------------------------------------------------------------------------------------
+-- 4. A Bloom filter of the compacted partition, so that a new key costs no read of it.
+--
+--    The compacted partition is immutable, so the compaction describes it once: a blocked
+--    Bloom filter of about 10 bits per key (six bits per key, all in one 4096-bit block:
+--    about 1 % false positives), 512-byte rows in usage_key_filter_blocks. Ingestion checks a
+--    key against its block first and reads the compacted partition's B-tree only when all six
+--    bits are set: for a new key (almost every key) one read of a row of a table a hundredth
+--    the size of that B-tree, and hot, instead of a random leaf of the B-tree. Both sides
+--    compute the slots with the functions below, from the key's own bytes (the key is a hash).
+------------------------------------------------------------------------------------------------
+ALTER TABLE public.usage_key_generations
+    ADD COLUMN filter_id     integer,
+    ADD COLUMN filter_blocks integer CHECK (filter_blocks > 0),
+    ADD CONSTRAINT usage_key_generations_filter CHECK ((filter_id IS NULL) = (filter_blocks IS NULL));
+CREATE SEQUENCE public.usage_key_filter_ids AS integer;
+
+CREATE TABLE public.usage_key_filter_blocks (
+    filter integer NOT NULL,
+    block  integer NOT NULL,
+    bits   bytea   NOT NULL CHECK (length(bits) = 512),
+    PRIMARY KEY (filter, block)
+);
+-- Stored inline and uncompressed: every probe reads one row.
+ALTER TABLE public.usage_key_filter_blocks ALTER COLUMN bits SET STORAGE PLAIN;
+
+-- The block of a key: its first four bytes, modulo the number of blocks.
+CREATE FUNCTION public.usage_key_block(p_key uuid, p_blocks integer) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN ((pg_catalog.get_byte(pg_catalog.uuid_send(p_key), 0)::int8 << 24
+             | pg_catalog.get_byte(pg_catalog.uuid_send(p_key), 1)::int8 << 16
+             | pg_catalog.get_byte(pg_catalog.uuid_send(p_key), 2)::int8 << 8
+             | pg_catalog.get_byte(pg_catalog.uuid_send(p_key), 3)::int8) % p_blocks)::integer;
+
+-- The i-th (0-5) bit of a key in its block: the low 12 bits of its bytes 4+2i and 5+2i.
+CREATE FUNCTION public.usage_key_bit(p_key uuid, p_i integer) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN ((pg_catalog.get_byte(pg_catalog.uuid_send(p_key), 4 + 2 * p_i) << 8
+             | pg_catalog.get_byte(pg_catalog.uuid_send(p_key), 5 + 2 * p_i)) & 4095);
+
+-- Whether a block may hold a key (false: it certainly does not).
+CREATE FUNCTION public.usage_key_maybe(p_bits bytea, p_key uuid) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN pg_catalog.get_bit(p_bits, public.usage_key_bit(p_key, 0)) = 1
+       AND pg_catalog.get_bit(p_bits, public.usage_key_bit(p_key, 1)) = 1
+       AND pg_catalog.get_bit(p_bits, public.usage_key_bit(p_key, 2)) = 1
+       AND pg_catalog.get_bit(p_bits, public.usage_key_bit(p_key, 3)) = 1
+       AND pg_catalog.get_bit(p_bits, public.usage_key_bit(p_key, 4)) = 1
+       AND pg_catalog.get_bit(p_bits, public.usage_key_bit(p_key, 5)) = 1;
+
+REVOKE ALL ON FUNCTION public.usage_key_block(uuid, integer), public.usage_key_bit(uuid, integer),
+                       public.usage_key_maybe(bytea, uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.usage_key_block(uuid, integer), public.usage_key_bit(uuid, integer),
+                          public.usage_key_maybe(bytea, uuid) TO meterbridge_api;
+-- The bits say nothing a tenant could read back (a probe confirms every "maybe" against the
+-- tenant-bound key table); ingestion reads them, nothing writes them but the compaction.
+GRANT SELECT ON public.usage_key_filter_blocks TO meterbridge_api;

@@ -25,6 +25,14 @@ const REVIEWED: &[&str] = &[
     "meterbridge_api: POLICY api_own_tenant ALL ON usage_event_keys USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
     "meterbridge_api: SELECT ON TABLE usage_event_keys",
     "meterbridge_api: SELECT ON TABLE usage_key_generations",
+    // Migration 0008: ingestion checks a key against the compacted partition's Bloom filter
+    // (bits that no tenant reads back: every "maybe" is confirmed against the tenant-bound key
+    // table), computing its slots with the three filter functions; only the compaction (the
+    // owner) writes filters.
+    "meterbridge_api: EXECUTE ON FUNCTION usage_key_bit(uuid,integer)",
+    "meterbridge_api: EXECUTE ON FUNCTION usage_key_block(uuid,integer)",
+    "meterbridge_api: EXECUTE ON FUNCTION usage_key_maybe(bytea,uuid)",
+    "meterbridge_api: SELECT ON TABLE usage_key_filter_blocks",
     // Ingestion names the columns it writes: never xact_id (aggregation's change marker; a
     // forged low value would hide a row), seq, created_at or the void columns. A void (issue 9)
     // writes the three void columns and nothing else; the tenant reads its own rollups.

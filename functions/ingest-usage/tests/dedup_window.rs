@@ -314,6 +314,51 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
     assert_eq!(left, [4], "only the live generations' keys are left");
 }
 
+/// The compacted partition is probed through its Bloom filter: no stored key is ever missed
+/// (a filter has no false negatives), and a false positive costs a probe, never a wrong answer.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn the_bloom_filter_never_hides_a_stored_key(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let policy = StoragePolicy::default();
+    let day = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
+    let stored: Vec<Value> = (0..600).map(|n| fx.event(n, "api.requests", 1)).collect();
+    for (i, batch) in stored.chunks(200).enumerate() {
+        let r = fx.submit(&app, json!({ "events": batch })).await;
+        assert_eq!(r.body["accepted"], 200, "{}", r.body);
+        // Spread over two generations, both compacted.
+        if i == 1 {
+            maintain(&owner, Utc::now() + day, &policy).await;
+        }
+    }
+    maintain(&owner, Utc::now() + day + day, &policy).await;
+    assert_eq!(
+        did(&compact(&owner).await, "compacted"),
+        ["usage_event_keys_c1_2"]
+    );
+    let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
+    let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    let filtered = held.filtered.expect("the compacted partition has a filter");
+    assert_eq!(
+        (filtered.first, filtered.last, held.unfiltered),
+        (1, 2, None)
+    );
+
+    for batch in stored.chunks(300) {
+        let r = fx.submit(&app, json!({ "events": batch })).await;
+        assert_eq!(r.body["duplicates"], 300, "{}", r.body);
+    }
+    let fresh: Vec<Value> = (600..1200)
+        .map(|n| fx.event(n, "api.requests", 1))
+        .collect();
+    for batch in fresh.chunks(300) {
+        let r = fx.submit(&app, json!({ "events": batch })).await;
+        assert_eq!(r.body["accepted"], 300, "{}", r.body);
+    }
+    assert_eq!(fx.stored_events().await, 1200);
+}
+
 /// A compaction builds without holding ingestion back, and its swap waits for the ingestion in
 /// flight like a rotation (and gives up at its lock timeout).
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
@@ -327,7 +372,7 @@ async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
 
     let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
     let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
-    assert_eq!(held.closed, [1, 2]);
+    assert_eq!(held.unfiltered, Some((1, 2)));
     let mut compaction = owner.begin().await.unwrap();
     sqlx::query("SET LOCAL lock_timeout = '300ms'")
         .execute(&mut *compaction)
@@ -681,6 +726,9 @@ async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
         "SELECT * FROM usage_storage_maintain(now(), 14, 90, 7, interval '36 days', interval '36 days')",
         "SELECT * FROM usage_event_keys_compact()",
         "UPDATE usage_key_generations SET expired_at = now()",
+        "UPDATE usage_key_generations SET filter_id = NULL, filter_blocks = NULL",
+        "DELETE FROM usage_key_filter_blocks",
+        "INSERT INTO usage_key_filter_blocks (filter, block, bits) VALUES (1, 0, '\\x00')",
     ] {
         let mut sp = (&mut tx).begin().await.unwrap();
         let err = sqlx::query(statement).execute(&mut *sp).await.unwrap_err();

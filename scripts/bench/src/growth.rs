@@ -8,9 +8,9 @@
 //! month of history: occurred_at (and arrival) spread evenly over the
 //! last 30 days, ten tenants, random text ids as clients send them. They are loaded outside the
 //! measured time with the table's indexes dropped and built again afterwards, then the tables
-//! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows are placed in
-//! the key generation their arrival falls in: the open generation opened half a generation
-//! ago (12 hours), the closed ones compacted into one partition (which every batch probes).
+//! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows that arrived
+//! in the last half generation (12 hours) are in the open generation, the rest in a closed one,
+//! which the real compaction then merges into the compacted partition with its Bloom filter.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,7 +49,7 @@ impl Schema {
     pub fn name(self) -> &'static str {
         match self {
             Schema::Before => "before (0005)",
-            Schema::After => "after (0006)",
+            Schema::After => "after (0008)",
         }
     }
 }
@@ -104,7 +104,11 @@ pub async fn run(
     for (step, &size) in std::iter::once(&0).chain(sizes).enumerate() {
         if size > stored {
             let started = Instant::now();
-            load(owner, schema, &tenants, size - stored).await;
+            let history = match schema {
+                Schema::After => Some(history_generation(owner, step).await),
+                Schema::Before => None,
+            };
+            load(owner, schema, &tenants, size - stored, history).await;
             stored = size;
             eprintln!(
                 "growth {}: loaded to {size} rows in {:.0} s",
@@ -192,28 +196,58 @@ async fn size_of(owner: &PgPool) -> (i64, i64) {
 }
 
 /// The key generations as the schema keeps them between two rotations, midway: the open one
-/// (`usage_event_keys_g2`) opened half a generation ago, and every closed one compacted into
-/// one partition (here generation 1, opened before the loaded history, which its load builds
-/// in key order as a compaction does).
+/// (`usage_event_keys_g1000`) opened half a generation ago, every closed one compacted into one
+/// partition with its Bloom filter. Each load adds its history (everything older than the open
+/// generation) as one more closed generation, and the real compaction then merges it into the
+/// compacted partition, outside the measured time.
 async fn half_full_generations(owner: &PgPool) {
     let half = meterbridge::repo::usage_storage::StoragePolicy::default().generation_hours / 2;
     for statement in [
-        "SELECT count(usage_event_keys_create_partition(2))".to_owned(),
-        format!(
-            "UPDATE usage_key_generations SET opened_at = now() - interval '60 days',
-                    closed_at = now() - interval '{half} hours'"
-        ),
+        "SELECT count(usage_event_keys_create_partition(0))
+              + count(usage_event_keys_create_partition(1000))"
+            .to_owned(),
+        "UPDATE usage_key_generations SET opened_at = now() - interval '60 days',
+                closed_at = now() - interval '59 days' WHERE generation = 1"
+            .to_owned(),
+        "INSERT INTO usage_key_generations (generation, opened_at, closed_at, stored_in)
+         VALUES (0, now() - interval '61 days', now() - interval '60 days', 'usage_event_keys_g0')"
+            .to_owned(),
         format!(
             "INSERT INTO usage_key_generations (generation, opened_at, stored_in)
-             VALUES (2, now() - interval '{half} hours', 'usage_event_keys_g2')"
+             VALUES (1000, now() - interval '{half} hours', 'usage_event_keys_g1000')"
         ),
     ] {
         sqlx::query(&statement).execute(owner).await.unwrap();
     }
 }
 
+/// The closed generation that holds the history of load number `step` (1, 2, ...): the
+/// migration's generation 1 for the first, a new one after.
+async fn history_generation(owner: &PgPool, step: usize) -> i32 {
+    let generation = step as i32;
+    if step > 1 {
+        for statement in [
+            format!("SELECT count(usage_event_keys_create_partition({generation}))"),
+            format!(
+                "INSERT INTO usage_key_generations (generation, opened_at, closed_at, stored_in)
+                 VALUES ({generation}, now() - interval '59 days', now() - interval '58 days',
+                         'usage_event_keys_g{generation}')"
+            ),
+        ] {
+            sqlx::query(&statement).execute(owner).await.unwrap();
+        }
+    }
+    generation
+}
+
 /// Adds `rows` rows of history with the indexes dropped, then builds them again.
-async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usize) {
+async fn load(
+    owner: &PgPool,
+    schema: Schema,
+    tenants: &[uuid::Uuid],
+    rows: usize,
+    history: Option<i32>,
+) {
     let mut conn = owner.acquire().await.unwrap();
     let (drop, build): (&[&str], &[&str]) = match schema {
         Schema::After => (
@@ -310,17 +344,20 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
         .unwrap();
         done += n;
     }
-    if schema == Schema::After {
-        // Its event id's key per event, in the generation of its arrival.
+    if let Some(history) = history {
+        // Its event id's key per event: in the open generation when it arrived since that
+        // opened, else in this load's closed generation.
         sqlx::query(
             "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
-             SELECT g.generation, gen_random_uuid(), e.tenant_id, e.occurred_at, e.seq
+             SELECT CASE WHEN e.created_at >= g.opened_at THEN g.generation ELSE $2 END,
+                    gen_random_uuid(), e.tenant_id, e.occurred_at, e.seq
                FROM usage_events e
-               JOIN usage_key_generations g
-                 ON e.created_at >= g.opened_at AND (g.closed_at IS NULL OR e.created_at < g.closed_at)
+              CROSS JOIN (SELECT generation, opened_at FROM usage_key_generations
+                           WHERE closed_at IS NULL) AS g
               WHERE e.seq > $1",
         )
         .bind(first_seq)
+        .bind(history)
         .execute(&mut *conn)
         .await
         .unwrap();
@@ -332,6 +369,25 @@ async fn load(owner: &PgPool, schema: Schema, tenants: &[uuid::Uuid], rows: usiz
         .execute(&mut *conn)
         .await
         .unwrap();
+    if history.is_some() {
+        // The compaction the admin function runs after each rotation: this load's closed
+        // generation merged with the compacted partition, its Bloom filter built.
+        let started = Instant::now();
+        sqlx::query("SELECT count(*) FROM usage_event_keys_compact()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        eprintln!(
+            "growth: compacted the closed key generations in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        for statement in [
+            "VACUUM ANALYZE usage_event_keys",
+            "VACUUM ANALYZE usage_key_filter_blocks",
+        ] {
+            sqlx::query(statement).execute(&mut *conn).await.unwrap();
+        }
+    }
     sqlx::query("RESET session_replication_role")
         .execute(&mut *conn)
         .await

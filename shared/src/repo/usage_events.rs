@@ -79,8 +79,8 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
     .await?;
     // A statement of its own: its snapshot is taken after the lock was granted.
     let live = sqlx::query!(
-        r#"SELECT generation, closed_at IS NULL AS "open!" FROM usage_key_generations
-            WHERE expired_at IS NULL ORDER BY generation"#
+        r#"SELECT generation, closed_at IS NULL AS "open!", filter_id, filter_blocks
+             FROM usage_key_generations WHERE expired_at IS NULL ORDER BY generation"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -89,31 +89,82 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
         .find(|g| g.open)
         .map(|g| g.generation)
         .ok_or_else(|| DbError::Config("no key generation is open".into()))?;
-    Ok(KeyGenerations {
-        open,
-        closed: live
-            .iter()
-            .filter(|g| !g.open)
-            .map(|g| g.generation)
-            .collect(),
-    })
+    // The compacted partition's filter (one at a time: a compaction merges every closed one).
+    let filter = live
+        .iter()
+        .find_map(|g| Some((g.filter_id?, g.filter_blocks?)));
+    let closed: Vec<(i32, Option<i32>)> = live
+        .iter()
+        .filter(|g| !g.open)
+        .map(|g| (g.generation, g.filter_id))
+        .collect();
+    Ok(KeyGenerations::of(open, &closed, filter))
 }
 
 /// The key generations as held by [`hold_key_generation`]: the open one, which takes new keys,
 /// and the closed ones whose keys still count (expired ones are left out, even while their
-/// keys wait in a compacted partition for the next compaction).
+/// keys wait in a compacted partition for the next compaction). Live closed generations are
+/// consecutive numbers (they expire oldest first), so each group is probed as one range of
+/// the keys' index `(key_hash, generation)`: one descent per key, where a list of generations
+/// would cost a descent per key and generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyGenerations {
     pub open: i32,
-    pub closed: Vec<i32>,
+    /// The closed generations outside the compacted partition (closed since the last
+    /// compaction), probed directly: first and last, `None` when there are none.
+    pub unfiltered: Option<(i32, i32)>,
+    /// The compacted partition's generations, probed through its Bloom filter.
+    pub filtered: Option<FilteredGenerations>,
+}
+
+/// The generations of the compacted partition and its Bloom filter (migration 0008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilteredGenerations {
+    pub first: i32,
+    pub last: i32,
+    pub filter_id: i32,
+    pub filter_blocks: i32,
 }
 
 impl KeyGenerations {
-    /// Every generation whose keys count.
-    pub fn live(&self) -> Vec<i32> {
-        std::iter::once(self.open)
-            .chain(self.closed.iter().copied())
-            .collect()
+    /// From the open generation, the live closed ones with their filter id, and the filter in
+    /// use (`(id, blocks)`).
+    fn of(open: i32, closed: &[(i32, Option<i32>)], filter: Option<(i32, i32)>) -> Self {
+        fn range(gens: impl Iterator<Item = i32>) -> Option<(i32, i32)> {
+            gens.fold(None, |r, g| {
+                Some(r.map_or((g, g), |(lo, hi): (i32, i32)| (lo.min(g), hi.max(g))))
+            })
+        }
+        let filtered = filter.and_then(|(id, blocks)| {
+            range(closed.iter().filter(|g| g.1 == Some(id)).map(|g| g.0)).map(|(first, last)| {
+                FilteredGenerations {
+                    first,
+                    last,
+                    filter_id: id,
+                    filter_blocks: blocks,
+                }
+            })
+        });
+        let filter_id = filtered.map(|f| f.filter_id);
+        KeyGenerations {
+            open,
+            unfiltered: range(
+                closed
+                    .iter()
+                    .filter(|g| filter_id.is_none() || g.1 != filter_id)
+                    .map(|g| g.0),
+            ),
+            filtered,
+        }
+    }
+
+    /// The first and last live generation, the open one included.
+    pub fn live(&self) -> (i32, i32) {
+        let first = [self.unfiltered.map(|u| u.0), self.filtered.map(|f| f.first)]
+            .into_iter()
+            .flatten()
+            .fold(self.open, i32::min);
+        (first, self.open)
     }
 }
 
@@ -152,7 +203,9 @@ pub enum Insert {
 /// statement. The unique indexes (the day partition's on the operation, the open generation's
 /// on the keys) refuse a key already there, after waiting for a concurrent writer to finish;
 /// the same statement counts the keys that the live closed generations already hold (the
-/// open one's unique index has just checked the same keys). Each index is
+/// open one's unique index has just checked the same keys): those closed since the last
+/// compaction by their index, those in the compacted partition only where its Bloom filter
+/// says "maybe" (about 1 % of new keys). Each index is
 /// written in key order, so two batches that share keys wait for each other rather than
 /// deadlock.
 pub async fn insert(
@@ -164,6 +217,9 @@ pub async fn insert(
     keys: &[DedupKeys],
 ) -> Result<Insert, DbError> {
     let c = Columns::of(events, keys);
+    // An empty range (1, 0) for a group that does not exist.
+    let unfiltered = generations.unfiltered.unwrap_or((1, 0));
+    let filtered = generations.filtered;
     let outcome = sqlx::query_scalar!(
         r#"WITH input AS (
                SELECT * FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
@@ -191,9 +247,17 @@ pub async fn insert(
                 WHERE k.key_hash IS NOT NULL
                 ORDER BY k.key_hash
            )
-           SELECT count(*) AS "earlier!" FROM usage_event_keys
-            WHERE generation = ANY($18::int4[]) AND tenant_id = $1
-              AND key_hash = ANY($16::uuid[])"#,
+           SELECT (SELECT count(*) FROM usage_event_keys
+                    WHERE generation BETWEEN $18 AND $19 AND tenant_id = $1
+                      AND key_hash = ANY($16::uuid[]))
+                + (SELECT count(*) FROM UNNEST($16::uuid[]) AS p(key_hash)
+                    WHERE coalesce((SELECT usage_key_maybe(f.bits, p.key_hash)
+                                      FROM usage_key_filter_blocks f
+                                     WHERE f.filter = $20
+                                       AND f.block = usage_key_block(p.key_hash, $21)), false)
+                      AND EXISTS (SELECT FROM usage_event_keys k
+                                   WHERE k.generation BETWEEN $22 AND $23 AND k.tenant_id = $1
+                                     AND k.key_hash = p.key_hash)) AS "earlier!""#,
         tenant.0,
         source.as_str(),
         &c.event_ids as &[&str],
@@ -211,7 +275,12 @@ pub async fn insert(
         &c.operation_keys,
         &c.remembered,
         generations.open,
-        &generations.closed
+        unfiltered.0,
+        unfiltered.1,
+        filtered.map(|f| f.filter_id),
+        filtered.map_or(1, |f| f.filter_blocks),
+        filtered.map_or(1, |f| f.first),
+        filtered.map_or(0, |f| f.last)
     )
     .fetch_one(&mut *conn)
     .await;
@@ -261,10 +330,11 @@ pub async fn find_taken(
     // Planned for the actual instants (see hold_key_generation), so only their days are read.
     let held = sqlx::query!(
         r#"SELECT key_hash, occurred_at, seq FROM usage_event_keys
-            WHERE generation = ANY($3::int4[]) AND tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
+            WHERE generation BETWEEN $3 AND $4 AND tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
         tenant.0,
         remembered,
-        &generations.live()
+        generations.live().0,
+        generations.live().1
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -539,4 +609,39 @@ pub async fn void(
     .fetch_optional(&mut *conn)
     .await?;
     Ok(current.map(|event| (event, false)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_generations_split_into_the_filtered_partition_and_the_rest() {
+        // Generations 3-5 compacted (filter 7 of 40 blocks), 6 closed since, 7 open.
+        let g = KeyGenerations::of(
+            7,
+            &[(3, Some(7)), (4, Some(7)), (5, Some(7)), (6, None)],
+            Some((7, 40)),
+        );
+        assert_eq!(g.unfiltered, Some((6, 6)));
+        assert_eq!(
+            g.filtered,
+            Some(FilteredGenerations {
+                first: 3,
+                last: 5,
+                filter_id: 7,
+                filter_blocks: 40
+            })
+        );
+        assert_eq!(g.live(), (3, 7));
+        // Nothing closed: only the open generation is live.
+        let g = KeyGenerations::of(1, &[], None);
+        assert_eq!((g.unfiltered, g.filtered, g.live()), (None, None, (1, 1)));
+        // Closed without a filter (before any compaction): all probed directly.
+        let g = KeyGenerations::of(4, &[(2, None), (3, None)], None);
+        assert_eq!(
+            (g.unfiltered, g.filtered, g.live()),
+            (Some((2, 3)), None, (2, 4))
+        );
+    }
 }

@@ -134,6 +134,14 @@ pub async fn maintain(
 /// and it holds no expired generation. Run it after [`maintain`], in a transaction of its own:
 /// it builds without holding ingestion back, and only its swap does (briefly).
 pub async fn compact(conn: &mut PgConnection) -> Result<Vec<StorageAction>, DbError> {
+    // It rewrites the window's keys: minutes, not the request-sized statement timeout. Bounded
+    // by the admin function's own timeout (300 s).
+    sqlx::query!(
+        "SELECT set_config('statement_timeout', $1, true)",
+        COMPACTION_TIMEOUT
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     let rows = sqlx::query!(
         r#"SELECT action AS "action!", object AS "object!" FROM usage_event_keys_compact()"#
     )
@@ -147,6 +155,9 @@ pub async fn compact(conn: &mut PgConnection) -> Result<Vec<StorageAction>, DbEr
         })
         .collect())
 }
+
+/// The compaction's statement timeout, inside the admin function's 300 s.
+const COMPACTION_TIMEOUT: &str = "270s";
 
 /// What is stored: day partitions (attached and archived), key generations, and the first and
 /// last day covered.
