@@ -31,7 +31,7 @@ const REVIEWED: &[&str] = &[
     // owner) writes filters.
     "meterbridge_api: EXECUTE ON FUNCTION usage_key_bit(uuid,integer)",
     "meterbridge_api: EXECUTE ON FUNCTION usage_key_block(uuid,integer)",
-    "meterbridge_api: EXECUTE ON FUNCTION usage_key_maybe(bytea,uuid)",
+    "meterbridge_api: EXECUTE ON FUNCTION usage_key_maybe(bit,uuid)",
     "meterbridge_api: SELECT ON TABLE usage_key_filter_blocks",
     // Ingestion names the columns it writes: never xact_id (aggregation's change marker; a
     // forged low value would hide a row), seq, created_at or the void columns. A void (issue 9)

@@ -728,7 +728,7 @@ async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
         "UPDATE usage_key_generations SET expired_at = now()",
         "UPDATE usage_key_generations SET filter_id = NULL, filter_blocks = NULL",
         "DELETE FROM usage_key_filter_blocks",
-        "INSERT INTO usage_key_filter_blocks (filter, block, bits) VALUES (1, 0, '\\x00')",
+        "INSERT INTO usage_key_filter_blocks (filter, block, bits) VALUES (1, 0, repeat('1', 4096)::bit(4096))",
     ] {
         let mut sp = (&mut tx).begin().await.unwrap();
         let err = sqlx::query(statement).execute(&mut *sp).await.unwrap_err();
