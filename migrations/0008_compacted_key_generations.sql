@@ -252,8 +252,8 @@ REVOKE ALL ON FUNCTION public.usage_event_keys_compact() FROM PUBLIC;
 --    Bloom filter of about 10 bits per key (six bits per key, all in one 4096-bit block:
 --    about 1 % false positives), 4096-bit rows in usage_key_filter_blocks. Ingestion checks a
 --    key against its block first and reads the compacted partition's B-tree only when all six
---    bits are set: for a new key (almost every key) one read of a row of a table a hundredth
---    the size of that B-tree, and hot, instead of a random leaf of the B-tree. Both sides
+--    bits are set: for a new key (almost every key) one read of a row of a table about a
+--    twenty-fifth the size of that B-tree, and hot, instead of a random leaf of the B-tree. Both sides
 --    compute the slots with the functions below, from the key's own bytes (the key is a hash).
 --    The compaction sets the bits as one aggregate: the OR of each key's six-bit mask, per
 --    block (about 2 microseconds a key here).

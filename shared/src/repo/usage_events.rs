@@ -327,14 +327,15 @@ pub async fn find_taken(
     remembered: &[Uuid],
     operations: &[(Uuid, DateTime<Utc>)],
 ) -> Result<TakenKeys, DbError> {
+    let (first_live, last_live) = generations.live();
     // Planned for the actual instants (see hold_key_generation), so only their days are read.
     let held = sqlx::query!(
         r#"SELECT key_hash, occurred_at, seq FROM usage_event_keys
             WHERE generation BETWEEN $3 AND $4 AND tenant_id = $1 AND key_hash = ANY($2::uuid[])"#,
         tenant.0,
         remembered,
-        generations.live().0,
-        generations.live().1
+        first_live,
+        last_live
     )
     .fetch_all(&mut *conn)
     .await?;
