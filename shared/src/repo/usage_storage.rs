@@ -107,7 +107,8 @@ pub async fn maintain(
     policy: &StoragePolicy,
 ) -> Result<Vec<StorageAction>, DbError> {
     policy.check().map_err(DbError::Config)?;
-    let rows = sqlx::query!(
+    Ok(sqlx::query_as!(
+        StorageAction,
         r#"SELECT action AS "action!", object AS "object!"
              FROM usage_storage_maintain($1, $2, $3, $4, make_interval(hours => $5),
                                          make_interval(days => $6))"#,
@@ -119,14 +120,7 @@ pub async fn maintain(
         policy.dedup_window_days
     )
     .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| StorageAction {
-            action: r.action,
-            object: r.object,
-        })
-        .collect())
+    .await?)
 }
 
 /// Merges the partitions of the closed key generations into one partition built in key
@@ -142,18 +136,12 @@ pub async fn compact(conn: &mut PgConnection) -> Result<Vec<StorageAction>, DbEr
     )
     .fetch_one(&mut *conn)
     .await?;
-    let rows = sqlx::query!(
+    Ok(sqlx::query_as!(
+        StorageAction,
         r#"SELECT action AS "action!", object AS "object!" FROM usage_event_keys_compact()"#
     )
     .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| StorageAction {
-            action: r.action,
-            object: r.object,
-        })
-        .collect())
+    .await?)
 }
 
 /// The compaction's statement timeout, inside the admin function's 300 s.
