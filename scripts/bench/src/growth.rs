@@ -1,30 +1,41 @@
 //! The growth run: ingestion at batch 500 with 1 and 4 callers on an empty table, then again
 //! after loading the table to each of `BENCH_GROWTH_SIZES` stored rows (10 M and 30 M by
 //! default), with the ratio to the empty-table rate. `BENCH_SCHEMA=after` (this design: the
-//! handler, on migration 0006) or `before` (migration 0005's schema and its batch INSERT, the
+//! handler, on the latest migration) or `before` (migration 0005's schema and its batch INSERT, the
 //! statement the handler ran then, in the same tenant transaction).
 //!
-//! The measured events carry random (UUIDv4) ids, as the stored ones do. The stored rows are a
-//! month of history: occurred_at (and arrival) spread evenly over the
-//! last 30 days, ten tenants, random text ids as clients send them. They are loaded outside the
+//! The measured events carry random (UUIDv4) ids, as the stored ones do, and fall in the last
+//! hour of the UTC day before the run (the anchor: midnight): the day partition they land in
+//! is full, as at the end of every day, whatever the hour of the run. The stored rows are a
+//! month of history before that hour: each row's occurred_at (and arrival, a second later)
+//! its own instant, evenly over 30 days (a hash of the row's number), ten tenants, random
+//! text ids as clients send them. They are loaded outside the
 //! measured time with the table's indexes dropped and built again afterwards, then the tables
 //! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows that arrived
-//! in the last half generation (12 hours) are in the open generation, the rest in a closed one,
-//! which the real compaction then merges into the compacted partition with its Bloom filter.
+//! in the last half generation (12 hours before the anchor) are in the open generation, the
+//! rest in a closed one, which the real compaction then merges into the compacted partition
+//! with its Bloom filter.
 
 use std::sync::Arc;
 use std::time::Instant;
+
+use chrono::{DateTime, Utc};
 
 use meterbridge::domain::{MetricCatalog, Tenant};
 use meterbridge::Database;
 use sqlx::postgres::PgPool;
 
-use crate::ingest::{build_apps, make_batches, prepare, run_handler, Prepared};
+use crate::ingest::{build_apps, make_batches_before, prepare, run_handler, Prepared};
 
-/// `total` new events in batches of `size`, with random (UUIDv4) event and correlation ids, as
-/// many clients send them: every unique key lands at a random place in its index.
-fn random_id_batches(total: usize, size: usize) -> Vec<Vec<serde_json::Value>> {
-    let mut batches = make_batches("r", total, size);
+/// `total` new events in batches of `size`, in the hour before `anchor`, with random (UUIDv4)
+/// event and correlation ids, as many clients send them: every unique key lands at a random
+/// place in its index.
+fn random_id_batches(
+    total: usize,
+    size: usize,
+    anchor: DateTime<Utc>,
+) -> Vec<Vec<serde_json::Value>> {
+    let mut batches = make_batches_before("r", total, size, anchor);
     for event in batches.iter_mut().flatten() {
         event["eventId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());
         event["correlationId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());
@@ -49,7 +60,7 @@ impl Schema {
     pub fn name(self) -> &'static str {
         match self {
             Schema::Before => "before (0005)",
-            Schema::After => "after (0008)",
+            Schema::After => "after (0009)",
         }
     }
 }
@@ -85,8 +96,15 @@ pub async fn run(
                 .0,
         );
     }
+    // The measured events fall in the last hour of a day that the history fills: the day
+    // partition they land in is as full as it gets, whatever the hour of the run.
+    let anchor = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .map(|midnight| midnight.and_utc())
+        .unwrap_or_else(Utc::now);
     if schema == Schema::After {
-        half_full_generations(owner).await;
+        half_full_generations(owner, anchor).await;
     }
     let api = Database::from_pool(
         sqlx::postgres::PgPoolOptions::new()
@@ -108,7 +126,7 @@ pub async fn run(
                 Schema::After => Some(history_generation(owner, step).await),
                 Schema::Before => None,
             };
-            load(owner, schema, &tenants, size - stored, history).await;
+            load(owner, schema, &tenants, size - stored, history, anchor).await;
             stored = size;
             eprintln!(
                 "growth {}: loaded to {size} rows in {:.0} s",
@@ -120,7 +138,7 @@ pub async fn run(
         for (i, &c) in callers.iter().enumerate() {
             let mut runs = Vec::new();
             for _ in 0..repeat {
-                let work = random_id_batches(events, batch);
+                let work = random_id_batches(events, batch, anchor);
                 settle(owner, step == 0).await;
                 let io = match std::env::var("BENCH_GROWTH_IO").as_deref() {
                     Ok("1") => Some(IoSnapshot::take(owner).await),
@@ -200,7 +218,7 @@ async fn size_of(owner: &PgPool) -> (i64, i64) {
 /// partition with its Bloom filter. Each load adds its history (everything older than the open
 /// generation) as one more closed generation, and the real compaction then merges it into the
 /// compacted partition, outside the measured time.
-async fn half_full_generations(owner: &PgPool) {
+async fn half_full_generations(owner: &PgPool, anchor: DateTime<Utc>) {
     let half = meterbridge::repo::usage_storage::StoragePolicy::default().generation_hours / 2;
     for statement in [
         "SELECT count(usage_event_keys_create_partition(0))
@@ -214,10 +232,14 @@ async fn half_full_generations(owner: &PgPool) {
             .to_owned(),
         format!(
             "INSERT INTO usage_key_generations (generation, opened_at, stored_in)
-             VALUES (1000, now() - interval '{half} hours', 'usage_event_keys_g1000')"
+             VALUES (1000, $1::timestamptz - interval '{half} hours', 'usage_event_keys_g1000')"
         ),
     ] {
-        sqlx::query(&statement).execute(owner).await.unwrap();
+        sqlx::query(&statement)
+            .bind(anchor)
+            .execute(owner)
+            .await
+            .unwrap();
     }
 }
 
@@ -247,6 +269,7 @@ async fn load(
     tenants: &[uuid::Uuid],
     rows: usize,
     history: Option<i32>,
+    anchor: DateTime<Utc>,
 ) {
     let mut conn = owner.acquire().await.unwrap();
     let (drop, build): (&[&str], &[&str]) = match schema {
@@ -265,7 +288,7 @@ async fn load(
                 "CREATE INDEX usage_events_tenant_class_time_idx
                      ON usage_events (tenant_id, classification, occurred_at, seq)",
                 "ALTER TABLE usage_events ADD CONSTRAINT usage_events_operation
-                     UNIQUE (operation_key, occurred_at)",
+                     UNIQUE (tenant_id, occurred_at, operation_key)",
                 "ALTER TABLE usage_event_keys ADD CONSTRAINT usage_event_keys_unique
                      UNIQUE (key_hash, generation)",
                 "VACUUM ANALYZE usage_event_keys",
@@ -315,7 +338,9 @@ async fn load(
     let mut done = 0;
     while done < rows {
         let n = slice.min(rows - done);
-        // The operation key (migration 0006) is one more random 16-byte value per row.
+        // The operation key (migration 0006) is one more random 16-byte value per row. Each
+        // row's instant is its own (a hash of its number), evenly over the 30 days before the
+        // measured hour: a volatile random() in a subquery of its own would be drawn once.
         let (op_column, op_value) = match schema {
             Schema::After => (", operation_key", ", gen_random_uuid()"),
             Schema::Before => ("", ""),
@@ -328,9 +353,11 @@ async fn load(
                     1 + i % 7, t.at, 'user-' || i % 100, gen_random_uuid()::text,
                     m.classification, '{{\"endpoint\": \"/v1/leads\", \"region\": \"eu-west-1\"}}',
                     sha256(int8send(i)), t.at + interval '1 second'{op_value}
-               FROM generate_series(1, $2::int8) AS i
-              CROSS JOIN LATERAL (SELECT now() - interval '1 hour'
-                                         - random() * interval '30 days' AS at) AS t
+               FROM generate_series($3::int8 + 1, $3::int8 + $2::int8) AS i
+              CROSS JOIN LATERAL (SELECT $4::timestamptz - interval '1 hour'
+                                         - make_interval(secs => ((hashint8extended(i, 0) & 9223372036854775807)
+                                                                  % 2592000000000)::float8 / 1e6)
+                                         AS at) AS t
               JOIN (SELECT name, classification,
                            row_number() OVER (ORDER BY name) - 1 AS k
                       FROM metrics WHERE name IN ('api.requests', 'leads.processed',
@@ -339,6 +366,8 @@ async fn load(
         ))
         .bind(tenants)
         .bind(n as i64)
+        .bind((first_seq as usize + done) as i64)
+        .bind(anchor)
         .execute(&mut *conn)
         .await
         .unwrap();

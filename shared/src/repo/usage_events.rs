@@ -205,9 +205,9 @@ pub enum Insert {
 /// the same statement counts the keys that the live closed generations already hold (the
 /// open one's unique index has just checked the same keys): those closed since the last
 /// compaction by their index, those in the compacted partition only where its Bloom filter
-/// says "maybe" (about 1 % of new keys). Each index is
-/// written in key order, so two batches that share keys wait for each other rather than
-/// deadlock.
+/// says "maybe" (about 1 % of new keys). Each unique index is written in its own order (the
+/// events by instant and operation key, the keys by hash), so two batches that share keys wait
+/// for each other rather than deadlock.
 pub async fn insert(
     conn: &mut PgConnection,
     generations: &KeyGenerations,
@@ -236,7 +236,7 @@ pub async fn insert(
                SELECT $1, $2, event_id, metric, quantity, occurred_at, actor_id, correlation_id,
                       classification, idempotency_key, metadata, payload_hash, op_key
                  FROM input
-                ORDER BY op_key
+                ORDER BY occurred_at, op_key
                RETURNING event_id, occurred_at, seq
            ), keyed AS (
                INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
