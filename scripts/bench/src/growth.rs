@@ -6,7 +6,8 @@
 //!
 //! The measured events carry random (UUIDv4) ids, as the stored ones do, and fall in the last
 //! hour of the UTC day before the run (the anchor: midnight): the day partition they land in
-//! is full, as at the end of every day, whatever the hour of the run. The stored rows are a
+//! is full, as at the end of every day, whatever the hour of the run. Each measurement's events
+//! follow each other in time, after the previous measurement's, as live traffic does. The stored rows are a
 //! month of history before that hour: each row's occurred_at (and arrival, a second later)
 //! its own instant, evenly over 30 days (a hash of the row's number), ten tenants, random
 //! text ids as clients send them. They are loaded outside the
@@ -27,18 +28,22 @@ use sqlx::postgres::PgPool;
 
 use crate::ingest::{build_apps, make_batches_before, prepare, run_handler, Prepared};
 
-/// `total` new events in batches of `size`, in the hour before `anchor`, with random (UUIDv4)
-/// event and correlation ids, as many clients send them: every unique key lands at a random
-/// place in its index.
+/// `total` new events in batches of `size`, with random (UUIDv4) event and correlation ids, as
+/// many clients send them: every unique key lands at a random place in its index. They occur
+/// one after the other across `slot` (from its start, for its length), as live traffic does:
+/// each measurement writes after the ones before it, at the right edge of the time-ordered
+/// indexes, never into a range that earlier measurements filled.
 fn random_id_batches(
     total: usize,
     size: usize,
-    anchor: DateTime<Utc>,
+    slot: (DateTime<Utc>, chrono::Duration),
 ) -> Vec<Vec<serde_json::Value>> {
-    let mut batches = make_batches_before("r", total, size, anchor);
-    for event in batches.iter_mut().flatten() {
+    let mut batches = make_batches_before("r", total, size, slot.0);
+    let step = slot.1 / (total.max(1) as i32);
+    for (n, event) in batches.iter_mut().flatten().enumerate() {
         event["eventId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());
         event["correlationId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());
+        event["occurredAt"] = serde_json::json!((slot.0 + step * (n as i32)).to_rfc3339());
     }
     batches
 }
@@ -137,8 +142,12 @@ pub async fn run(
         let mut rows = Vec::new();
         for (i, &c) in callers.iter().enumerate() {
             let mut runs = Vec::new();
-            for _ in 0..repeat {
-                let work = random_id_batches(events, batch, anchor);
+            for r in 0..repeat {
+                // The measurements of a point share the hour before the anchor, in turn.
+                let slots = (callers.len() * repeat) as i32;
+                let width = chrono::Duration::hours(1) / slots;
+                let start = anchor - chrono::Duration::hours(1) + width * ((i * repeat + r) as i32);
+                let work = random_id_batches(events, batch, (start, width));
                 settle(owner, step == 0).await;
                 let io = match std::env::var("BENCH_GROWTH_IO").as_deref() {
                     Ok("1") => Some(IoSnapshot::take(owner).await),
