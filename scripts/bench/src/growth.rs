@@ -1,18 +1,18 @@
 //! The growth run: ingestion at batch 500 with 1 and 4 callers on an empty table, then again
 //! after loading the table to each of `BENCH_GROWTH_SIZES` stored rows (10 M and 30 M by
 //! default), with the ratio to the empty-table rate. `BENCH_SCHEMA=after` (this design: the
-//! handler, on the latest migration) or `before` (migration 0005's schema and its batch INSERT, the
-//! statement the handler ran then, in the same tenant transaction).
+//! handler, on the latest migration) or `before` (migration 0005's schema and its batch INSERT,
+//! the statement the handler ran then, in the same tenant transaction).
 //!
 //! The measured events carry random (UUIDv4) ids, as the stored ones do, and fall in the last
 //! hour of the UTC day before the run (the anchor: midnight): the day partition they land in
-//! is full, as at the end of every day, whatever the hour of the run. Each measurement's events
-//! follow each other in time, after the previous measurement's, as live traffic does. The stored rows are a
-//! month of history before that hour: each row's occurred_at (and arrival, a second later)
-//! its own instant, evenly over 30 days (a hash of the row's number), ten tenants, random
-//! text ids as clients send them. They are loaded outside the
-//! measured time with the table's indexes dropped and built again afterwards, then the tables
-//! are analysed and checkpointed. For `after`, the dedup keys of the loaded rows that arrived
+//! is full, as at the end of every day, whatever the hour of the run. Each measurement's
+//! events follow each other in time, after the previous measurement's, as live traffic does.
+//! The stored rows are a month of history before that hour: each row's occurred_at (and
+//! arrival, a second later) its own instant, evenly over 30 days (a hash of the row's number),
+//! ten tenants, random text ids as clients send them. They are loaded outside the measured
+//! time with the table's indexes dropped and built again afterwards, then the tables are
+//! analysed and checkpointed. For `after`, the dedup keys of the loaded rows that arrived
 //! in the last half generation (12 hours before the anchor) are in the open generation, the
 //! rest in a closed one, which the real compaction then merges into the compacted partition
 //! with its Bloom filter.
@@ -26,7 +26,7 @@ use meterbridge::domain::{MetricCatalog, Tenant};
 use meterbridge::Database;
 use sqlx::postgres::PgPool;
 
-use crate::ingest::{build_apps, make_batches_before, prepare, run_handler, Prepared};
+use crate::ingest::{build_apps, make_batches, prepare, run_handler, Prepared};
 
 /// `total` new events in batches of `size`, with random (UUIDv4) event and correlation ids, as
 /// many clients send them: every unique key lands at a random place in its index. They occur
@@ -38,7 +38,7 @@ fn random_id_batches(
     size: usize,
     slot: (DateTime<Utc>, chrono::Duration),
 ) -> Vec<Vec<serde_json::Value>> {
-    let mut batches = make_batches_before("r", total, size, slot.0);
+    let mut batches = make_batches("r", total, size);
     let step = slot.1 / (total.max(1) as i32);
     for (n, event) in batches.iter_mut().flatten().enumerate() {
         event["eventId"] = serde_json::json!(uuid::Uuid::new_v4().to_string());

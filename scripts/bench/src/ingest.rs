@@ -57,16 +57,7 @@ pub async fn build_apps(api_url: &str, callers: usize) -> Vec<Arc<App>> {
 
 /// `total` unique events in batches of `size`.
 pub fn make_batches(prefix: &str, total: usize, size: usize) -> Vec<Vec<Value>> {
-    make_batches_before(prefix, total, size, chrono::Utc::now())
-}
-
-/// The same, the events spread over the hour before `now`.
-pub fn make_batches_before(
-    prefix: &str,
-    total: usize,
-    size: usize,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Vec<Vec<Value>> {
+    let now = chrono::Utc::now();
     (0..total)
         .map(|n| {
             json!({
