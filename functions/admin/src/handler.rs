@@ -117,13 +117,15 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             Ok(json!({ "relay": report }))
         }
         Command::UsageMaintain => {
+            // The run's minute: an hourly schedule that fires a few seconds early still rotates
+            // an hour-long generation (it opened at the previous run's minute).
+            let now = usage_storage::run_minute(chrono::Utc::now());
             let mut tx = db.pool().begin().await.map_err(DbError::from)?;
-            let mut done =
-                usage_storage::maintain(&mut tx, chrono::Utc::now(), &admin.storage).await?;
+            let mut done = usage_storage::maintain(&mut tx, now, &admin.storage).await?;
             tx.commit().await.map_err(DbError::from)?;
             // In a transaction of its own: its build must not hold a rotation's lock.
             let mut tx = db.pool().begin().await.map_err(DbError::from)?;
-            done.extend(usage_storage::compact(&mut tx).await?);
+            done.extend(usage_storage::compact(&mut tx, now, &admin.storage).await?);
             tx.commit().await.map_err(DbError::from)?;
             for step in &done {
                 tracing::info!(action = %step.action, object = %step.object, "usage storage");

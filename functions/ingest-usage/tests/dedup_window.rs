@@ -31,11 +31,27 @@ async fn maintain(
     done
 }
 
+/// A full compaction, now (as with `full_compaction_hours` 0).
 async fn compact(owner: &PgPool) -> Vec<StorageAction> {
+    compact_at(owner, Utc::now(), &always_full()).await
+}
+
+async fn compact_at(
+    owner: &PgPool,
+    now: DateTime<Utc>,
+    policy: &StoragePolicy,
+) -> Vec<StorageAction> {
     let mut tx = owner.begin().await.unwrap();
-    let done = usage_storage::compact(&mut tx).await.unwrap();
+    let done = usage_storage::compact(&mut tx, now, policy).await.unwrap();
     tx.commit().await.unwrap();
     done
+}
+
+fn always_full() -> StoragePolicy {
+    StoragePolicy {
+        full_compaction_hours: 0,
+        ..StoragePolicy::default()
+    }
 }
 
 /// The partitions of usage_event_keys, by name.
@@ -314,6 +330,116 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
     assert_eq!(left, [4], "only the live generations' keys are left");
 }
 
+/// The key generations an ingestion transaction of the fixture's tenant would hold.
+async fn held_generations(fx: &Fixture, app: &ingest_usage::App) -> usage_events::KeyGenerations {
+    let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
+    let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    held
+}
+
+/// Hour-long generations are compacted in two levels: each hour the generations closed since
+/// the last full compaction are merged into one partition of their own (probed by its index),
+/// and once the oldest of them has waited a day they all join the filtered partition. Every
+/// key counts all along.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn recent_generations_are_merged_hourly_and_compacted_daily(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let policy = StoragePolicy::default();
+    assert_eq!(
+        (policy.generation_hours, policy.full_compaction_hours),
+        (1, 24)
+    );
+    let hour = Days::hours(1) + Days::minutes(1);
+    let events: Vec<Value> = (0..4).map(|n| fx.event(n, "api.requests", 1)).collect();
+    // An hour for each of the first three events: generations 1, 2 and 3.
+    let mut now = Utc::now();
+    let mut merged = Vec::new();
+    for (n, event) in events.iter().take(3).enumerate() {
+        let r = fx.submit(&app, json!({ "events": [event] })).await;
+        assert_eq!(r.body["accepted"], 1, "{}", r.body);
+        now += hour;
+        let done = maintain(&owner, now, &policy).await;
+        assert_eq!(
+            did(&done, "rotated"),
+            [format!("usage_event_keys_g{}", n + 2)]
+        );
+        merged.push(compact_at(&owner, now, &policy).await);
+    }
+    assert_eq!(merged[0], [], "one closed partition needs no merge");
+    assert_eq!(did(&merged[1], "merged"), ["usage_event_keys_r1_2"]);
+    assert_eq!(
+        did(&merged[1], "dropped"),
+        ["usage_event_keys_g1", "usage_event_keys_g2"]
+    );
+    assert_eq!(did(&merged[2], "merged"), ["usage_event_keys_r1_3"]);
+    assert_eq!(
+        key_partitions(&owner).await,
+        ["usage_event_keys_g4", "usage_event_keys_r1_3"]
+    );
+    let g = held_generations(&fx, &app).await;
+    assert_eq!((g.open, g.unfiltered, g.filtered), (4, Some((1, 3)), None));
+    assert_eq!(compact_at(&owner, now, &policy).await, [], "merged already");
+
+    // The merged keys count: duplicates, and a conflict for another payload.
+    let r = fx
+        .submit(&app, json!({ "events": [events[0], events[1], events[2]] }))
+        .await;
+    assert_eq!(
+        statuses(&r.body),
+        ["duplicate", "duplicate", "duplicate"],
+        "{}",
+        r.body
+    );
+    let moved = with(&events[1], "quantity", json!(7));
+    let r = fx.submit(&app, json!({ "events": [moved] })).await;
+    assert_eq!(statuses(&r.body), ["conflict"], "{}", r.body);
+
+    // A day after generation 1 closed, every closed generation goes to the filtered partition.
+    let r = fx.submit(&app, json!({ "events": [events[3]] })).await;
+    assert_eq!(r.body["accepted"], 1, "{}", r.body);
+    let day_later = now - hour * 2 + Days::hours(24);
+    let done = maintain(&owner, day_later, &policy).await;
+    assert_eq!(did(&done, "rotated"), ["usage_event_keys_g5"]);
+    let done = compact_at(&owner, day_later, &policy).await;
+    assert_eq!(
+        did(&done, "compacted"),
+        ["usage_event_keys_c1_4"],
+        "{done:?}"
+    );
+    assert_eq!(
+        did(&done, "dropped"),
+        ["usage_event_keys_g4", "usage_event_keys_r1_3"]
+    );
+    let g = held_generations(&fx, &app).await;
+    let filtered = g.filtered.expect("a filter");
+    assert_eq!(
+        (g.open, g.unfiltered, filtered.first, filtered.last),
+        (5, None, 1, 4)
+    );
+    let r = fx.submit(&app, json!({ "events": events })).await;
+    assert_eq!(
+        statuses(&r.body),
+        ["duplicate", "duplicate", "duplicate", "duplicate"],
+        "{}",
+        r.body
+    );
+    assert_eq!(fx.stored_events().await, 4);
+
+    // The next hour's generation waits for the next day's full compaction in a partition of
+    // its own, and a full compaction is never due more than a week on.
+    let next = day_later + hour;
+    maintain(&owner, next, &policy).await;
+    assert_eq!(compact_at(&owner, next, &policy).await, []);
+    let mut tx = owner.begin().await.unwrap();
+    let err = sqlx::query("SELECT * FROM usage_event_keys_compact(now(), interval '8 days')")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("within 0 to 7 days"), "{err}");
+}
+
 /// The compacted partition is probed through its Bloom filter: no stored key is ever missed
 /// (a filter has no false negatives), and a false positive costs a probe, never a wrong answer.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
@@ -378,7 +504,9 @@ async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
         .execute(&mut *compaction)
         .await
         .unwrap();
-    let err = usage_storage::compact(&mut compaction).await.unwrap_err();
+    let err = usage_storage::compact(&mut compaction, Utc::now(), &always_full())
+        .await
+        .unwrap_err();
     assert_eq!(err.sqlstate().as_deref(), Some("55P03"), "{err}");
     drop(compaction);
     tx.commit().await.unwrap();
@@ -388,8 +516,8 @@ async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
     );
 }
 
-/// Batches of the same events race rotations and compactions that a test clock forces one
-/// after another: each event is stored once, whichever generation or partition took its keys.
+/// Batches of the same events race rotations, merges and compactions that a test clock forces
+/// one after another: each event is stored once, whichever generation or partition took its keys.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn no_duplicate_slips_between_generations(owner: PgPool) {
     let fx = Arc::new(Fixture::new(&owner).await);
@@ -423,26 +551,32 @@ async fn no_duplicate_slips_between_generations(owner: PgPool) {
     let rotations = {
         let owner = owner.clone();
         tokio::spawn(async move {
-            let (mut rotated, mut compacted) = (0, 0);
+            let (mut rotated, mut merged, mut compacted) = (0, 0, 0);
             for hour in 1..=40 {
-                let done = maintain(&owner, Utc::now() + Days::hours(hour), &policy).await;
+                let now = Utc::now() + Days::hours(hour);
+                let done = maintain(&owner, now, &policy).await;
                 rotated += did(&done, "rotated").len();
+                // As the admin function runs it (recent merges, a full compaction a day
+                // later), and a full one every third hour besides.
+                let done = compact_at(&owner, now, &policy).await;
+                merged += did(&done, "merged").len();
+                compacted += did(&done, "compacted").len();
                 if hour % 3 == 0 {
                     compacted += did(&compact(&owner).await, "compacted").len();
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (rotated, compacted)
+            (rotated, merged, compacted)
         })
     };
     let mut accepted = 0;
     for sender in senders {
         accepted += sender.await.unwrap();
     }
-    let (rotated, compacted) = rotations.await.unwrap();
+    let (rotated, merged, compacted) = rotations.await.unwrap();
     assert!(
-        rotated >= 10 && compacted >= 3,
-        "{rotated} rotations, {compacted} compactions"
+        rotated >= 10 && merged >= 3 && compacted >= 3,
+        "{rotated} rotations, {merged} merges, {compacted} compactions"
     );
     let stored = fx.stored_events().await;
     assert_eq!(

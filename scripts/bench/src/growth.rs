@@ -12,10 +12,12 @@
 //! arrival, a second later) its own instant, evenly over 30 days (a hash of the row's number),
 //! ten tenants, random text ids as clients send them. They are loaded outside the measured
 //! time with the table's indexes dropped and built again afterwards, then the tables are
-//! analysed and checkpointed. For `after`, the dedup keys of the loaded rows that arrived
-//! in the last half generation (12 hours before the anchor) are in the open generation, the
-//! rest in a closed one, which the real compaction then merges into the compacted partition
-//! with its Bloom filter.
+//! analysed and checkpointed. For `after`, the dedup keys of the loaded rows are where the
+//! schema keeps them midway between two rotations and two full compactions: those that arrived
+//! in the last half generation (30 minutes before the anchor) in the open generation, those of
+//! the 12 hours before in one recent generation without a filter, the rest in a closed one,
+//! which the real full compaction then merges into the compacted partition with its Bloom
+//! filter.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,7 +67,7 @@ impl Schema {
     pub fn name(self) -> &'static str {
         match self {
             Schema::Before => "before (0005)",
-            Schema::After => "after (0009)",
+            Schema::After => "after (0010)",
         }
     }
 }
@@ -92,6 +94,9 @@ pub async fn run(
 ) -> Vec<Point> {
     let callers = [1usize, 4];
     let batch = 500;
+    if reuse() {
+        return vec![measure_again(owner, api_url, key, &callers, events, repeat).await];
+    }
     let mut tenants = vec![tenant.id.0];
     for n in 1..10 {
         tenants.push(
@@ -139,20 +144,16 @@ pub async fn run(
                 started.elapsed().as_secs_f64()
             );
         }
+        if schema == Schema::After && step > 0 {
+            remember_load(owner, tenant, anchor).await;
+        }
         let mut rows = Vec::new();
         for (i, &c) in callers.iter().enumerate() {
             let mut runs = Vec::new();
             for r in 0..repeat {
-                // The measurements of a point share the hour before the anchor, in turn.
-                let slots = (callers.len() * repeat) as i32;
-                let width = chrono::Duration::hours(1) / slots;
-                let start = anchor - chrono::Duration::hours(1) + width * ((i * repeat + r) as i32);
-                let work = random_id_batches(events, batch, (start, width));
+                let work = random_id_batches(events, batch, slot(anchor, &callers, repeat, i, r));
                 settle(owner, step == 0).await;
-                let io = match std::env::var("BENCH_GROWTH_IO").as_deref() {
-                    Ok("1") => Some(IoSnapshot::take(owner).await),
-                    _ => None,
-                };
+                let io = IoSnapshot::wanted(owner).await;
                 runs.push(match schema {
                     Schema::After => run_handler(&apps[i], key, work, batch, c).await,
                     Schema::Before => {
@@ -174,6 +175,111 @@ pub async fn run(
         });
     }
     points
+}
+
+/// The measurements of a point share the hour before the anchor, in turn: measurement `r` of
+/// caller count number `i` gets its own part of it, after the ones before.
+fn slot(
+    anchor: DateTime<Utc>,
+    callers: &[usize],
+    repeat: usize,
+    i: usize,
+    r: usize,
+) -> (DateTime<Utc>, chrono::Duration) {
+    let slots = (callers.len() * repeat) as i32;
+    let width = chrono::Duration::hours(1) / slots;
+    let start = anchor - chrono::Duration::hours(1) + width * ((i * repeat + r) as i32);
+    (start, width)
+}
+
+/// `BENCH_GROWTH_REUSE=1`: measure again, at the last size, on the database that the last
+/// growth run (schema `after`) left, without loading it again: to compare a change to the
+/// ingestion path (its new migrations are applied) on the same data, in minutes. No empty
+/// point is measured; `BENCH_GROWTH_BASE=<1 caller>,<4 callers>` gives the rates to divide by.
+pub fn reuse() -> bool {
+    std::env::var("BENCH_GROWTH_REUSE").as_deref() == Ok("1")
+}
+
+/// What a reuse needs from the load: the measured tenant, the anchor, the last loaded row.
+async fn remember_load(owner: &PgPool, tenant: &Tenant, anchor: DateTime<Utc>) {
+    for statement in [
+        "CREATE TABLE IF NOT EXISTS bench_growth_load
+             (tenant_id uuid NOT NULL, anchor timestamptz NOT NULL, last_seq int8 NOT NULL)",
+        "DELETE FROM bench_growth_load",
+        "INSERT INTO bench_growth_load SELECT $1, $2, max(seq) FROM usage_events",
+    ] {
+        sqlx::query(statement)
+            .bind(tenant.id.0)
+            .bind(anchor)
+            .execute(owner)
+            .await
+            .unwrap();
+    }
+}
+
+/// The tenant whose events the last growth run measured.
+pub async fn loaded_tenant(owner: &PgPool) -> Tenant {
+    let id: uuid::Uuid = sqlx::query_scalar("SELECT tenant_id FROM bench_growth_load")
+        .fetch_one(owner)
+        .await
+        .expect("a growth run's database (BENCH_GROWTH_REUSE)");
+    meterbridge::repo::tenants::find(owner, meterbridge::domain::TenantId(id))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The reuse: the loaded state back (every measured event and its key removed, their pages
+/// vacuumed), then the measurements of the last point again.
+async fn measure_again(
+    owner: &PgPool,
+    api_url: &str,
+    key: &str,
+    callers: &[usize],
+    events: usize,
+    repeat: usize,
+) -> Point {
+    let (anchor, last_seq): (DateTime<Utc>, i64) =
+        sqlx::query_as("SELECT anchor, last_seq FROM bench_growth_load")
+            .fetch_one(owner)
+            .await
+            .unwrap();
+    let day = (anchor - chrono::Duration::hours(1)).format("%Y%m%d");
+    for statement in [
+        "DELETE FROM usage_event_keys WHERE generation = 1000 AND seq > $1".to_owned(),
+        "DELETE FROM usage_events WHERE seq > $1".to_owned(),
+        format!("VACUUM (INDEX_CLEANUP ON) usage_events_p{day}"),
+        "VACUUM (INDEX_CLEANUP ON) usage_event_keys_g1000".to_owned(),
+    ] {
+        sqlx::query(&statement)
+            .bind(last_seq)
+            .execute(owner)
+            .await
+            .unwrap();
+    }
+    let batch = 500;
+    let size = size_of(owner).await.0 as usize;
+    let mut rows = Vec::new();
+    for (i, &c) in callers.iter().enumerate() {
+        let apps = build_apps(api_url, c).await;
+        let mut runs = Vec::new();
+        for r in 0..repeat {
+            let work = random_id_batches(events, batch, slot(anchor, callers, repeat, i, r));
+            settle(owner, false).await;
+            let io = IoSnapshot::wanted(owner).await;
+            runs.push(run_handler(&apps, key, work, batch, c).await);
+            if let Some(io) = io {
+                io.report_since(owner, size, c).await;
+            }
+        }
+        rows.push(crate::measure::median(runs));
+    }
+    let (stored, bytes) = size_of(owner).await;
+    Point {
+        stored,
+        bytes,
+        rows,
+    }
 }
 
 /// Before a measurement: an empty table at the first point (each repeat from zero), and a
@@ -222,13 +328,14 @@ async fn size_of(owner: &PgPool) -> (i64, i64) {
     .unwrap()
 }
 
-/// The key generations as the schema keeps them between two rotations, midway: the open one
-/// (`usage_event_keys_g1000`) opened half a generation ago, every closed one compacted into one
-/// partition with its Bloom filter. Each load adds its history (everything older than the open
-/// generation) as one more closed generation, and the real compaction then merges it into the
-/// compacted partition, outside the measured time.
+/// The key generations as the schema keeps them midway between two rotations and between two
+/// full compactions: the open one (`usage_event_keys_g1000`) opened half a generation ago, the
+/// generations closed in the half day before it merged into one partition without a filter
+/// (see [`recent_generation`]), every older one compacted into one partition with its Bloom
+/// filter. Each load adds its history older than that as one more closed generation, and the
+/// real full compaction then merges it into the compacted partition, outside the measured time.
 async fn half_full_generations(owner: &PgPool, anchor: DateTime<Utc>) {
-    let half = meterbridge::repo::usage_storage::StoragePolicy::default().generation_hours / 2;
+    let half = meterbridge::repo::usage_storage::StoragePolicy::default().generation_hours * 30;
     for statement in [
         "SELECT count(usage_event_keys_create_partition(0))
               + count(usage_event_keys_create_partition(1000))"
@@ -241,7 +348,7 @@ async fn half_full_generations(owner: &PgPool, anchor: DateTime<Utc>) {
             .to_owned(),
         format!(
             "INSERT INTO usage_key_generations (generation, opened_at, stored_in)
-             VALUES (1000, $1::timestamptz - interval '{half} hours', 'usage_event_keys_g1000')"
+             VALUES (1000, $1::timestamptz - interval '{half} minutes', 'usage_event_keys_g1000')"
         ),
     ] {
         sqlx::query(&statement)
@@ -384,16 +491,19 @@ async fn load(
     }
     if let Some(history) = history {
         // Its event id's key per event: in the open generation when it arrived since that
-        // opened, else in this load's closed generation.
-        sqlx::query(
+        // opened, in this load's closed generation when it arrived before the recent
+        // generations (added after the compaction, by recent_generation).
+        sqlx::query(&format!(
             "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
              SELECT CASE WHEN e.created_at >= g.opened_at THEN g.generation ELSE $2 END,
                     gen_random_uuid(), e.tenant_id, e.occurred_at, e.seq
                FROM usage_events e
               CROSS JOIN (SELECT generation, opened_at FROM usage_key_generations
                            WHERE closed_at IS NULL) AS g
-              WHERE e.seq > $1",
-        )
+              WHERE e.seq > $1
+                AND NOT (e.created_at >= g.opened_at - interval '{RECENT_HOURS} hours'
+                         AND e.created_at < g.opened_at)"
+        ))
         .bind(first_seq)
         .bind(history)
         .execute(&mut *conn)
@@ -407,9 +517,10 @@ async fn load(
         .execute(&mut *conn)
         .await
         .unwrap();
-    if history.is_some() {
+    if let Some(history) = history {
         // The compaction the admin function runs after each rotation: this load's closed
         // generation merged with the compacted partition, its Bloom filter built.
+        drop_recent_generation(&mut conn).await;
         let started = Instant::now();
         sqlx::query("SELECT count(*) FROM usage_event_keys_compact()")
             .execute(&mut *conn)
@@ -419,6 +530,7 @@ async fn load(
             "growth: compacted the closed key generations in {:.0} s",
             started.elapsed().as_secs_f64()
         );
+        recent_generation(&mut conn, history).await;
         for statement in [
             "VACUUM ANALYZE usage_event_keys",
             "VACUUM ANALYZE usage_key_filter_blocks",
@@ -430,6 +542,60 @@ async fn load(
         .execute(&mut *conn)
         .await
         .unwrap();
+}
+
+/// Hours of generations closed since the last full compaction, at the measured moment: half
+/// of `full_compaction_hours` (a day), the average.
+const RECENT_HOURS: i32 = 12;
+
+/// The generations closed in the `RECENT_HOURS` before the open one, as the hourly merges keep
+/// them: one partition in key order without a filter, probed by its index (generation 900 +
+/// the load's number, between the compacted ones and the open one). It holds the keys of
+/// every stored row that arrived then: the previous load's recent generation is dropped
+/// before the full compaction (see [`drop_recent_generation`]) and its keys drawn again.
+async fn recent_generation(conn: &mut sqlx::PgConnection, history: i32) {
+    let generation = 900 + history;
+    for statement in [
+        format!("SELECT count(usage_event_keys_create_partition({generation}))"),
+        format!(
+            "INSERT INTO usage_key_generations (generation, opened_at, closed_at, stored_in)
+             SELECT {generation}, opened_at - interval '{RECENT_HOURS} hours', opened_at,
+                    'usage_event_keys_g{generation}'
+               FROM usage_key_generations WHERE closed_at IS NULL"
+        ),
+        format!(
+            "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+             SELECT {generation}, k.key_hash, k.tenant_id, k.occurred_at, k.seq
+               FROM (SELECT gen_random_uuid() AS key_hash, e.tenant_id, e.occurred_at, e.seq
+                       FROM usage_events e
+                      CROSS JOIN (SELECT opened_at FROM usage_key_generations
+                                   WHERE closed_at IS NULL) AS g
+                      WHERE e.created_at >= g.opened_at - interval '{RECENT_HOURS} hours'
+                        AND e.created_at < g.opened_at) AS k
+              ORDER BY k.key_hash"
+        ),
+    ] {
+        sqlx::query(&statement).execute(&mut *conn).await.unwrap();
+    }
+}
+
+/// The previous load's recent generation, dropped before this load's full compaction would
+/// merge it: [`recent_generation`] draws its keys again.
+async fn drop_recent_generation(conn: &mut sqlx::PgConnection) {
+    let recent: Vec<i32> = sqlx::query_scalar(
+        "SELECT generation FROM usage_key_generations WHERE generation BETWEEN 900 AND 999",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    for generation in recent {
+        for statement in [
+            format!("DROP TABLE usage_event_keys_g{generation}"),
+            format!("DELETE FROM usage_key_generations WHERE generation = {generation}"),
+        ] {
+            sqlx::query(&statement).execute(&mut *conn).await.unwrap();
+        }
+    }
 }
 
 /// Migration 0005's store: its batch INSERT (the handler's fast path then), in a tenant
@@ -497,10 +663,15 @@ pub fn report(schema: Schema, points: &[Point]) {
         "{:>12} {:>12} {:>22} {:>22}",
         "stored rows", "size GB", "1 caller", "4 callers"
     );
-    let base: Vec<f64> = points
-        .first()
-        .map(|p| p.rows.iter().map(Row::rate).collect())
-        .unwrap_or_default();
+    let given: Option<Vec<f64>> = std::env::var("BENCH_GROWTH_BASE")
+        .ok()
+        .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect());
+    let base: Vec<f64> = given.unwrap_or_else(|| {
+        points
+            .first()
+            .map(|p| p.rows.iter().map(Row::rate).collect())
+            .unwrap_or_default()
+    });
     for p in points {
         let cells: Vec<String> = p
             .rows
@@ -537,6 +708,14 @@ struct IoSnapshot {
 }
 
 impl IoSnapshot {
+    /// A snapshot when `BENCH_GROWTH_IO=1`.
+    async fn wanted(owner: &PgPool) -> Option<IoSnapshot> {
+        match std::env::var("BENCH_GROWTH_IO").as_deref() {
+            Ok("1") => Some(IoSnapshot::take(owner).await),
+            _ => None,
+        }
+    }
+
     async fn take(owner: &PgPool) -> IoSnapshot {
         // Statistics reach the shared counters within a second of a transaction's end.
         sqlx::query("SELECT pg_stat_force_next_flush()")

@@ -72,7 +72,13 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
 
-    let owner = fresh_database(&admin_url).await;
+    // `BENCH_GROWTH_REUSE=1`: measure again on the database a growth run left (see growth.rs).
+    let reuse = growth::reuse();
+    let owner = if reuse {
+        existing_database(&admin_url).await
+    } else {
+        fresh_database(&admin_url).await
+    };
     let schema = growth::Schema::from_env();
     if workloads.contains("growth") && schema == growth::Schema::Before {
         meterbridge::testing::migrate_up_to(&owner, 5).await;
@@ -85,7 +91,11 @@ async fn main() {
     } else {
         meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
     }
-    let tenant = create_tenant(&owner, "bench").await;
+    let tenant = if reuse {
+        growth::loaded_tenant(&owner).await
+    } else {
+        create_tenant(&owner, "bench").await
+    };
     let key = create_api_key(&owner, &tenant, "crm", Trust::Internal).await;
     let catalog = MetricCatalog::new(metrics::catalog(&owner).await.unwrap());
     let api_url = database_url_as(&owner, API_ROLE);
@@ -189,6 +199,18 @@ async fn main() {
         growth::report(schema, &points);
     }
     owner.close().await;
+}
+
+async fn existing_database(admin_url: &str) -> PgPool {
+    let url = match admin_url.rfind('/') {
+        Some(i) => format!("{}/meterbridge_bench", &admin_url[..i]),
+        None => panic!("BENCH_DATABASE_URL must name a database"),
+    };
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .expect("the database of an earlier growth run")
 }
 
 async fn fresh_database(admin_url: &str) -> PgPool {

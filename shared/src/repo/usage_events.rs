@@ -77,26 +77,31 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
     )
     .fetch_one(&mut *conn)
     .await?;
-    // A statement of its own: its snapshot is taken after the lock was granted.
-    let live = sqlx::query!(
-        r#"SELECT generation, closed_at IS NULL AS "open!", filter_id, filter_blocks
-             FROM usage_key_generations WHERE expired_at IS NULL ORDER BY generation"#
+    // A statement of its own: its snapshot is taken after the lock was granted. One row per
+    // group (the open generation, the compacted partition's, those closed since): the live
+    // generations of a group are consecutive, so its first and last stand for it.
+    let groups = sqlx::query!(
+        r#"SELECT min(generation) AS "first!", max(generation) AS "last!",
+                  closed_at IS NULL AS "open!", filter_id, filter_blocks
+             FROM usage_key_generations WHERE expired_at IS NULL
+            GROUP BY closed_at IS NULL, filter_id, filter_blocks"#
     )
     .fetch_all(&mut *conn)
     .await?;
-    let open = live
+    let open = groups
         .iter()
         .find(|g| g.open)
-        .map(|g| g.generation)
+        .map(|g| g.last)
         .ok_or_else(|| DbError::Config("no key generation is open".into()))?;
-    // The compacted partition's filter (one at a time: a compaction merges every closed one).
-    let filter = live
+    // The compacted partition's filter (one at a time: a full compaction merges every closed
+    // generation).
+    let filter = groups
         .iter()
         .find_map(|g| Some((g.filter_id?, g.filter_blocks?)));
-    let closed: Vec<(i32, Option<i32>)> = live
+    let closed: Vec<(i32, Option<i32>)> = groups
         .iter()
         .filter(|g| !g.open)
-        .map(|g| (g.generation, g.filter_id))
+        .flat_map(|g| [(g.first, g.filter_id), (g.last, g.filter_id)])
         .collect();
     Ok(KeyGenerations::of(open, &closed, filter))
 }
@@ -110,8 +115,9 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyGenerations {
     pub open: i32,
-    /// The closed generations outside the compacted partition (closed since the last
-    /// compaction), probed directly: first and last, `None` when there are none.
+    /// The closed generations outside the compacted partition (closed since the last full
+    /// compaction: the recent merge, and any closed since it), probed by their index: first
+    /// and last, `None` when there are none.
     pub unfiltered: Option<(i32, i32)>,
     /// The compacted partition's generations, probed through its Bloom filter.
     pub filtered: Option<FilteredGenerations>,
@@ -127,8 +133,8 @@ pub struct FilteredGenerations {
 }
 
 impl KeyGenerations {
-    /// From the open generation, the live closed ones with their filter id, and the filter in
-    /// use (`(id, blocks)`).
+    /// From the open generation, the live closed ones with their filter id (each group's
+    /// first and last suffice), and the filter in use (`(id, blocks)`).
     fn of(open: i32, closed: &[(i32, Option<i32>)], filter: Option<(i32, i32)>) -> Self {
         fn range(gens: impl Iterator<Item = i32>) -> Option<(i32, i32)> {
             gens.fold(None, |r, g| {
@@ -203,7 +209,7 @@ pub enum Insert {
 /// statement. The unique indexes (the day partition's on the operation, the open generation's
 /// on the keys) refuse a key already there, after waiting for a concurrent writer to finish;
 /// the same statement counts the keys that the live closed generations already hold (the
-/// open one's unique index has just checked the same keys): those closed since the last
+/// open one's unique index has just checked the same keys): those closed since the last full
 /// compaction by their index, those in the compacted partition only where its Bloom filter
 /// says "maybe" (about 1 % of new keys). Each unique index is written in its own order (the
 /// events by instant and operation key, the keys by hash), so two batches that share keys wait

@@ -21,10 +21,15 @@ pub struct StoragePolicy {
     pub retention_days: i32,
     /// Days an archived (detached) day waits for export before it is dropped.
     pub archive_days: i32,
-    /// How long a key generation stays open: a day by default, so that the B-tree every key
-    /// is inserted into holds a day of keys; the closed generations are compacted into one
-    /// partition (see [`compact`]), so a key costs one insert and one read-only probe.
+    /// How long a key generation stays open: an hour by default, so that the B-tree every key
+    /// is inserted into holds an hour of keys (a few hundred pages, hot); the closed
+    /// generations are compacted (see [`compact`]), so a key costs one small insert and
+    /// read-only probes.
     pub generation_hours: i32,
+    /// How long a closed generation waits before a full compaction merges it into the
+    /// partition with the Bloom filter (rewriting the window's keys); until then the recent
+    /// closed generations are merged into one partition of their own, at most this long.
+    pub full_compaction_hours: i32,
     /// The deduplication window: a key is remembered at least this long after its event was
     /// stored (at most one generation longer).
     pub dedup_window_days: i32,
@@ -36,7 +41,8 @@ impl Default for StoragePolicy {
             days_ahead: 14,
             retention_days: 90,
             archive_days: 7,
-            generation_hours: 24,
+            generation_hours: 1,
+            full_compaction_hours: 24,
             dedup_window_days: 36,
         }
     }
@@ -44,7 +50,7 @@ impl Default for StoragePolicy {
 
 impl StoragePolicy {
     /// `USAGE_PARTITION_DAYS_AHEAD`, `USAGE_RETENTION_DAYS`, `USAGE_ARCHIVE_DAYS`,
-    /// `DEDUP_GENERATION_HOURS`, `DEDUP_WINDOW_DAYS`. The window covers ingestion's 35-day age
+    /// `DEDUP_GENERATION_HOURS`, `DEDUP_FULL_COMPACTION_HOURS`, `DEDUP_WINDOW_DAYS`. The window covers ingestion's 35-day age
     /// limit (so an identical resend is always caught), and the retention covers the window
     /// plus a generation (so a remembered key always finds its event).
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
@@ -63,6 +69,11 @@ impl StoragePolicy {
                 "DEDUP_GENERATION_HOURS",
                 d.generation_hours as u64,
                 1..=400 * 24,
+            )? as i32,
+            full_compaction_hours: env.bounded_or(
+                "DEDUP_FULL_COMPACTION_HOURS",
+                d.full_compaction_hours as u64,
+                1..=7 * 24,
             )? as i32,
             dedup_window_days: env.bounded_or(
                 "DEDUP_WINDOW_DAYS",
@@ -92,12 +103,21 @@ impl StoragePolicy {
 }
 
 /// One thing a run did: `created`, `archived` or `dropped` a day partition; `rotated` to or
-/// `expired` a key generation; `compacted` closed generations into a partition, `dropped` a
-/// merged one.
+/// `expired` a key generation; `compacted` closed generations into the filtered partition or
+/// `merged` the recent ones into one, `dropped` a merged partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StorageAction {
     pub action: String,
     pub object: String,
+}
+
+/// `now` down to its minute: the moment a scheduled run stands for. A generation opens at its
+/// run's minute, so the run an hour later rotates it even when its schedule fires a few
+/// seconds earlier than the last time.
+pub fn run_minute(now: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::DurationRound;
+    now.duration_trunc(chrono::TimeDelta::minutes(1))
+        .unwrap_or(now)
 }
 
 /// One maintenance run as of `now`, in the caller's transaction.
@@ -123,11 +143,22 @@ pub async fn maintain(
     .await?)
 }
 
-/// Merges the partitions of the closed key generations into one partition built in key
-/// order, leaving out the expired generations; nothing when at most one such partition exists
-/// and it holds no expired generation. Run it after [`maintain`], in a transaction of its own:
-/// it builds without holding ingestion back, and only its swap does (briefly).
-pub async fn compact(conn: &mut PgConnection) -> Result<Vec<StorageAction>, DbError> {
+/// Compacts the closed key generations as of `now` (migration 0010), in one of two ways:
+///
+/// - **full**, once a generation closed since the last full compaction has waited
+///   `policy.full_compaction_hours` (0: always): every closed generation merged into one
+///   partition built in key order, with its Bloom filter, leaving out the expired ones
+///   (`compacted`, then `dropped` for each merged partition);
+/// - otherwise **recent**: the generations closed since the last full compaction merged into
+///   one partition of their own, without a filter, when they sit in two or more (`merged`).
+///
+/// Nothing when there is nothing to merge. Run it after [`maintain`], in a transaction of its
+/// own: it builds without holding ingestion back, and only its swap does (briefly).
+pub async fn compact(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    policy: &StoragePolicy,
+) -> Result<Vec<StorageAction>, DbError> {
     // It rewrites the window's keys: minutes, not the request-sized statement timeout. Bounded
     // by the admin function's own timeout (300 s).
     sqlx::query!(
@@ -138,7 +169,10 @@ pub async fn compact(conn: &mut PgConnection) -> Result<Vec<StorageAction>, DbEr
     .await?;
     Ok(sqlx::query_as!(
         StorageAction,
-        r#"SELECT action AS "action!", object AS "object!" FROM usage_event_keys_compact()"#
+        r#"SELECT action AS "action!", object AS "object!"
+             FROM usage_event_keys_compact($1, make_interval(hours => $2))"#,
+        now,
+        policy.full_compaction_hours
     )
     .fetch_all(&mut *conn)
     .await?)
@@ -157,8 +191,8 @@ pub struct StorageStatus {
     pub last_day: Option<String>,
     pub archived_days: i64,
     pub key_generations: i64,
-    /// Partitions of `usage_event_keys`: the open generation's, a compacted one, and those of
-    /// generations closed since the last compaction.
+    /// Partitions of `usage_event_keys`: the open generation's, the compacted one (with its
+    /// filter), the recent merge, and those of generations closed since the last merge.
     pub key_partitions: i64,
     pub open_generation: Option<i32>,
     pub open_since: Option<DateTime<Utc>>,
@@ -234,5 +268,31 @@ mod tests {
         assert_eq!(StoragePolicy::from_env(&daily).unwrap().retention_days, 40);
         // The window covers ingestion's 35-day age limit, or it is refused.
         assert!(StoragePolicy::from_env(&env(&[("DEDUP_WINDOW_DAYS", "35")])).is_err());
+    }
+
+    #[test]
+    fn a_run_stands_for_its_minute() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            run_minute(at("2026-11-26T10:00:59.999Z")),
+            at("2026-11-26T10:00:00Z")
+        );
+        assert_eq!(
+            run_minute(at("2026-11-26T11:00:00Z")),
+            at("2026-11-26T11:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_full_compaction_comes_within_a_week() {
+        let hourly = StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "6")]));
+        assert_eq!(hourly.unwrap().full_compaction_hours, 6);
+        for refused in ["0", "169"] {
+            let vars: &'static [(&'static str, &'static str)] = match refused {
+                "0" => &[("DEDUP_FULL_COMPACTION_HOURS", "0")],
+                _ => &[("DEDUP_FULL_COMPACTION_HOURS", "169")],
+            };
+            assert!(StoragePolicy::from_env(&env(vars)).is_err(), "{refused}");
+        }
     }
 }
