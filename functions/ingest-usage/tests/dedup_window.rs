@@ -221,11 +221,10 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
         did(&maintain(&owner, t1, &policy).await, "rotated"),
         ["usage_event_keys_g2"]
     );
-    assert_eq!(
-        compact(&owner).await,
-        [],
-        "one closed partition needs no compaction"
-    );
+    // A full compaction gives even a lone closed generation its filter.
+    let done = compact(&owner).await;
+    assert_eq!(did(&done, "compacted"), ["usage_event_keys_c1_1"]);
+    assert_eq!(did(&done, "dropped"), ["usage_event_keys_g1"]);
     let r = fx.submit(&app, json!({ "events": [second.clone()] })).await;
     assert_eq!(r.body["accepted"], 1, "{}", r.body);
     let t2 = t1 + day;
@@ -237,7 +236,7 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
     assert_eq!(did(&done, "compacted"), ["usage_event_keys_c1_2"]);
     assert_eq!(
         did(&done, "dropped"),
-        ["usage_event_keys_g1", "usage_event_keys_g2"]
+        ["usage_event_keys_c1_1", "usage_event_keys_g2"]
     );
     assert_eq!(
         key_partitions(&owner).await,
@@ -427,11 +426,17 @@ async fn recent_generations_are_merged_hourly_and_compacted_daily(owner: PgPool)
     );
     assert_eq!(fx.stored_events().await, 4);
 
-    // The next hour's generation waits for the next day's full compaction in a partition of
-    // its own, and a full compaction is never due more than a week on.
+    // The next hour's generation waits in a partition of its own for the next day's full
+    // compaction; a full compaction is never due more than a week on.
     let next = day_later + hour;
     maintain(&owner, next, &policy).await;
     assert_eq!(compact_at(&owner, next, &policy).await, []);
+    let done = compact_at(&owner, next + Days::hours(24), &policy).await;
+    assert_eq!(
+        did(&done, "compacted"),
+        ["usage_event_keys_c1_5"],
+        "{done:?}"
+    );
     let mut tx = owner.begin().await.unwrap();
     let err = sqlx::query("SELECT * FROM usage_event_keys_compact(now(), interval '8 days')")
         .execute(&mut *tx)
