@@ -151,7 +151,8 @@ pub async fn run(
         for (i, &c) in callers.iter().enumerate() {
             let mut runs = Vec::new();
             for r in 0..repeat {
-                let work = random_id_batches(events, batch, slot(anchor, &callers, repeat, i, r));
+                let at = slot(anchor, (step, sizes.len()), &callers, repeat, i, r);
+                let work = random_id_batches(events, batch, at);
                 settle(owner, step == 0).await;
                 let io = IoSnapshot::wanted(owner).await;
                 runs.push(match schema {
@@ -177,18 +178,22 @@ pub async fn run(
     points
 }
 
-/// The measurements of a point share the hour before the anchor, in turn: measurement `r` of
-/// caller count number `i` gets its own part of it, after the ones before.
+/// The measurements share the hour before the anchor, in turn: measurement `r` of caller
+/// count number `i` at point `point.0` of `point.1` loaded points gets its own part of it,
+/// after the ones before (the empty table's, truncated after each, share the first point's).
 fn slot(
     anchor: DateTime<Utc>,
+    point: (usize, usize),
     callers: &[usize],
     repeat: usize,
     i: usize,
     r: usize,
 ) -> (DateTime<Utc>, chrono::Duration) {
-    let slots = (callers.len() * repeat) as i32;
+    let per_point = callers.len() * repeat;
+    let slots = (point.1.max(1) * per_point) as i32;
     let width = chrono::Duration::hours(1) / slots;
-    let start = anchor - chrono::Duration::hours(1) + width * ((i * repeat + r) as i32);
+    let n = point.0.saturating_sub(1) * per_point + i * repeat + r;
+    let start = anchor - chrono::Duration::hours(1) + width * (n as i32);
     (start, width)
 }
 
@@ -264,7 +269,8 @@ async fn measure_again(
         let apps = build_apps(api_url, c).await;
         let mut runs = Vec::new();
         for r in 0..repeat {
-            let work = random_id_batches(events, batch, slot(anchor, callers, repeat, i, r));
+            let work =
+                random_id_batches(events, batch, slot(anchor, (1, 1), callers, repeat, i, r));
             settle(owner, false).await;
             let io = IoSnapshot::wanted(owner).await;
             runs.push(run_handler(&apps, key, work, batch, c).await);
@@ -530,7 +536,7 @@ async fn load(
             "growth: compacted the closed key generations in {:.0} s",
             started.elapsed().as_secs_f64()
         );
-        recent_generation(&mut conn, history).await;
+        recent_generation(&mut conn, history, first_seq).await;
         for statement in [
             "VACUUM ANALYZE usage_event_keys",
             "VACUUM ANALYZE usage_key_filter_blocks",
@@ -552,9 +558,25 @@ const RECENT_HOURS: i32 = 12;
 /// them: one partition in key order without a filter, probed by its index (generation 900 +
 /// the load's number, between the compacted ones and the open one). It holds the keys of
 /// every stored row that arrived then: the previous load's recent generation is dropped
-/// before the full compaction (see [`drop_recent_generation`]) and its keys drawn again.
-async fn recent_generation(conn: &mut sqlx::PgConnection, history: i32) {
+/// before the full compaction (see [`drop_recent_generation`]) and its keys drawn again. The
+/// keys of the previous point's measured events (stored up to `first_seq`, after the previous
+/// load) leave the open generation for it too, as the hourly rotation and merge would take
+/// them: the open generation holds half an hour of the history's traffic at every point.
+async fn recent_generation(conn: &mut sqlx::PgConnection, history: i32, first_seq: i64) {
     let generation = 900 + history;
+    let loaded_before: bool =
+        sqlx::query_scalar("SELECT to_regclass('public.bench_growth_load') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let measured_after: Option<i64> = if loaded_before {
+        sqlx::query_scalar("SELECT last_seq FROM bench_growth_load")
+            .fetch_optional(&mut *conn)
+            .await
+            .unwrap()
+    } else {
+        None
+    };
     for statement in [
         format!("SELECT count(usage_event_keys_create_partition({generation}))"),
         format!(
@@ -576,6 +598,25 @@ async fn recent_generation(conn: &mut sqlx::PgConnection, history: i32) {
         ),
     ] {
         sqlx::query(&statement).execute(&mut *conn).await.unwrap();
+    }
+    if let Some(after) = measured_after {
+        sqlx::query(&format!(
+            "WITH moved AS (
+                 DELETE FROM usage_event_keys WHERE generation = 1000 AND seq > $1 AND seq <= $2
+                 RETURNING key_hash, tenant_id, occurred_at, seq)
+             INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+             SELECT {generation}, key_hash, tenant_id, occurred_at, seq FROM moved
+              ORDER BY key_hash"
+        ))
+        .bind(after)
+        .bind(first_seq)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::query("REINDEX TABLE usage_event_keys_g1000")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
     }
 }
 
