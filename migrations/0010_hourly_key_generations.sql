@@ -23,6 +23,10 @@
 --     recent partition, and one filter check (the compacted partition's B-tree only on a
 --     "maybe").
 --   * p_full_after = 0 (the default, for a call by hand) always compacts fully.
+--   * The maintenance (as in 0008) rotates a generation up to a minute early (a sixtieth of a
+--     generation at most), so an hourly schedule that fires a few seconds earlier than the
+--     last time does not leave an hour-long generation open for two. A key is still remembered
+--     the window after its generation closed, which is after it was stored.
 
 DROP FUNCTION public.usage_event_keys_compact();
 
@@ -147,3 +151,113 @@ CREATE FUNCTION public.usage_event_keys_compact(
         END IF;
     END $$;
 REVOKE ALL ON FUNCTION public.usage_event_keys_compact(timestamptz, interval) FROM PUBLIC;
+
+------------------------------------------------------------------------------------------------
+-- The maintenance of migration 0008, with the rotation's minute of slack.
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION public.usage_storage_maintain(
+        p_now            timestamptz,
+        p_days_ahead     integer,
+        p_retention_days integer,
+        p_archive_days   integer,
+        p_rotate_every   interval,
+        p_dedup_window   interval)
+    RETURNS TABLE (action text, object text)
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    AS $$
+    DECLARE
+        v_today   date := (p_now AT TIME ZONE 'UTC')::date;
+        v_name    text;
+        v_day     date;
+        v_open    public.usage_key_generations;
+        v_next    integer;
+        v_gen     public.usage_key_generations;
+    BEGIN
+        IF p_retention_days < 40 THEN
+            RAISE EXCEPTION 'retention must be at least 40 days (ingestion accepts events 35 days old)'
+                USING ERRCODE = '22023';
+        END IF;
+        IF p_days_ahead NOT BETWEEN 1 AND 60 OR p_archive_days NOT BETWEEN 0 AND 365 THEN
+            RAISE EXCEPTION 'days ahead must be 1-60 and archive days 0-365' USING ERRCODE = '22023';
+        END IF;
+        IF p_dedup_window < interval '36 days' OR p_rotate_every < interval '1 hour' THEN
+            RAISE EXCEPTION 'the dedup window must be at least 36 days and a generation at least an hour'
+                USING ERRCODE = '22023';
+        END IF;
+        -- A remembered key must always find its event.
+        IF make_interval(days => p_retention_days) < p_dedup_window + p_rotate_every + interval '1 day' THEN
+            RAISE EXCEPTION 'the retention must outlast the dedup window plus a generation'
+                USING ERRCODE = '22023';
+        END IF;
+        PERFORM pg_catalog.pg_advisory_xact_lock(public.usage_storage_lock_id());
+
+        -- Key generations first: open the next once the open one is p_rotate_every old. The
+        -- exclusive lock waits for every ingestion transaction in flight (they hold it shared)
+        -- and holds new ones back until this transaction commits. It is taken before any
+        -- table lock below, which an ingestion transaction holding it shared may be waiting
+        -- for (the other order deadlocks).
+        -- A minute early at most (a sixtieth of a generation): an hourly schedule that fires a
+        -- few seconds earlier than the last time still rotates an hour-long generation.
+        SELECT * INTO v_open FROM public.usage_key_generations WHERE closed_at IS NULL;
+        IF v_open.opened_at <= p_now - p_rotate_every
+                               + LEAST(p_rotate_every / 60, interval '1 minute') THEN
+            PERFORM pg_catalog.pg_advisory_xact_lock(public.usage_keys_lock_id());
+            v_next := v_open.generation + 1;
+            PERFORM public.usage_event_keys_create_partition(v_next);
+            UPDATE public.usage_key_generations SET closed_at = p_now
+             WHERE generation = v_open.generation;
+            INSERT INTO public.usage_key_generations (generation, opened_at, stored_in)
+            VALUES (v_next, p_now, 'usage_event_keys_g' || v_next);
+            action := 'rotated'; object := 'usage_event_keys_g' || v_next; RETURN NEXT;
+        END IF;
+        -- A generation closed more than the window ago holds only keys older than the window.
+        FOR v_gen IN SELECT * FROM public.usage_key_generations
+                      WHERE closed_at <= p_now - p_dedup_window AND expired_at IS NULL
+                      ORDER BY generation LOOP
+            IF v_gen.stored_in = 'usage_event_keys_g' || v_gen.generation THEN
+                EXECUTE format('DROP TABLE IF EXISTS public.%I', v_gen.stored_in);
+                DELETE FROM public.usage_key_generations WHERE generation = v_gen.generation;
+            ELSE
+                UPDATE public.usage_key_generations SET expired_at = p_now
+                 WHERE generation = v_gen.generation;
+            END IF;
+            action := 'expired'; object := 'usage_event_keys_g' || v_gen.generation; RETURN NEXT;
+        END LOOP;
+
+        -- Day partitions: every day ingestion may write, and p_days_ahead more.
+        FOR v_day IN SELECT d::date FROM generate_series(v_today - 36, v_today + p_days_ahead,
+                                                         interval '1 day') AS d LOOP
+            v_name := public.usage_events_create_partition(v_day);
+            IF v_name IS NOT NULL THEN
+                action := 'created'; object := v_name; RETURN NEXT;
+            END IF;
+        END LOOP;
+
+        -- Retention: detach whole days past it into usage_archive; drop archived days later.
+        FOR v_name, v_day IN
+            SELECT c.relname, to_date(substr(c.relname, 15), 'YYYYMMDD')
+              FROM pg_catalog.pg_inherits i
+              JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'public.usage_events'::regclass
+               AND c.relname ~ '^usage_events_p[0-9]{8}$'
+             ORDER BY 1 LOOP
+            IF v_day + 1 <= v_today - p_retention_days THEN
+                EXECUTE format('ALTER TABLE public.usage_events DETACH PARTITION public.%I', v_name);
+                EXECUTE format('ALTER TABLE public.%I SET SCHEMA usage_archive', v_name);
+                action := 'archived'; object := v_name; RETURN NEXT;
+            END IF;
+        END LOOP;
+        FOR v_name IN
+            SELECT c.relname FROM pg_catalog.pg_class c
+              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'usage_archive' AND c.relkind = 'r'
+               AND c.relname ~ '^usage_events_p[0-9]{8}$'
+               AND to_date(substr(c.relname, 15), 'YYYYMMDD') + 1
+                   <= v_today - p_retention_days - p_archive_days
+             ORDER BY 1 LOOP
+            EXECUTE format('DROP TABLE usage_archive.%I', v_name);
+            action := 'dropped'; object := v_name; RETURN NEXT;
+        END LOOP;
+
+    END $$;
+

@@ -117,9 +117,7 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             Ok(json!({ "relay": report }))
         }
         Command::UsageMaintain => {
-            // The run's minute: an hourly schedule that fires a few seconds early still rotates
-            // an hour-long generation (it opened at the previous run's minute).
-            let now = usage_storage::run_minute(chrono::Utc::now());
+            let now = chrono::Utc::now();
             let mut tx = db.pool().begin().await.map_err(DbError::from)?;
             let mut done = usage_storage::maintain(&mut tx, now, &admin.storage).await?;
             tx.commit().await.map_err(DbError::from)?;

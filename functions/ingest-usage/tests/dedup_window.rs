@@ -329,6 +329,28 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
     assert_eq!(left, [4], "only the live generations' keys are left");
 }
 
+/// An hour-long generation rotates at a run that comes up to a minute early (a schedule's
+/// jitter), not earlier.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_rotation_is_due_a_minute_early(owner: PgPool) {
+    let policy = StoragePolicy::default();
+    let opened = Utc::now() + Days::hours(2);
+    assert_eq!(
+        did(&maintain(&owner, opened, &policy).await, "rotated"),
+        ["usage_event_keys_g2"]
+    );
+    let early = opened + Days::minutes(58);
+    assert_eq!(
+        did(&maintain(&owner, early, &policy).await, "rotated"),
+        Vec::<String>::new()
+    );
+    let jittered = opened + Days::minutes(59) + Days::seconds(30);
+    assert_eq!(
+        did(&maintain(&owner, jittered, &policy).await, "rotated"),
+        ["usage_event_keys_g3"]
+    );
+}
+
 /// The key generations an ingestion transaction of the fixture's tenant would hold.
 async fn held_generations(fx: &Fixture, app: &ingest_usage::App) -> usage_events::KeyGenerations {
     let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();

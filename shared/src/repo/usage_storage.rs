@@ -111,15 +111,6 @@ pub struct StorageAction {
     pub object: String,
 }
 
-/// `now` down to its minute: the moment a scheduled run stands for. A generation opens at its
-/// run's minute, so the run an hour later rotates it even when its schedule fires a few
-/// seconds earlier than the last time.
-pub fn run_minute(now: DateTime<Utc>) -> DateTime<Utc> {
-    use chrono::DurationRound;
-    now.duration_trunc(chrono::TimeDelta::minutes(1))
-        .unwrap_or(now)
-}
-
 /// One maintenance run as of `now`, in the caller's transaction.
 pub async fn maintain(
     conn: &mut PgConnection,
@@ -268,19 +259,6 @@ mod tests {
         assert_eq!(StoragePolicy::from_env(&daily).unwrap().retention_days, 40);
         // The window covers ingestion's 35-day age limit, or it is refused.
         assert!(StoragePolicy::from_env(&env(&[("DEDUP_WINDOW_DAYS", "35")])).is_err());
-    }
-
-    #[test]
-    fn a_run_stands_for_its_minute() {
-        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
-        assert_eq!(
-            run_minute(at("2026-11-26T10:00:59.999Z")),
-            at("2026-11-26T10:00:00Z")
-        );
-        assert_eq!(
-            run_minute(at("2026-11-26T11:00:00Z")),
-            at("2026-11-26T11:00:00Z")
-        );
     }
 
     #[test]
