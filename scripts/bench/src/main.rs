@@ -75,7 +75,7 @@ async fn main() {
     // `BENCH_GROWTH_REUSE=1`: measure again on the database a growth run left (see growth.rs).
     let reuse = growth::reuse();
     let owner = if reuse {
-        existing_database(&admin_url).await
+        bench_database(&admin_url).await
     } else {
         fresh_database(&admin_url).await
     };
@@ -201,7 +201,8 @@ async fn main() {
     owner.close().await;
 }
 
-async fn existing_database(admin_url: &str) -> PgPool {
+/// The bench database, `meterbridge_bench`, on the server of `BENCH_DATABASE_URL`.
+async fn bench_database(admin_url: &str) -> PgPool {
     let url = match admin_url.rfind('/') {
         Some(i) => format!("{}/meterbridge_bench", &admin_url[..i]),
         None => panic!("BENCH_DATABASE_URL must name a database"),
@@ -210,7 +211,7 @@ async fn existing_database(admin_url: &str) -> PgPool {
         .max_connections(8)
         .connect(&url)
         .await
-        .expect("the database of an earlier growth run")
+        .expect("the bench database")
 }
 
 async fn fresh_database(admin_url: &str) -> PgPool {
@@ -227,15 +228,7 @@ async fn fresh_database(admin_url: &str) -> PgPool {
         .execute(&admin)
         .await
         .unwrap();
-    let url = match admin_url.rfind('/') {
-        Some(i) => format!("{}/meterbridge_bench", &admin_url[..i]),
-        None => panic!("BENCH_DATABASE_URL must name a database"),
-    };
-    PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&url)
-        .await
-        .unwrap()
+    bench_database(admin_url).await
 }
 
 /// Whether the schema remembers dedup keys (migration 0006 on).

@@ -50,9 +50,10 @@ impl Default for StoragePolicy {
 
 impl StoragePolicy {
     /// `USAGE_PARTITION_DAYS_AHEAD`, `USAGE_RETENTION_DAYS`, `USAGE_ARCHIVE_DAYS`,
-    /// `DEDUP_GENERATION_HOURS`, `DEDUP_FULL_COMPACTION_HOURS`, `DEDUP_WINDOW_DAYS`. The window covers ingestion's 35-day age
-    /// limit (so an identical resend is always caught), and the retention covers the window
-    /// plus a generation (so a remembered key always finds its event).
+    /// `DEDUP_GENERATION_HOURS`, `DEDUP_FULL_COMPACTION_HOURS`, `DEDUP_WINDOW_DAYS`. The window
+    /// covers ingestion's 35-day age limit (so an identical resend is always caught), and the
+    /// retention covers the window plus a generation (so a remembered key always finds its
+    /// event).
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let d = StoragePolicy::default();
         let policy = StoragePolicy {
@@ -265,12 +266,7 @@ mod tests {
     fn a_full_compaction_comes_within_a_week() {
         let hourly = StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "6")]));
         assert_eq!(hourly.unwrap().full_compaction_hours, 6);
-        for refused in ["0", "169"] {
-            let vars: &'static [(&'static str, &'static str)] = match refused {
-                "0" => &[("DEDUP_FULL_COMPACTION_HOURS", "0")],
-                _ => &[("DEDUP_FULL_COMPACTION_HOURS", "169")],
-            };
-            assert!(StoragePolicy::from_env(&env(vars)).is_err(), "{refused}");
-        }
+        assert!(StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "0")])).is_err());
+        assert!(StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "169")])).is_err());
     }
 }
