@@ -1,15 +1,26 @@
-//! Time for cache expiry. Lambda freezes a container between invocations, and the monotonic
-//! clock may not advance while it is frozen: an entry stamped with `Instant` alone could outlive
-//! its TTL by the whole freeze. A [`Stamp`] records both clocks and is stale when either says
-//! the TTL has passed (or when the wall clock went backwards), so a revoked key or a rotated
-//! secret bites within the documented time however long the container slept.
+//! Time, injected. The functions read "now" (the day an event counts for, the ingestion
+//! window, a period's finality) from the [`Clock`] their [`crate::Services`] hold, so a test
+//! can run them as of any instant (`meterbridge::testing::clock`).
+//!
+//! Cache expiry uses both clocks. Lambda freezes a container between invocations, and the
+//! monotonic clock may not advance while it is frozen: an entry stamped with `Instant` alone
+//! could outlive its TTL by the whole freeze. A [`Stamp`] records both clocks and is stale when
+//! either says the TTL has passed (or when the wall clock went backwards), so a revoked key or a
+//! rotated secret bites within the documented time however long the container slept.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use chrono::{DateTime, Utc};
+
 pub trait Clock: Send + Sync {
     fn monotonic(&self) -> Instant;
     fn wall(&self) -> SystemTime;
+
+    /// The wall clock as a UTC instant.
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::<Utc>::from(self.wall())
+    }
 }
 
 /// The process's clocks.
@@ -78,6 +89,46 @@ impl FrozenClock {
     }
 }
 
+/// The real clock moved to another instant: it reads `at` when made and runs on from there, so
+/// a test sees the calendar of any day while timeouts and leases still pass in real time.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Copy)]
+pub struct ShiftedClock {
+    /// What the real wall clock is moved by (either way).
+    ahead: Duration,
+    behind: Duration,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl ShiftedClock {
+    pub fn starting_at(at: DateTime<Utc>) -> Self {
+        let real = SystemTime::now();
+        let at = SystemTime::from(at);
+        match at.duration_since(real) {
+            Ok(ahead) => ShiftedClock {
+                ahead,
+                behind: Duration::ZERO,
+            },
+            Err(e) => ShiftedClock {
+                ahead: Duration::ZERO,
+                behind: e.duration(),
+            },
+        }
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Clock for ShiftedClock {
+    fn monotonic(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wall(&self) -> SystemTime {
+        let real = SystemTime::now() + self.ahead;
+        real.checked_sub(self.behind).unwrap_or(real)
+    }
+}
+
 #[cfg(any(test, feature = "testing"))]
 impl Clock for FrozenClock {
     fn monotonic(&self) -> Instant {
@@ -121,5 +172,18 @@ mod tests {
             backwards.is_older_than(&real, ttl),
             "a wall clock that went backwards expires the entry"
         );
+    }
+
+    #[test]
+    fn a_shifted_clock_starts_where_it_is_told_and_runs_on() {
+        for at in ["2028-02-29T23:59:30Z", "2001-01-01T00:00:00Z"] {
+            let at: DateTime<Utc> = at.parse().unwrap();
+            let clock = ShiftedClock::starting_at(at);
+            let read = clock.now();
+            assert!(
+                read >= at && read - at < chrono::Duration::seconds(5),
+                "{read}"
+            );
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::clock::Clock;
 use crate::config::{Config, ConfigError, DatabaseSource, RedisSource};
 use crate::db::{Database, DbError};
 use crate::redis::Redis;
@@ -24,6 +25,8 @@ pub struct Services {
     pub db: Database,
     /// Present when the function was configured with Redis.
     pub redis: Option<Redis>,
+    /// Where "now" comes from: the system clock, or a test's.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Services {
@@ -72,7 +75,14 @@ impl Services {
             secrets,
             db,
             redis,
+            clock: crate::clock::system(),
         })
+    }
+
+    /// The same clients, reading "now" from `clock` (tests run the functions as of any day).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The cached Secrets Manager client: the one the credentials were read with, or one built

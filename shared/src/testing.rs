@@ -1,17 +1,79 @@
 //! Test helpers: the real services, per-test tenants, and connections as the application roles.
 //! A missing service fails the test with a message that says how to start it; nothing is skipped.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use aws_sdk_secretsmanager::config::{Credentials, Region};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::auth::{generate_api_key, NewApiKey};
+use crate::clock::{Clock, ShiftedClock};
 use crate::domain::{Scopes, SourceService, Tenant, TenantSlug, Trust};
 use crate::repo::{api_keys, tenants};
 
 pub const API_ROLE: &str = "meterbridge_api";
 pub const OPS_ROLE: &str = "meterbridge_ops";
+
+/// The variable that moves the tests' clock: an RFC 3339 instant.
+pub const TEST_NOW_VARIABLE: &str = "MB_TEST_NOW";
+
+/// The clock tests run the functions by: the real clock moved to `MB_TEST_NOW` when that is set
+/// (so the date-sensitive tests can be run as of any day: scripts/test.sh runs them at the
+/// calendar's edges), the real clock otherwise. Either way it runs on in real time from the
+/// first call in the process.
+pub fn clock() -> Arc<dyn Clock> {
+    static SHIFT: OnceLock<Option<ShiftedClock>> = OnceLock::new();
+    let shift = SHIFT.get_or_init(|| {
+        let at = std::env::var(TEST_NOW_VARIABLE).ok()?;
+        let at = DateTime::parse_from_rfc3339(at.trim()).unwrap_or_else(|e| {
+            panic!("{TEST_NOW_VARIABLE}={at:?} is not an RFC 3339 instant: {e}")
+        });
+        Some(ShiftedClock::starting_at(at.with_timezone(&Utc)))
+    });
+    match shift {
+        Some(shifted) => Arc::new(*shifted),
+        None => crate::clock::system(),
+    }
+}
+
+/// "Now" by the tests' [`clock`].
+pub fn now() -> DateTime<Utc> {
+    clock().now()
+}
+
+/// The UTC day of [`now`].
+pub fn today() -> NaiveDate {
+    now().date_naive()
+}
+
+/// Creates the day partitions of `usage_events` from `first` to `last` (inclusive) that are
+/// missing, as the owner. The migrations create those around the real today; a test that runs
+/// as of another day, or writes events at fixed instants, creates its own.
+pub async fn create_day_partitions(owner: &PgPool, first: NaiveDate, last: NaiveDate) {
+    sqlx::query(
+        "SELECT count(usage_events_create_partition(d::date))
+           FROM generate_series($1::date, $2::date, interval '1 day') AS d",
+    )
+    .bind(first)
+    .bind(last)
+    .execute(owner)
+    .await
+    .expect("create day partitions");
+}
+
+/// The day partitions ingestion may write as of [`now`]: 36 days back, 14 ahead (as the storage
+/// maintenance keeps them).
+pub async fn create_partitions_around_now(owner: &PgPool) {
+    let today = today();
+    create_day_partitions(
+        owner,
+        today - chrono::Duration::days(36),
+        today + chrono::Duration::days(14),
+    )
+    .await;
+}
 
 /// The moto endpoint the tests use (`AWS_ENDPOINT_URL`, default `http://127.0.0.1:5055`).
 pub fn moto_endpoint() -> String {

@@ -1,7 +1,10 @@
 //! parse → validate → one statement or transaction → respond, for each admin action.
 
 use meterbridge::aggregation::{AggregationConfig, AggregationError, Aggregator, Backfill};
+use std::sync::Arc;
+
 use meterbridge::auth::generate_api_key;
+use meterbridge::clock::Clock;
 use meterbridge::db::retry_transient;
 use meterbridge::domain::payment::PaymentAction;
 use meterbridge::domain::{Scopes, SourceService, TenantSlug, TenantStatus, Trust};
@@ -22,6 +25,8 @@ const UNIQUE_VIOLATION: &str = "23505";
 /// event bus is configured.
 pub struct Admin {
     pub db: Database,
+    /// Where "now" comes from (the storage policy and the aggregation run as of it).
+    pub clock: Arc<dyn Clock>,
     pub relay: Option<Relay>,
     pub storage: StoragePolicy,
     pub aggregation: AggregationConfig,
@@ -31,6 +36,7 @@ impl Admin {
     pub fn new(db: Database) -> Self {
         Admin {
             db,
+            clock: meterbridge::clock::system(),
             relay: None,
             storage: StoragePolicy::default(),
             aggregation: AggregationConfig::default(),
@@ -117,7 +123,7 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             Ok(json!({ "relay": report }))
         }
         Command::UsageMaintain => {
-            let now = chrono::Utc::now();
+            let now = admin.clock.now();
             let mut tx = db.pool().begin().await.map_err(DbError::from)?;
             let mut done = usage_storage::maintain(&mut tx, now, &admin.storage).await?;
             tx.commit().await.map_err(DbError::from)?;
@@ -137,7 +143,7 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
         Command::UsageAggregate => {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
             let aggregator = admin.aggregator();
-            let report = Box::pin(aggregator.aggregate(chrono::Utc::now(), deadline))
+            let report = Box::pin(aggregator.aggregate(admin.clock.now(), deadline))
                 .await
                 .map_err(aggregation_error)?;
             Ok(json!({ "aggregation": report }))
@@ -151,14 +157,14 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             let request = Backfill::of(from, to, tenant, periods);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
             let aggregator = admin.aggregator();
-            let report = Box::pin(aggregator.backfill(&request, chrono::Utc::now(), deadline))
+            let report = Box::pin(aggregator.backfill(&request, admin.clock.now(), deadline))
                 .await
                 .map_err(aggregation_error)?;
             Ok(json!({ "backfill": report }))
         }
         Command::UsageAggregationStatus => {
             let aggregator = admin.aggregator();
-            let status = Box::pin(aggregator.status(chrono::Utc::now()))
+            let status = Box::pin(aggregator.status(admin.clock.now()))
                 .await
                 .map_err(aggregation_error)?;
             Ok(json!({ "aggregation": status }))

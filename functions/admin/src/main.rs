@@ -59,6 +59,7 @@ async fn admin_from_env() -> Result<(Services, Admin), String> {
     };
     let admin = Admin {
         db: services.db.clone(),
+        clock: services.clock.clone(),
         relay,
         storage: StoragePolicy::from_env(&env).map_err(|e| e.to_string())?,
         aggregation: AggregationConfig::from_env(&env).map_err(|e| e.to_string())?,

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 use meterbridge::aggregation::{AggregationConfig, AggregationError, Aggregator, Backfill};
 use meterbridge::config::Env;
 use meterbridge::domain::period::PeriodType;
@@ -110,7 +110,7 @@ pub async fn handle(
     payload: Value,
     deadline: Instant,
 ) -> Result<Value, InvocationError> {
-    let now = Utc::now();
+    let now = app.services.clock.now();
     let answer = match Job::parse(payload)? {
         Job::Aggregate => {
             let report = app.aggregator().aggregate(now, deadline).await?;

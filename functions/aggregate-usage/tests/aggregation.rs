@@ -4,10 +4,10 @@
 
 mod common;
 
-use chrono::{Datelike, Duration, NaiveTime, Utc};
+use chrono::{Datelike, Duration, NaiveTime};
 use common::*;
 use meterbridge::domain::period::PeriodType;
-use meterbridge::testing::create_tenant;
+use meterbridge::testing::{create_partitions_around_now, create_tenant, now, today};
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
 
@@ -15,7 +15,7 @@ const METRICS: [&str; 3] = ["api.requests", "leads.processed", "sla.timers.start
 
 fn random_events(tenants: &[uuid::Uuid], n: usize, seed: u64) -> Vec<Ev> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let now = Utc::now();
+    let now = now();
     (0..n)
         .map(|_| Ev {
             tenant: tenants[rng.gen_range(0..tenants.len())],
@@ -38,7 +38,7 @@ async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPoo
     void(&owner, &seqs[..20]).await;
     let app = app(&owner, &[]).await;
 
-    let first = run(&app, &owner, Utc::now()).await;
+    let first = run(&app, &owner, now()).await;
     assert_eq!(first.outcome, "done");
     let want = expected(&events[20..]);
     assert_eq!(stored(&owner).await, want);
@@ -73,14 +73,14 @@ async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPoo
     );
 
     // Nothing new: nothing examined, nothing written.
-    let again = run(&app, &owner, Utc::now()).await;
+    let again = run(&app, &owner, now()).await;
     assert_eq!(
         (again.cells_examined, again.cells_written),
         (0, 0),
         "{again:?}"
     );
     // A backfill of everything recomputes every cell and still writes nothing.
-    let today = Utc::now().date_naive();
+    let today = today();
     let backfill = app
         .aggregator()
         .backfill(
@@ -90,7 +90,7 @@ async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPoo
                 tenant: None,
                 periods: PeriodType::ALL.to_vec(),
             },
-            Utc::now(),
+            now(),
             later(),
         )
         .await
@@ -102,22 +102,15 @@ async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPoo
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn instants_at_the_edges_land_in_the_right_day_week_and_month(owner: PgPool) {
-    let t = create_tenant(&owner, "edge").await.id.0;
-    let today = Utc::now().date_naive();
-    // The first of this month (or of the previous when today is within its first two days).
-    let first = if today.day() > 2 {
-        today.with_day(1).unwrap()
-    } else {
-        (today - Duration::days(3)).with_day(1).unwrap()
-    };
-    // The last Monday at least two days ago.
-    let mut monday = today - Duration::days(2);
-    while monday.weekday() != chrono::Weekday::Mon {
-        monday -= Duration::days(1);
-    }
+    // Fixed midnights, each with a tenant of its own so that no two share a period: a Monday that
+    // is the first of a month, the day after 29 February, New Year's Day (a Friday), and an
+    // ordinary Monday in the middle of a month.
+    let edges = ["2027-03-01", "2028-03-01", "2027-01-01", "2027-03-08"];
     let mut events = Vec::new();
-    for boundary in [first, monday] {
-        let midnight = boundary.and_time(NaiveTime::MIN).and_utc();
+    let mut tenants = Vec::new();
+    for edge in edges {
+        let t = create_tenant(&owner, "edge").await.id.0;
+        let midnight = day(edge).and_time(NaiveTime::MIN).and_utc();
         for (at, q) in [
             (midnight - Duration::milliseconds(1), 1),
             (midnight, 10),
@@ -134,28 +127,40 @@ async fn instants_at_the_edges_land_in_the_right_day_week_and_month(owner: PgPoo
                 actor: None,
             });
         }
+        tenants.push((t, day(edge)));
     }
     insert(&owner, &events).await;
     let app = app(&owner, &[]).await;
-    run(&app, &owner, Utc::now()).await;
+    run(&app, &owner, at("2028-03-05T00:00:00Z")).await;
     let got = stored(&owner).await;
     assert_eq!(got, expected(&events));
-    let total = |p: PeriodType, d: chrono::NaiveDate| {
-        got.get(&(t, p, d, "api.requests".to_owned())).map(|v| v.0)
-    };
-    // 23:59:59.999 belongs to the day (and week, and month) before; 00:00:00 to the new one.
-    assert_eq!(
-        total(PeriodType::Daily, first - Duration::days(1)).unwrap() % 10,
-        1
-    );
-    assert!(total(PeriodType::Daily, first).unwrap() >= 110);
-    assert_eq!(
-        total(PeriodType::Weekly, monday - Duration::days(7)).unwrap() % 10,
-        1
-    );
-    assert!(total(PeriodType::Weekly, monday).unwrap() >= 110);
-    let previous_month = (first - Duration::days(1)).with_day(1).unwrap();
-    assert_eq!(total(PeriodType::Monthly, previous_month).unwrap() % 10, 1);
+    for (t, edge) in tenants {
+        let total = |p: PeriodType, d: chrono::NaiveDate| {
+            got.get(&(t, p, d, "api.requests".to_owned()))
+                .map(|v| v.0)
+                .unwrap_or_else(|| panic!("no {p:?} cell of {d} ({edge})"))
+        };
+        let before = edge - Duration::days(1);
+        // 23:59:59.999 belongs to the day before; 00:00:00 and 23:59:59.999 to the new one.
+        assert_eq!(total(PeriodType::Daily, before), 1, "{edge}");
+        assert_eq!(total(PeriodType::Daily, edge), 110, "{edge}");
+        let (week, month) = (PeriodType::Weekly, PeriodType::Monthly);
+        if edge.weekday() == chrono::Weekday::Mon {
+            assert_eq!(total(week, week.start_of(before)), 1, "{edge}");
+            assert_eq!(total(week, edge), 110, "{edge}");
+        } else {
+            assert_eq!(total(week, week.start_of(edge)), 111, "{edge}");
+        }
+        if edge.day() == 1 {
+            assert_eq!(total(month, month.start_of(before)), 1, "{edge}");
+            assert_eq!(total(month, edge), 110, "{edge}");
+        } else {
+            assert_eq!(total(month, month.start_of(edge)), 111, "{edge}");
+        }
+    }
+    // The leap day is a day of its own, and February 2028 ends with it.
+    let leap = got.keys().filter(|k| k.2 == day("2028-02-29")).count();
+    assert_eq!(leap, 1, "{got:?}");
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
@@ -164,10 +169,10 @@ async fn a_late_event_changes_only_its_day_week_and_month(owner: PgPool) {
     let events = random_events(&[t], 200, 11);
     insert(&owner, &events).await;
     let app = app(&owner, &[]).await;
-    run(&app, &owner, Utc::now()).await;
+    run(&app, &owner, now()).await;
     let before = computed_at(&owner).await;
 
-    let late_day = Utc::now().date_naive() - Duration::days(20);
+    let late_day = today() - Duration::days(20);
     let late = Ev {
         tenant: t,
         metric: "api.requests",
@@ -176,7 +181,7 @@ async fn a_late_event_changes_only_its_day_week_and_month(owner: PgPool) {
         actor: Some("late-user".into()),
     };
     insert(&owner, std::slice::from_ref(&late)).await;
-    let report = run(&app, &owner, Utc::now()).await;
+    let report = run(&app, &owner, now()).await;
     assert_eq!(report.collected.queued, 3);
     assert_eq!((report.cells_examined, report.cells_written), (3, 3));
 
@@ -203,12 +208,13 @@ async fn a_late_event_changes_only_its_day_week_and_month(owner: PgPool) {
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPool) {
     let t = create_tenant(&owner, "race").await.id.0;
-    let now = Utc::now();
+    create_partitions_around_now(&owner).await;
+    let at_now = now();
     let ev = |q| Ev {
         tenant: t,
         metric: "api.requests",
         quantity: q,
-        at: now,
+        at: at_now,
         actor: None,
     };
     // A: an ingestion transaction that writes first (lower seq) and commits late.
@@ -227,7 +233,7 @@ async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPo
     let app = std::sync::Arc::new(app(&owner, &[]).await);
     let runner = {
         let app = app.clone();
-        tokio::spawn(async move { app.aggregator().aggregate(Utc::now(), later()).await })
+        tokio::spawn(async move { app.aggregator().aggregate(now(), later()).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // ... and commit A while it is in progress.
@@ -248,7 +254,7 @@ async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPo
     };
     assert_eq!(total(owner.clone()).await, None, "{first:?}");
     assert!(first.collected.watermark <= a_xact(&owner, a).await);
-    let second = run(&app, &owner, Utc::now()).await;
+    let second = run(&app, &owner, now()).await;
     assert_eq!(second.cells_written, 3, "{second:?}");
     assert_eq!(total(owner.clone()).await.as_deref(), Some("11"));
 }
@@ -264,7 +270,7 @@ async fn a_xact(owner: &PgPool, seq: i64) -> i64 {
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn periods_become_final_after_the_grace_and_late_changes_are_revisions(owner: PgPool) {
     let t = create_tenant(&owner, "final").await.id.0;
-    let day = Utc::now().date_naive() - Duration::days(10);
+    let day = today() - Duration::days(10);
     let noon = day.and_hms_opt(12, 0, 0).unwrap().and_utc();
     let seqs = insert(
         &owner,
@@ -354,20 +360,16 @@ async fn a_second_run_skips_while_one_holds_the_lock(owner: PgPool) {
         .unwrap();
     let first = {
         let app = app.clone();
-        tokio::spawn(async move { app.aggregator().aggregate(Utc::now(), later()).await })
+        tokio::spawn(async move { app.aggregator().aggregate(now(), later()).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let second = app
-        .aggregator()
-        .aggregate(Utc::now(), later())
-        .await
-        .unwrap();
+    let second = app.aggregator().aggregate(now(), later()).await.unwrap();
     assert_eq!(second.outcome, "skipped: locked");
     assert_eq!((second.cells_examined, second.cells_written), (0, 0));
     hold.commit().await.unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.outcome, "done");
-    let rest = run(&app, &owner, Utc::now()).await;
+    let rest = run(&app, &owner, now()).await;
     assert!(
         first.cells_written + rest.cells_written > 0,
         "{first:?} {rest:?}"
@@ -397,7 +399,7 @@ async fn a_run_out_of_time_stops_and_the_next_continues(owner: PgPool) {
     let stopped = loop {
         let stopped = app
             .aggregator()
-            .aggregate(Utc::now(), std::time::Instant::now())
+            .aggregate(now(), std::time::Instant::now())
             .await
             .unwrap();
         assert_eq!(stopped.outcome, "stopped");
@@ -409,7 +411,7 @@ async fn a_run_out_of_time_stops_and_the_next_continues(owner: PgPool) {
     };
     assert!(stopped.queued_after > 5);
     // The next run takes the queue in chunks of 5 and finishes it.
-    let next = run(&app, &owner, Utc::now()).await;
+    let next = run(&app, &owner, now()).await;
     assert_eq!(next.outcome, "done");
     assert_eq!(next.queued_after, 0);
     assert_eq!(next.cells_examined as i64, stopped.queued_after);
@@ -423,13 +425,13 @@ async fn a_backfill_recomputes_its_range_only(owner: PgPool) {
     let events = random_events(&[a.id.0, b.id.0], 300, 9);
     insert(&owner, &events).await;
     let app = app(&owner, &[]).await;
-    run(&app, &owner, Utc::now()).await;
+    run(&app, &owner, now()).await;
     // Damage every daily aggregate.
     sqlx::query("UPDATE usage_aggregates SET total_quantity = 0, source_hash = '\\x00'")
         .execute(&owner)
         .await
         .unwrap();
-    let today = Utc::now().date_naive();
+    let today = today();
     let (from, to) = (today - Duration::days(10), today - Duration::days(4));
     let report = app
         .aggregator()
@@ -440,7 +442,7 @@ async fn a_backfill_recomputes_its_range_only(owner: PgPool) {
                 tenant: Some(a.slug.to_string()),
                 periods: vec![PeriodType::Daily],
             },
-            Utc::now(),
+            now(),
             later(),
         )
         .await
@@ -481,7 +483,7 @@ async fn a_backfill_recomputes_its_range_only(owner: PgPool) {
         bad(from, to, None, vec![]),
     ] {
         let e = aggregator
-            .backfill(&request, Utc::now(), later())
+            .backfill(&request, now(), later())
             .await
             .unwrap_err();
         assert!(
@@ -495,9 +497,9 @@ async fn a_backfill_recomputes_its_range_only(owner: PgPool) {
 async fn status_reports_backlog_per_tenant(owner: PgPool) {
     let a = create_tenant(&owner, "stat").await;
     let app = app(&owner, &[]).await;
-    run(&app, &owner, Utc::now()).await;
+    run(&app, &owner, now()).await;
     insert(&owner, &random_events(&[a.id.0], 25, 1)).await;
-    let status = json_of(&app.aggregator().status(Utc::now()).await.unwrap());
+    let status = json_of(&app.aggregator().status(now()).await.unwrap());
     let row = status["tenants"]
         .as_array()
         .unwrap()
@@ -510,8 +512,8 @@ async fn status_reports_backlog_per_tenant(owner: PgPool) {
     assert!(row["oldestUnaggregatedAt"].is_string());
     assert!(status["state"]["lastRunAt"].is_string());
 
-    run(&app, &owner, Utc::now()).await;
-    let status = json_of(&app.aggregator().status(Utc::now()).await.unwrap());
+    run(&app, &owner, now()).await;
+    let status = json_of(&app.aggregator().status(now()).await.unwrap());
     let row = status["tenants"]
         .as_array()
         .unwrap()
@@ -531,12 +533,7 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     for _ in 0..50 {
         tenants.push(create_tenant(&owner, "wide").await.id.0);
     }
-    let early = Utc::now()
-        .date_naive()
-        .and_hms_opt(0, 0, 0)
-        .unwrap()
-        .and_utc()
-        + Duration::minutes(1);
+    let early = today().and_hms_opt(0, 0, 0).unwrap().and_utc() + Duration::minutes(1);
     let mut events = Vec::new();
     for (i, t) in tenants.iter().enumerate() {
         for (j, metric) in METRICS.iter().enumerate() {
@@ -552,7 +549,7 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     insert(&owner, &events).await;
     let app = app(&owner, &[]).await;
     // No aggregate yet: every group of the period is computed, the cells' kept.
-    run(&app, &owner, Utc::now()).await;
+    run(&app, &owner, now()).await;
     assert_eq!(stored(&owner).await, expected(&events));
 
     // 66 of the 150 pairs change (more than the probe size, fewer than half of those known):
@@ -570,7 +567,7 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
         }
     }
     insert(&owner, &more).await;
-    let report = run(&app, &owner, Utc::now()).await;
+    let report = run(&app, &owner, now()).await;
     assert_eq!(report.cells_written, 3 * 66, "{report:?}");
     events.extend(more);
     assert_eq!(stored(&owner).await, expected(&events));

@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chrono::{Duration, NaiveDate, Utc};
+use chrono::{Duration, NaiveDate};
 use common::*;
 use meterbridge::config::RedisSource;
 use meterbridge::domain::TenantId;
 use meterbridge::redis::{keys, Redis};
-use meterbridge::testing::{create_tenant, redis_url};
+use meterbridge::testing::{create_tenant, now, redis_url, today};
 use meterbridge::usage_counters;
 use sqlx::PgPool;
 
@@ -56,7 +56,7 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
     let url = own_redis_url();
     let a = create_tenant(&owner, "flush").await.id.0;
     let b = create_tenant(&owner, "flush").await.id.0;
-    let today = Utc::now().date_naive();
+    let today = today();
     let days = [today, today - Duration::days(3), today - Duration::days(6)];
     let mut events = Vec::new();
     for (i, tenant) in [a, b].into_iter().enumerate() {
@@ -90,7 +90,7 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
     let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
 
     // The first run computes the cells and writes every counter in the window.
-    let first = run(&app, &owner, Utc::now()).await;
+    let first = run(&app, &owner, now()).await;
     let repair = first.counters.clone().unwrap();
     assert_eq!(
         (repair.checked, repair.drift_found, repair.repaired),
@@ -112,7 +112,7 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
         None
     );
     // In step: nothing to repair.
-    let again = run(&app, &owner, Utc::now()).await.counters.unwrap();
+    let again = run(&app, &owner, now()).await.counters.unwrap();
     assert_eq!(
         (again.checked, again.drift_found, again.repaired),
         (12, 0, 0)
@@ -120,7 +120,7 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
 
     // A flush: one run restores all of them.
     let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
-    let healed = run(&app, &owner, Utc::now()).await.counters.unwrap();
+    let healed = run(&app, &owner, now()).await.counters.unwrap();
     assert_eq!((healed.drift_found, healed.repaired), (12, 12));
     assert_eq!(
         counter(&url, b, days[1], "leads.processed").await,
@@ -136,7 +136,7 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
         .query_async(&mut conn)
         .await
         .unwrap();
-    let fixed = run(&app, &owner, Utc::now()).await.counters.unwrap();
+    let fixed = run(&app, &owner, now()).await.counters.unwrap();
     assert_eq!((fixed.drift_found, fixed.repaired, fixed.raced), (1, 1, 0));
     assert_eq!(
         counter(&url, a, today, "api.requests").await,
@@ -163,14 +163,14 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
         std::time::Duration::from_secs(2),
     );
     let tenant = TenantId(uuid::Uuid::new_v4());
-    let today = Utc::now().date_naive();
+    let today = today();
     let cells = vec![(today, "api.requests".to_owned())];
     let add = |n: i128| {
         let mut totals = BTreeMap::new();
         totals.insert((today, "api.requests"), n);
         totals
     };
-    usage_counters::add_totals(&redis, tenant, &add(5), Utc::now(), 7)
+    usage_counters::add_totals(&redis, tenant, &add(5), now(), 7)
         .await
         .unwrap();
     let seen = usage_counters::observe(&redis, tenant, &cells)
@@ -178,7 +178,7 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
         .unwrap();
     assert_eq!(seen[0].value, Some(5));
     // An ingestion commits and increments between the repair's read and its write ...
-    usage_counters::add_totals(&redis, tenant, &add(7), Utc::now(), 7)
+    usage_counters::add_totals(&redis, tenant, &add(7), now(), 7)
         .await
         .unwrap();
     // ... so the repair (which read 5 and would set 40) leaves the counter as it is.
@@ -259,7 +259,7 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
 async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
     let url = redis_url();
     let tenant = create_tenant(&owner, "racing").await.id.0;
-    let today = Utc::now().date_naive();
+    let today = today();
     let app = Arc::new(app(&owner, &[]).await);
     // Start from a counter that is wrong (drift to repair while increments arrive).
     let redis = Arc::new(Redis::new(
@@ -269,7 +269,7 @@ async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
     ));
     let mut totals = BTreeMap::new();
     totals.insert((today, "api.requests"), 1_000_000i128);
-    usage_counters::add_totals(&redis, TenantId(tenant), &totals, Utc::now(), 7)
+    usage_counters::add_totals(&redis, TenantId(tenant), &totals, now(), 7)
         .await
         .unwrap();
 
@@ -287,14 +287,14 @@ async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
                             tenant,
                             metric: "api.requests",
                             quantity: q,
-                            at: Utc::now(),
+                            at: now(),
                             actor: None,
                         }],
                     )
                     .await;
                     let mut totals = BTreeMap::new();
                     totals.insert((today, "api.requests"), i128::from(q));
-                    usage_counters::add_totals(&redis, TenantId(tenant), &totals, Utc::now(), 7)
+                    usage_counters::add_totals(&redis, TenantId(tenant), &totals, now(), 7)
                         .await
                         .unwrap();
                 }
@@ -306,10 +306,7 @@ async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
         tokio::spawn(async move {
             let mut runs = 0;
             while !stop.load(Ordering::Relaxed) {
-                app.aggregator()
-                    .aggregate(Utc::now(), later())
-                    .await
-                    .unwrap();
+                app.aggregator().aggregate(now(), later()).await.unwrap();
                 runs += 1;
             }
             runs
@@ -330,7 +327,7 @@ async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
         "counter {seen} lost increments: PostgreSQL has {truth}"
     );
     // Quiet, one more run leaves it exact.
-    let last = run(&app, &owner, Utc::now()).await;
+    let last = run(&app, &owner, now()).await;
     assert_eq!(
         counter(&url, tenant, today, "api.requests").await,
         Some(truth),
@@ -343,7 +340,7 @@ async fn a_repair_of_many_counters_reads_their_days_in_one_scan(owner: PgPool) {
     // Its own Redis database (see own_redis_url), flushed: 80 tenants × 2 metrics × 2 days
     // = 320 counters to restore, beyond the index-probe size.
     let url = format!("{}/10", redis_url().trim_end_matches('/'));
-    let today = Utc::now().date_naive();
+    let today = today();
     let mut events = Vec::new();
     let mut tenants = Vec::new();
     for i in 0..80 {
@@ -366,7 +363,7 @@ async fn a_repair_of_many_counters_reads_their_days_in_one_scan(owner: PgPool) {
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
-    let report = run(&app, &owner, Utc::now()).await.counters.unwrap();
+    let report = run(&app, &owner, now()).await.counters.unwrap();
     assert_eq!((report.checked, report.repaired), (320, 320), "{report:?}");
     for tenant in [tenants[0], tenants[79]] {
         for day in [today, today - Duration::days(2)] {

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
@@ -151,7 +150,7 @@ pub async fn void_event(
                 (event.occurred_at.date_naive(), event.metric.as_str()),
                 -i128::from(event.quantity),
             );
-            let now = Utc::now();
+            let now = app.services.clock.now();
             if let Err(e) = counters::add_totals(
                 redis,
                 caller.tenant_id,

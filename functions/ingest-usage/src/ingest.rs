@@ -178,7 +178,7 @@ pub async fn ingest_batch(
     raw_events: Vec<Value>,
 ) -> Result<(Counts, Vec<EventResult>), ApiError> {
     let catalog = app.catalog().await?;
-    let now = Utc::now();
+    let now = app.services.clock.now();
     let submitter = Submitter {
         tenant_id: caller.tenant_id,
         tenant_slug: &caller.tenant_slug,

@@ -148,7 +148,9 @@ fn window(
             }
         }
         None => {
-            let to = to.unwrap_or_else(|| Utc::now() + app.config.event_limits.max_future_skew);
+            let to = to.unwrap_or_else(|| {
+                app.services.clock.now() + app.config.event_limits.max_future_skew
+            });
             let from = from.unwrap_or(to - app.config.default_list_span);
             Window {
                 from,
@@ -200,7 +202,7 @@ pub async fn realtime(
     request: &Request,
 ) -> Result<Response<Body>, ApiError> {
     let params = request.query_string_parameters();
-    let now = Utc::now();
+    let now = app.services.clock.now();
     let date = match params
         .first("date")
         .map(str::trim)

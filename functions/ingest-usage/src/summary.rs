@@ -3,7 +3,7 @@
 //! caller knows how settled and how fresh it is. `from` and `to` are UTC days (inclusive): the
 //! periods that start between them. The range is bounded per period type, and so is the answer.
 
-use chrono::{Duration, NaiveDate, Utc};
+use chrono::{Duration, NaiveDate};
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, RequestExt, Response};
 use meterbridge::auth::Caller;
@@ -62,7 +62,7 @@ pub async fn summary(
             .transpose()
     };
     let (max_span, default_span) = span(period);
-    let to = day("to")?.unwrap_or_else(|| Utc::now().date_naive());
+    let to = day("to")?.unwrap_or_else(|| app.services.clock.now().date_naive());
     let from = day("from")?.unwrap_or(to - default_span);
     if from > to {
         return Err(bad_param("from", "must not be after to"));

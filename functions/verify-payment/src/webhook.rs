@@ -100,7 +100,7 @@ pub async fn receive(
         header,
         body,
         &secrets,
-        chrono::Utc::now().timestamp(),
+        app.services.clock.now().timestamp(),
         tolerance,
     ) {
         tracing::warn!(

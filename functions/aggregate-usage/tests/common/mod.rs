@@ -21,6 +21,7 @@ use uuid::Uuid;
 /// The job as the Lambda builds it (ops role), with variable overrides.
 pub async fn app(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
     require_redis();
+    meterbridge::testing::create_partitions_around_now(owner).await;
     let mut vars: HashMap<String, String> = HashMap::new();
     vars.insert("DATABASE_URL".into(), database_url_as(owner, OPS_ROLE));
     vars.insert("REDIS_URL".into(), redis_url());
@@ -31,7 +32,10 @@ pub async fn app(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
     let env = Env::from_lookup(move |k| vars.get(k).cloned());
     let config = Config::from(&env, "aggregate-usage").unwrap();
     let aggregation = AggregationConfig::from_env(&env).unwrap();
-    let services = Services::build_with_aws(config, None).await.unwrap();
+    let services = Services::build_with_aws(config, None)
+        .await
+        .unwrap()
+        .with_clock(meterbridge::testing::clock());
     App::new(services, aggregation)
 }
 
@@ -59,15 +63,26 @@ pub struct Ev {
     pub actor: Option<String>,
 }
 
-/// Writes events straight into `usage_events` as the owner, in one transaction. Returns their
-/// seqs.
+/// Writes events straight into `usage_events` as the owner, in one transaction (after creating
+/// the day partitions they need). Returns their seqs.
 pub async fn insert(owner: &PgPool, events: &[Ev]) -> Vec<i64> {
+    partitions_for(owner, events).await;
     let mut tx = owner.begin().await.unwrap();
     let seqs = insert_in(&mut tx, events).await;
     tx.commit().await.unwrap();
     seqs
 }
 
+/// Creates the day partitions `events` need.
+pub async fn partitions_for(owner: &PgPool, events: &[Ev]) {
+    let days = events.iter().map(|e| e.at.date_naive());
+    if let (Some(first), Some(last)) = (days.clone().min(), days.max()) {
+        meterbridge::testing::create_day_partitions(owner, first, last).await;
+    }
+}
+
+/// Writes events in the caller's transaction; their day partitions must exist (a partition
+/// created in a transaction held open would lock the table for everyone else).
 pub async fn insert_in(conn: &mut sqlx::PgConnection, events: &[Ev]) -> Vec<i64> {
     let mut seqs = Vec::new();
     for e in events {
