@@ -26,7 +26,9 @@ pub const TEST_NOW_VARIABLE: &str = "MB_TEST_NOW";
 pub fn clock() -> Arc<dyn Clock> {
     static SHIFT: OnceLock<Option<ShiftedClock>> = OnceLock::new();
     let shift = SHIFT.get_or_init(|| {
-        let at = std::env::var(TEST_NOW_VARIABLE).ok()?;
+        let at = std::env::var(TEST_NOW_VARIABLE)
+            .ok()
+            .filter(|v| !v.trim().is_empty())?;
         let at = DateTime::parse_from_rfc3339(at.trim()).unwrap_or_else(|e| {
             panic!("{TEST_NOW_VARIABLE}={at:?} is not an RFC 3339 instant: {e}")
         });
@@ -73,6 +75,54 @@ pub async fn create_partitions_around_now(owner: &PgPool) {
         today + chrono::Duration::days(14),
     )
     .await;
+}
+
+/// The storage as if the migrations had run at [`now`]: the day partitions around it (and none
+/// of the empty ones the migrations made around the real today), and the open key generation
+/// opened at it (so the maintenance rotates it an hour after `now`). Does nothing on a database
+/// migrated only as far as before the partitioning (a migration test's).
+pub async fn storage_as_of_now(owner: &PgPool) {
+    let partitioned: bool = sqlx::query_scalar(
+        "SELECT to_regprocedure('public.usage_events_create_partition(date)') IS NOT NULL",
+    )
+    .fetch_one(owner)
+    .await
+    .expect("the catalog");
+    if !partitioned {
+        return;
+    }
+    create_partitions_around_now(owner).await;
+    let today = today();
+    let elsewhere: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent = 'public.usage_events'::regclass
+            AND c.relname ~ '^usage_events_p[0-9]{8}$'
+            AND to_date(substr(c.relname, 15), 'YYYYMMDD') NOT BETWEEN $1 AND $2",
+    )
+    .bind(today - chrono::Duration::days(36))
+    .bind(today + chrono::Duration::days(14))
+    .fetch_all(owner)
+    .await
+    .expect("the day partitions");
+    for partition in elsewhere {
+        let empty: bool = sqlx::query_scalar(&format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM public.{partition})"
+        ))
+        .fetch_one(owner)
+        .await
+        .expect("a day partition");
+        if empty {
+            sqlx::query(&format!("DROP TABLE public.{partition}"))
+                .execute(owner)
+                .await
+                .expect("drop a day partition");
+        }
+    }
+    sqlx::query("UPDATE usage_key_generations SET opened_at = $1 WHERE closed_at IS NULL")
+        .bind(now())
+        .execute(owner)
+        .await
+        .expect("open the key generation now");
 }
 
 /// The moto endpoint the tests use (`AWS_ENDPOINT_URL`, default `http://127.0.0.1:5055`).

@@ -126,7 +126,7 @@ async fn counters_work_across_a_cluster() {
     let mut servers = Servers::new();
     let ports = servers.start_cluster(false);
     let redis = cluster_client(&servers, ports[0], false);
-    let now = Utc::now();
+    let now = meterbridge::testing::now();
     let by_master = tenants_on_every_master(&redis, now.date_naive()).await;
     let tenants: Vec<TenantId> = by_master.concat();
     exercise(&redis, &tenants, now).await;
@@ -160,7 +160,7 @@ async fn counters_work_across_a_tls_only_cluster() {
     servers.make_certificates();
     let ports = servers.start_cluster(true);
     let redis = cluster_client(&servers, ports[1], true);
-    let now = Utc::now();
+    let now = meterbridge::testing::now();
     let tenants: Vec<TenantId> = tenants_on_every_master(&redis, now.date_naive())
         .await
         .into_iter()

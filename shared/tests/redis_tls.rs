@@ -46,7 +46,7 @@ impl TlsRedis {
 /// Adds to a counter through the app's code path; what it then reads back.
 async fn add_and_read(redis: &Redis) -> Result<Option<i128>, RedisError> {
     let tenant = TenantId(uuid::Uuid::new_v4());
-    let now = Utc::now();
+    let now = meterbridge::testing::now();
     let today = now.date_naive();
     let totals = BTreeMap::from([((today, "api.requests"), 41i128), ((today, "gb.out"), 2)]);
     usage_counters::add_totals(redis, tenant, &totals, now, 7).await?;

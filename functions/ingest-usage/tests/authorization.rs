@@ -128,7 +128,7 @@ async fn the_database_refuses_wider_scopes_for_external_keys(owner: PgPool) {
 async fn a_partner_cannot_pre_claim_an_internal_event_id(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
-    let at = chrono::Utc::now().to_rfc3339();
+    let at = meterbridge::testing::now().to_rfc3339();
     // The partner guesses the id the billing service will use, and sends it first.
     let partner = json!({"eventId": "order-1001", "metric": "integrations.webhooks.received",
                          "quantity": 1, "occurredAt": at, "correlationId": "partner-op"});

@@ -35,7 +35,7 @@ async fn aggregate(owner: &PgPool) {
     for _ in 0..600 {
         let report = aggregator
             .aggregate(
-                chrono::Utc::now(),
+                meterbridge::testing::now(),
                 std::time::Instant::now() + std::time::Duration::from_secs(60),
             )
             .await
@@ -74,7 +74,7 @@ async fn an_internal_key_voids_once_and_everything_follows(owner: PgPool) {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(fx.counter("api.requests").await, Some(42));
     aggregate(&owner).await;
-    let today = chrono::Utc::now().date_naive().to_string();
+    let today = meterbridge::testing::now().date_naive().to_string();
     let summary = send(
         &app,
         fx.get(

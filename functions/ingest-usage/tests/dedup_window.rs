@@ -33,7 +33,7 @@ async fn maintain(
 
 /// A full compaction, now (as with `full_compaction_hours` 0).
 async fn compact(owner: &PgPool) -> Vec<StorageAction> {
-    compact_at(owner, Utc::now(), &always_full()).await
+    compact_at(owner, meterbridge::testing::now(), &always_full()).await
 }
 
 async fn compact_at(
@@ -67,7 +67,9 @@ async fn key_partitions(owner: &PgPool) -> Vec<String> {
 
 /// A moment at which the open key generation (opened now) is due for rotation.
 fn rotation_due() -> DateTime<Utc> {
-    Utc::now() + Days::hours(StoragePolicy::default().generation_hours.into()) + Days::hours(1)
+    meterbridge::testing::now()
+        + Days::hours(StoragePolicy::default().generation_hours.into())
+        + Days::hours(1)
 }
 
 fn did(done: &[StorageAction], action: &str) -> Vec<String> {
@@ -88,7 +90,7 @@ async fn resends_are_caught_across_day_partitions(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     // Just before today's midnight, so that a resend "a moment later" is in another partition.
-    let midnight = Utc::now()
+    let midnight = meterbridge::testing::now()
         .date_naive()
         .and_hms_opt(0, 0, 0)
         .unwrap()
@@ -154,7 +156,7 @@ async fn keys_are_remembered_for_the_window_then_forgotten(owner: PgPool) {
         .submit(&app, json!({ "events": [event.clone(), keyed.clone()] }))
         .await;
     assert_eq!(statuses(&r.body), ["duplicate", "duplicate"], "{}", r.body);
-    let later = Utc::now() - Days::minutes(1);
+    let later = meterbridge::testing::now() - Days::minutes(1);
     let moved = with(&event, "occurredAt", json!(later.to_rfc3339()));
     let rekeyed = with(
         &with(&keyed, "eventId", json!(format!("{}-new", fx.run))),
@@ -182,7 +184,7 @@ async fn keys_are_remembered_for_the_window_then_forgotten(owner: PgPool) {
     let stale = with(
         &event,
         "occurredAt",
-        json!((Utc::now() - Days::days(36)).to_rfc3339()),
+        json!((meterbridge::testing::now() - Days::days(36)).to_rfc3339()),
     );
     let r = fx.submit(&app, json!({ "events": [stale] })).await;
     assert_eq!(r.status, 422, "{}", r.body);
@@ -216,7 +218,7 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
     assert_eq!(compact(&owner).await, [], "nothing is closed yet");
 
     // Two rotations: generation 1 holds the first two events' keys, generation 2 the third's.
-    let t1 = Utc::now() + day;
+    let t1 = meterbridge::testing::now() + day;
     assert_eq!(
         did(&maintain(&owner, t1, &policy).await, "rotated"),
         ["usage_event_keys_g2"]
@@ -257,7 +259,7 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
         "{}",
         r.body
     );
-    let later = Utc::now() - Days::minutes(1);
+    let later = meterbridge::testing::now() - Days::minutes(1);
     let moved_first = with(&first, "occurredAt", json!(later.to_rfc3339()));
     let moved_second = with(&second, "occurredAt", json!(later.to_rfc3339()));
     let rekeyed = with(
@@ -333,8 +335,9 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
 /// jitter), not earlier.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn a_rotation_is_due_a_minute_early(owner: PgPool) {
+    meterbridge::testing::storage_as_of_now(&owner).await;
     let policy = StoragePolicy::default();
-    let opened = Utc::now() + Days::hours(2);
+    let opened = meterbridge::testing::now() + Days::hours(2);
     assert_eq!(
         did(&maintain(&owner, opened, &policy).await, "rotated"),
         ["usage_event_keys_g2"]
@@ -375,7 +378,7 @@ async fn recent_generations_are_merged_hourly_and_compacted_daily(owner: PgPool)
     let hour = Days::hours(1) + Days::minutes(1);
     let events: Vec<Value> = (0..4).map(|n| fx.event(n, "api.requests", 1)).collect();
     // An hour for each of the first three events: generations 1, 2 and 3.
-    let mut now = Utc::now();
+    let mut now = meterbridge::testing::now();
     let mut merged = Vec::new();
     for (n, event) in events.iter().take(3).enumerate() {
         let r = fx.submit(&app, json!({ "events": [event] })).await;
@@ -481,10 +484,10 @@ async fn the_bloom_filter_never_hides_a_stored_key(owner: PgPool) {
         assert_eq!(r.body["accepted"], 200, "{}", r.body);
         // Spread over two generations, both compacted.
         if i == 1 {
-            maintain(&owner, Utc::now() + day, &policy).await;
+            maintain(&owner, meterbridge::testing::now() + day, &policy).await;
         }
     }
-    maintain(&owner, Utc::now() + day + day, &policy).await;
+    maintain(&owner, meterbridge::testing::now() + day + day, &policy).await;
     assert_eq!(
         did(&compact(&owner).await, "compacted"),
         ["usage_event_keys_c1_2"]
@@ -520,8 +523,8 @@ async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
     let app = fx.app(&[]).await;
     let policy = StoragePolicy::default();
     let day = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
-    maintain(&owner, Utc::now() + day, &policy).await;
-    maintain(&owner, Utc::now() + day + day, &policy).await;
+    maintain(&owner, meterbridge::testing::now() + day, &policy).await;
+    maintain(&owner, meterbridge::testing::now() + day + day, &policy).await;
 
     let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
     let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
@@ -531,7 +534,7 @@ async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
         .execute(&mut *compaction)
         .await
         .unwrap();
-    let err = usage_storage::compact(&mut compaction, Utc::now(), &always_full())
+    let err = usage_storage::compact(&mut compaction, meterbridge::testing::now(), &always_full())
         .await
         .unwrap_err();
     assert_eq!(err.sqlstate().as_deref(), Some("55P03"), "{err}");
@@ -580,7 +583,7 @@ async fn no_duplicate_slips_between_generations(owner: PgPool) {
         tokio::spawn(async move {
             let (mut rotated, mut merged, mut compacted) = (0, 0, 0);
             for hour in 1..=40 {
-                let now = Utc::now() + Days::hours(hour);
+                let now = meterbridge::testing::now() + Days::hours(hour);
                 let done = maintain(&owner, now, &policy).await;
                 rotated += did(&done, "rotated").len();
                 // As the admin function runs it (recent merges, a full compaction a day
@@ -655,7 +658,7 @@ async fn a_rotation_waits_for_ingestion_in_flight(owner: PgPool) {
 async fn old_days_are_archived_whole_then_dropped(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
-    let yesterday = Utc::now() - Days::days(1);
+    let yesterday = meterbridge::testing::now() - Days::days(1);
     let event = with(
         &fx.event(1, "api.requests", 2),
         "occurredAt",
@@ -673,14 +676,14 @@ async fn old_days_are_archived_whole_then_dropped(owner: PgPool) {
         ..StoragePolicy::default()
     };
     // Nothing is due yet: the run only makes sure the days ahead exist.
-    let done = maintain(&owner, Utc::now(), &policy).await;
+    let done = maintain(&owner, meterbridge::testing::now(), &policy).await;
     assert!(
         did(&done, "archived").is_empty() && did(&done, "dropped").is_empty(),
         "{done:?}"
     );
 
     // Past the retention, yesterday's partition leaves the table whole, into usage_archive.
-    let past = Utc::now() + Days::days(80);
+    let past = meterbridge::testing::now() + Days::days(80);
     let done = maintain(&owner, past, &policy).await;
     assert!(
         did(&done, "archived").contains(&format!("usage_events_p{day}")),
@@ -715,7 +718,7 @@ async fn old_days_are_archived_whole_then_dropped(owner: PgPool) {
 async fn a_missing_partition_is_503_and_stores_nothing(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
-    let today = Utc::now().format("%Y%m%d").to_string();
+    let today = meterbridge::testing::now().format("%Y%m%d").to_string();
     sqlx::query(&format!("DROP TABLE usage_events_p{today}"))
         .execute(&owner)
         .await
@@ -731,7 +734,12 @@ async fn a_missing_partition_is_503_and_stores_nothing(owner: PgPool) {
         .unwrap();
     assert_eq!(keys, 0);
 
-    let done = maintain(&owner, Utc::now(), &StoragePolicy::default()).await;
+    let done = maintain(
+        &owner,
+        meterbridge::testing::now(),
+        &StoragePolicy::default(),
+    )
+    .await;
     assert!(
         did(&done, "created").contains(&format!("usage_events_p{today}")),
         "{done:?}"
@@ -762,7 +770,9 @@ fn the_policy_keeps_events_longer_than_keys() {
 async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
     migrate_up_to(&owner, 5).await;
     let fx = Fixture::new(&owner).await;
-    let app = fx.app(&[]).await;
+    // Migration 0006 makes the day partitions around the database's clock, whatever day the
+    // tests run as of: this test runs by that clock.
+    let app = fx.app_by(meterbridge::clock::system()).await;
     let catalog = app.catalog().await.unwrap();
     let source = SourceService::parse("crm").unwrap();
     let submitter = Submitter {
@@ -771,15 +781,24 @@ async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
         source: &source,
         trust: Trust::Internal,
         catalog: &catalog,
-        now: Utc::now(),
+        now: meterbridge::testing::now(),
         limits: EventLimits::default(),
     };
-    let keyed = with(
+    let db_now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    let at_db_now = |e: Value| with(&e, "occurredAt", json!(db_now.to_rfc3339()));
+    let keyed = at_db_now(with(
         &fx.event(1, "api.requests", 2),
         "idempotencyKey",
         json!("order-1"),
-    );
-    let plain = fx.event(2, "api.requests", 3);
+    ));
+    let plain = at_db_now(fx.event(2, "api.requests", 3));
+    let submitter = Submitter {
+        now: db_now,
+        ..submitter
+    };
     for raw in [&keyed, &plain] {
         // As the code of migration 0005 stored them.
         let e = validate_event(raw.clone(), &submitter).unwrap();
@@ -810,7 +829,7 @@ async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
         "the event keys of both, the idempotency key of one"
     );
 
-    let app = fx.app(&[]).await;
+    let app = fx.app_by(meterbridge::clock::system()).await;
     let r = fx
         .submit(&app, json!({ "events": [keyed.clone(), plain.clone()] }))
         .await;

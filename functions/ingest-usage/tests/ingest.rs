@@ -149,9 +149,10 @@ async fn tenants_never_see_or_touch_each_other(owner: PgPool) {
     let forged = sqlx::query(
         "INSERT INTO usage_events (tenant_id, event_id, metric, quantity, occurred_at, source_service,
                                    correlation_id, classification, idempotency_key, payload_hash)
-         VALUES ($1, 'forged', 'api.requests', 1, now(), 'crm', 'c', 'BILLABLE', 'forged', decode(repeat('00', 32), 'hex'))",
+         VALUES ($1, 'forged', 'api.requests', 1, $2, 'crm', 'c', 'BILLABLE', 'forged', decode(repeat('00', 32), 'hex'))",
     )
     .bind(fx.tenant.id)
+    .bind(meterbridge::testing::now())
     .execute(&mut *tx)
     .await;
     assert!(forged.is_err(), "RLS must refuse a row for another tenant");
@@ -165,9 +166,10 @@ async fn tenants_never_see_or_touch_each_other(owner: PgPool) {
     let unscoped_insert = sqlx::query(
         "INSERT INTO usage_events (tenant_id, event_id, metric, quantity, occurred_at, source_service,
                                    correlation_id, classification, idempotency_key, payload_hash)
-         VALUES ($1, 'forged', 'api.requests', 1, now(), 'crm', 'c', 'BILLABLE', 'forged', decode(repeat('00', 32), 'hex'))",
+         VALUES ($1, 'forged', 'api.requests', 1, $2, 'crm', 'c', 'BILLABLE', 'forged', decode(repeat('00', 32), 'hex'))",
     )
     .bind(fx.tenant.id)
+    .bind(meterbridge::testing::now())
     .execute(&mut *tx)
     .await;
     assert!(
@@ -374,7 +376,7 @@ async fn hostile_bodies_get_a_clear_4xx_and_store_nothing(owner: PgPool) {
 async fn listing_filters_and_pages_with_a_cursor(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
-    let base = chrono::Utc::now() - chrono::Duration::hours(5);
+    let base = meterbridge::testing::now() - chrono::Duration::hours(5);
     let events: Vec<Value> = (0..5)
         .map(|n| {
             let mut e = fx.event(
@@ -465,7 +467,7 @@ async fn listing_filters_and_pages_with_a_cursor(owner: PgPool) {
     )
     .await;
     assert_eq!(r.status, 400);
-    let old_day = (chrono::Utc::now() - chrono::Duration::days(20))
+    let old_day = (meterbridge::testing::now() - chrono::Duration::days(20))
         .date_naive()
         .to_string();
     let r = send(
@@ -488,7 +490,7 @@ async fn events_older_than_the_counter_ttl_skip_redis(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = app_with(&owner, &[]).await;
     let mut old = fx.event(1, "leads.qualified", 2);
-    let old_at = chrono::Utc::now() - chrono::Duration::days(10);
+    let old_at = meterbridge::testing::now() - chrono::Duration::days(10);
     old["occurredAt"] = json!(old_at.to_rfc3339());
     let r = fx.submit(&app, json!({"events": [old]})).await;
     assert_eq!(r.body["accepted"], 1);
@@ -510,7 +512,7 @@ async fn events_older_than_the_counter_ttl_skip_redis(owner: PgPool) {
         .await;
     let key = meterbridge::redis::keys::usage_counter(
         fx.tenant.id,
-        chrono::Utc::now().date_naive(),
+        meterbridge::testing::now().date_naive(),
         "leads.qualified",
     );
     let ttl: i64 = redis::cmd("TTL")

@@ -35,7 +35,7 @@ async fn totals_stay_exact_beyond_64_bits(owner: PgPool) {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let key = meterbridge::redis::keys::usage_counter(
         fx.tenant.id,
-        chrono::Utc::now().date_naive(),
+        meterbridge::testing::now().date_naive(),
         "api.requests",
     );
     let () = redis::cmd("HSET")
@@ -74,11 +74,12 @@ async fn totals_stay_exact_beyond_64_bits(owner: PgPool) {
     sqlx::query(
         "INSERT INTO usage_events (tenant_id, source_service, event_id, metric, quantity,
              occurred_at, correlation_id, classification, payload_hash, operation_key)
-         SELECT $1, 'crm', 'huge-' || n, 'leads.routed', 9000000000000000000, now(), 'h-' || n,
+         SELECT $1, 'crm', 'huge-' || n, 'leads.routed', 9000000000000000000, $2, 'h-' || n,
                 'BILLABLE', decode(repeat('00', 32), 'hex'), gen_random_uuid()
            FROM generate_series(1, 3) AS n",
     )
     .bind(fx.tenant.id)
+    .bind(meterbridge::testing::now())
     .execute(&owner)
     .await
     .unwrap();
@@ -154,7 +155,7 @@ async fn extreme_query_parameters_are_400_never_a_crash(owner: PgPool) {
 async fn leap_seconds_are_refused_not_split_across_days(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
-    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).date_naive();
+    let yesterday = (meterbridge::testing::now() - chrono::Duration::days(1)).date_naive();
     let mut leap = fx.event(1, "api.requests", 1);
     leap["occurredAt"] = json!(format!("{yesterday}T23:59:60Z"));
     let mut fine = fx.event(2, "api.requests", 1);
@@ -203,7 +204,7 @@ async fn counters_of_the_previous_version_keep_counting(owner: PgPool) {
     let app = fx.app(&[]).await;
     let client = redis::Client::open(meterbridge::testing::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let today = chrono::Utc::now().date_naive();
+    let today = meterbridge::testing::now().date_naive();
     let legacy =
         |metric: &str| meterbridge::redis::keys::usage_counter(fx.tenant.id, today, metric);
     for (metric, value) in [

@@ -50,13 +50,14 @@ async fn every_listing_reads_one_bounded_index_range(owner: PgPool) {
              occurred_at, correlation_id, classification, payload_hash, operation_key)
          SELECT $1, 'crm', 'bulk-' || n,
                 CASE WHEN n % 2 = 0 THEN 'api.requests' ELSE 'sla.timers.started' END, 1,
-                (date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                (date_trunc('day', $2::timestamptz AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
                     - n * interval '1 minute', 'c-' || n,
                 CASE WHEN n % 2 = 0 THEN 'BILLABLE' ELSE 'NON_BILLABLE' END,
                 decode(repeat('00', 32), 'hex'), gen_random_uuid()
            FROM generate_series(1, 28 * 1440 - 1) AS n",
     )
     .bind(fx.tenant.id)
+    .bind(meterbridge::testing::now())
     .execute(&owner)
     .await
     .unwrap();
@@ -65,7 +66,7 @@ async fn every_listing_reads_one_bounded_index_range(owner: PgPool) {
         .await
         .unwrap();
     let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
-    let now = chrono::Utc::now();
+    let now = meterbridge::testing::now();
     let from = now - chrono::Duration::days(31);
     let deep: (chrono::DateTime<chrono::Utc>, i64) =
         sqlx::query_as("SELECT occurred_at, seq FROM usage_events WHERE event_id = 'bulk-14400'")
@@ -143,7 +144,7 @@ async fn the_window_is_bounded_and_carried_by_the_cursor(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     let key = &fx.internal.key;
-    let now = chrono::Utc::now();
+    let now = meterbridge::testing::now();
     let stamp =
         |d: chrono::DateTime<chrono::Utc>| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let events: Vec<Value> = [30, 2, 1]

@@ -61,7 +61,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 
 /// An event that is mostly well-formed, with each field kept, dropped, or replaced by anything.
 fn near_event(run: String) -> impl Strategy<Value = Value> {
-    let now = chrono::Utc::now();
+    let now = meterbridge::testing::now();
     (
         0u32..40,
         prop::sample::select(METRICS),

@@ -36,6 +36,7 @@ pub struct Fixture {
 impl Fixture {
     pub async fn new(owner: &PgPool) -> Fixture {
         require_redis();
+        meterbridge::testing::storage_as_of_now(owner).await;
         let tenant = create_tenant(owner, "acme").await;
         let internal = create_api_key(owner, &tenant, "crm", Trust::Internal).await;
         let external = create_api_key(owner, &tenant, "web-widget", Trust::External).await;
@@ -52,13 +53,21 @@ impl Fixture {
             revoked,
             disabled_tenant_key,
             run: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
-            now: chrono::Utc::now(),
+            now: meterbridge::testing::now(),
         }
     }
 
     /// The app as the Lambda builds it, as the API role, with variable overrides.
     pub async fn app(&self, overrides: &[(&str, &str)]) -> App {
         app_with(&self.owner, overrides).await
+    }
+
+    /// The app reading "now" from `clock` instead of the tests' clock.
+    pub async fn app_by(&self, clock: std::sync::Arc<dyn meterbridge::clock::Clock>) -> App {
+        let App {
+            services, config, ..
+        } = app_with(&self.owner, &[]).await;
+        App::new(services.with_clock(clock), config)
     }
 
     pub fn placeholders(&self) -> Vec<(&'static str, String)> {
@@ -128,7 +137,7 @@ impl Fixture {
             "eventId": format!("{}-e{n}", self.run),
             "metric": metric,
             "quantity": quantity,
-            "occurredAt": chrono::Utc::now().to_rfc3339(),
+            "occurredAt": meterbridge::testing::now().to_rfc3339(),
             "correlationId": format!("{}-c{n}", self.run),
         })
     }
@@ -147,7 +156,7 @@ impl Fixture {
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let key = meterbridge::redis::keys::usage_counter(
             self.tenant.id,
-            chrono::Utc::now().date_naive(),
+            meterbridge::testing::now().date_naive(),
             metric,
         );
         let (hi, lo): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
@@ -172,7 +181,10 @@ pub async fn app_with(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
     let env = Env::from_lookup(move |k| vars.get(k).cloned());
     let config = Config::from(&env, "ingest-usage").unwrap();
     let ingest = IngestConfig::from(&env).unwrap();
-    let services = Services::build_with_aws(config, None).await.unwrap();
+    let services = Services::build_with_aws(config, None)
+        .await
+        .unwrap()
+        .with_clock(meterbridge::testing::clock());
     App::new(services, ingest)
 }
 

@@ -111,7 +111,8 @@ impl Fixture {
         let payments = PaymentsConfig::from(&env).unwrap();
         let services = Services::build_with_aws(config, Some(self.sdk.clone()))
             .await
-            .unwrap();
+            .unwrap()
+            .with_clock(meterbridge::testing::clock());
         App::new(services, payments)
     }
 
@@ -255,7 +256,7 @@ impl Fixture {
 }
 
 pub fn now() -> i64 {
-    chrono::Utc::now().timestamp()
+    meterbridge::testing::now().timestamp()
 }
 
 pub fn events_dir() -> PathBuf {
