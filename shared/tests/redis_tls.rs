@@ -7,7 +7,6 @@ mod local_redis;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::Utc;
 use local_redis::{free_ports, Servers};
 use meterbridge::config::{RedisOptions, RedisSource};
 use meterbridge::domain::TenantId;
