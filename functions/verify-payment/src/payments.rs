@@ -8,6 +8,7 @@ use lambda_http::http::{HeaderValue, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
 use meterbridge::auth::Caller;
 use meterbridge::db::retry_transient;
+use meterbridge::domain::advisory_locks;
 use meterbridge::domain::payment::{
     parse_currency_code, parse_provider, PaymentStatus, MAX_AMOUNT_MINOR,
 };
@@ -181,8 +182,9 @@ async fn create_once(
         key,
     });
     if let Some(owner) = owner {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(advisory_lock_id(&owner))
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(advisory_locks::space::IDEMPOTENCY_KEYS)
+            .bind(advisory_lock_key(&owner))
             .execute(&mut *tx)
             .await?;
         if let Some(recorded) = idempotency::find(&mut tx, owner).await? {
@@ -232,9 +234,9 @@ async fn create_once(
     Ok(Created::New(body))
 }
 
-/// A 64-bit lock id for an idempotency key (a collision only makes two keys wait for each
-/// other briefly).
-fn advisory_lock_id(owner: &KeyOwner<'_>) -> i64 {
+/// The second key of an idempotency key's advisory lock, in the idempotency keys' own space (a
+/// collision only makes two keys wait for each other briefly).
+fn advisory_lock_key(owner: &KeyOwner<'_>) -> i32 {
     let digest = Sha256::new()
         .chain_update(b"idempotency\0")
         .chain_update(owner.tenant.0.as_bytes())
@@ -242,9 +244,9 @@ fn advisory_lock_id(owner: &KeyOwner<'_>) -> i64 {
         .chain_update(b"\0")
         .chain_update(owner.key.as_bytes())
         .finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(first)
+    let mut first = [0u8; 4];
+    first.copy_from_slice(&digest[..4]);
+    i32::from_be_bytes(first)
 }
 
 /// How the audit trail names an API key's holder.

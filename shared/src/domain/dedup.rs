@@ -15,9 +15,8 @@ use uuid::Uuid;
 use super::usage::UsageEvent;
 use super::{SourceService, TenantId};
 
-/// The advisory lock that ingestion holds shared and the key-generation rotation exclusive
-/// (migration 0006, `usage_keys_lock_id()`).
-pub const KEY_ROTATION_LOCK: i64 = 7_235_010_426_170_001;
+/// The advisory lock that ingestion holds shared and the key-generation rotation exclusive.
+pub const KEY_ROTATION_LOCK: i64 = super::advisory_locks::KEY_ROTATION.id;
 
 /// The hashed unique keys of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! Plain types and their validation. No I/O lives here.
 
+pub mod advisory_locks;
 pub mod api_key;
 pub mod dedup;
 pub mod metric;

@@ -10,6 +10,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::db::DbError;
+use crate::domain::advisory_locks;
 use crate::domain::dedup::{DedupKeys, KEY_ROTATION_LOCK};
 use crate::domain::usage::UsageEvent;
 use crate::domain::{Classification, SourceService, TenantId};
@@ -183,16 +184,13 @@ pub async fn serialize_collisions(
 ) -> Result<(), DbError> {
     sqlx::query!(
         "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-        COLLISION_LOCK_SPACE,
+        advisory_locks::space::INGEST_COLLISIONS,
         tenant.0.to_string()
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
-
-/// The first key of the two-key advisory locks that serialize a tenant's colliding batches.
-const COLLISION_LOCK_SPACE: i32 = 0x6d62_0001;
 
 /// What [`insert`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
