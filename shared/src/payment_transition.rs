@@ -48,6 +48,8 @@ pub struct Request<'a> {
     pub method: Option<VerificationMethod>,
     /// The provider's reference: must match the payment's, or is recorded when it has none.
     pub provider_reference: Option<&'a str>,
+    /// For a failed attempt: the provider's code for it (`card_declined`).
+    pub failure: Option<&'a str>,
     /// What the caller expects the payment to be for.
     pub expect_amount_minor: Option<i64>,
     pub expect_currency: Option<&'a str>,
@@ -65,8 +67,16 @@ pub enum Outcome {
     },
     /// The payment already was where the action leads: nothing changed.
     AlreadyDone(Payment),
-    /// Not allowed: `reason` is a stable code, `detail` a sentence. Audited.
+    /// Not allowed (now): `reason` is a stable code, `detail` a sentence. Audited.
     Refused {
+        payment: Payment,
+        reason: &'static str,
+        detail: String,
+    },
+    /// Too late: the payment moved past what this reports, and it changes nothing (an earlier
+    /// attempt's failure delivered after the success). Audited; a provider's delivery of it is
+    /// acknowledged, not refused.
+    Stale {
         payment: Payment,
         reason: &'static str,
         detail: String,
@@ -120,10 +130,24 @@ pub async fn apply(
                 detail,
             })
         }
+        Decision::Stale(reason) => {
+            audit(tx, tenant, &payment, request, actor, false, None, reason).await?;
+            let detail = format!(
+                "the payment is {}: this {} comes after it and changes nothing",
+                payment.status,
+                request.action.as_str()
+            );
+            Ok(Outcome::Stale {
+                payment,
+                reason,
+                detail,
+            })
+        }
         Decision::AlreadyDone => {
             let reason = match request.action {
                 PaymentAction::Verify => "already_verified",
                 PaymentAction::Fail => "already_failed",
+                PaymentAction::Cancel => "already_canceled",
                 PaymentAction::Refund => "already_refunded",
             };
             audit(tx, tenant, &payment, request, actor, false, None, reason).await?;
@@ -140,6 +164,8 @@ pub async fn apply(
                     verified_by: request.verified_by.filter(|_| verifies),
                     verification_method: request.method.filter(|_| verifies),
                     provider_reference: request.provider_reference,
+                    failed_attempt: (request.action == PaymentAction::Fail)
+                        .then_some(request.failure),
                 },
             )
             .await?;
@@ -219,6 +245,7 @@ fn past_tense(action: PaymentAction) -> &'static str {
     match action {
         PaymentAction::Verify => "verified",
         PaymentAction::Fail => "failed",
+        PaymentAction::Cancel => "canceled",
         PaymentAction::Refund => "refunded",
     }
 }
@@ -244,6 +271,9 @@ async fn audit(
     if let Some(reference) = request.provider_reference {
         details["providerReference"] = json!(reference);
     }
+    if let Some(failure) = request.failure {
+        details["failure"] = json!(failure);
+    }
     payment_audit::insert(
         tx,
         tenant,
@@ -264,7 +294,10 @@ async fn audit(
     .await
 }
 
-/// The outbox row of an applied transition, in the same transaction; returns its event id.
+/// The outbox row of an applied transition, in the same transaction; returns its event id. The
+/// event's sequence is the payment's version (which this transition bumped) less one: a
+/// counter kept on the payment row itself, never read back from outbox rows that retention
+/// deletes. The first change of a payment is event 1.
 async fn publish(
     tx: &mut PgConnection,
     tenant: TenantId,
@@ -272,7 +305,7 @@ async fn publish(
     request: &Request<'_>,
     actor: &Actor<'_>,
 ) -> Result<Uuid, DbError> {
-    let sequence = outbox::next_sequence(tx, tenant, PAYMENT_AGGREGATE, payment.id).await?;
+    let sequence = payment.version - 1;
     let envelope = Envelope {
         event_id: Uuid::now_v7(),
         event_type: request.action.event_type().to_owned(),
@@ -280,7 +313,7 @@ async fn publish(
         tenant_id: tenant,
         occurred_at: payment.updated_at,
         correlation_id: request.correlation_id.to_owned(),
-        idempotency_key: request.action.event_idempotency_key(payment.id),
+        idempotency_key: request.action.event_idempotency_key(payment.id, sequence),
         aggregate_type: PAYMENT_AGGREGATE.to_owned(),
         aggregate_id: payment.id,
         aggregate_sequence: sequence,
@@ -295,6 +328,8 @@ async fn publish(
             verified_at: payment.verified_at,
             verified_by: payment.verified_by.clone(),
             verification_method: payment.verification_method.map(|m| m.as_str().to_owned()),
+            failed_attempts: payment.failed_attempts,
+            last_failure: payment.last_failure.clone(),
         },
     };
     outbox::insert(tx, &envelope, request.trace_header).await?;

@@ -93,6 +93,9 @@ const REVIEWED: &[&str] = &[
     "meterbridge_api: UPDATE ON COLUMN outbox_events.next_attempt_at",
     "meterbridge_api: UPDATE ON COLUMN outbox_events.published_at",
     "meterbridge_api: UPDATE ON COLUMN outbox_events.status",
+    // Migration 0012: a failed attempt is counted and its code kept.
+    "meterbridge_api: UPDATE ON COLUMN payments.failed_attempts",
+    "meterbridge_api: UPDATE ON COLUMN payments.last_failure",
     "meterbridge_api: UPDATE ON COLUMN payments.provider_reference",
     "meterbridge_api: UPDATE ON COLUMN payments.status",
     "meterbridge_api: UPDATE ON COLUMN payments.updated_at",

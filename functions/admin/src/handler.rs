@@ -282,6 +282,7 @@ async fn refund(
         verified_by: None,
         method: None,
         provider_reference: None,
+        failure: None,
         expect_amount_minor: None,
         expect_currency: None,
         correlation_id: &correlation_id,
@@ -304,7 +305,7 @@ async fn refund(
     match outcome {
         Outcome::Applied { payment, .. } => Ok(json!({"outcome": "applied", "payment": payment})),
         Outcome::AlreadyDone(payment) => Ok(json!({"outcome": "unchanged", "payment": payment})),
-        Outcome::Refused { reason, detail, .. } => {
+        Outcome::Refused { reason, detail, .. } | Outcome::Stale { reason, detail, .. } => {
             Err(AdminError::Conflict(format!("{detail} ({reason})")))
         }
         Outcome::NotFound => Err(AdminError::NotFound(format!(

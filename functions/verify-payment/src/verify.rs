@@ -88,6 +88,7 @@ pub async fn verify(app: &App, call: &Call<'_>, id: Uuid) -> Result<Response<Bod
         verified_by: Some(&asked.verified_by),
         method: Some(asked.method),
         provider_reference: asked.provider_reference.as_deref(),
+        failure: None,
         expect_amount_minor: asked.amount_minor,
         expect_currency: asked.currency.as_deref(),
         correlation_id: &call.correlation_id,
@@ -109,7 +110,8 @@ pub async fn verify(app: &App, call: &Call<'_>, id: Uuid) -> Result<Response<Bod
 }
 
 /// The answer to a transition, the same for every route: 200 with the payment when it moved or
-/// already had, 409 when refused, 404 when there is no such payment.
+/// already had, 409 when refused or too late (a caller's verification of a refunded payment),
+/// 404 when there is no such payment.
 pub fn respond(outcome: Outcome) -> Result<Response<Body>, ApiError> {
     match outcome {
         Outcome::Applied { payment, .. } => Ok(json_response(
@@ -120,7 +122,7 @@ pub fn respond(outcome: Outcome) -> Result<Response<Body>, ApiError> {
             StatusCode::OK,
             &json!({ "outcome": "unchanged", "payment": payment }),
         )),
-        Outcome::Refused { reason, detail, .. } => {
+        Outcome::Refused { reason, detail, .. } | Outcome::Stale { reason, detail, .. } => {
             Err(ApiError::Conflict(format!("{detail} ({reason})")))
         }
         Outcome::NotFound => Err(not_found()),

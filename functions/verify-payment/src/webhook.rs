@@ -189,9 +189,30 @@ struct Asked {
     reference: String,
     amount_minor: Option<i64>,
     currency: Option<String>,
+    /// For a failed attempt: the provider's code for it.
+    failure: Option<String>,
 }
 
-/// What a Stripe event asks, if anything; `Err` names what a relevant event lacks.
+impl Asked {
+    fn of(action: PaymentAction, reference: String) -> Self {
+        Asked {
+            action,
+            reference,
+            amount_minor: None,
+            currency: None,
+            failure: None,
+        }
+    }
+}
+
+/// The longest failure code kept (Stripe's are short: `card_declined`, `insufficient_funds`).
+const MAX_FAILURE_CODE: usize = 64;
+
+/// What a Stripe event asks, if anything; `Err` names what a relevant event lacks. The
+/// PaymentIntent's lifecycle: `payment_failed` is one failed attempt (the intent goes back to
+/// `requires_payment_method` and may still succeed), `succeeded` and `canceled` end it, a full
+/// `charge.refunded` refunds it. Other events (`processing`, `requires_action`, `created`...)
+/// change nothing here, whatever order they arrive in.
 fn requested(event: &StripeEvent) -> Result<Option<Asked>, &'static str> {
     let object = &event.data.object;
     let text = |field: &str| object.get(field).and_then(Value::as_str).map(str::to_owned);
@@ -205,31 +226,40 @@ fn requested(event: &StripeEvent) -> Result<Option<Asked>, &'static str> {
                 .ok_or("data.object.amount is missing")?;
             let currency = text("currency").ok_or("data.object.currency is missing")?;
             Ok(Some(Asked {
-                action: PaymentAction::Verify,
-                reference,
                 amount_minor: Some(amount),
                 currency: Some(currency),
+                ..Asked::of(PaymentAction::Verify, reference)
             }))
         }
         "payment_intent.payment_failed" => {
             let reference = text("id").ok_or("data.object.id is missing")?;
+            // The decline code when there is one (`insufficient_funds`), else the error's code.
+            let error = object.get("last_payment_error");
+            let code = |field: &str| {
+                error
+                    .and_then(|e| e.get(field))
+                    .and_then(Value::as_str)
+                    .filter(|c| {
+                        !c.is_empty()
+                            && c.len() <= MAX_FAILURE_CODE
+                            && c.bytes().all(|b| b.is_ascii_graphic())
+                    })
+                    .map(str::to_owned)
+            };
             Ok(Some(Asked {
-                action: PaymentAction::Fail,
-                reference,
-                amount_minor: None,
-                currency: None,
+                failure: code("decline_code").or_else(|| code("code")),
+                ..Asked::of(PaymentAction::Fail, reference)
             }))
+        }
+        "payment_intent.canceled" => {
+            let reference = text("id").ok_or("data.object.id is missing")?;
+            Ok(Some(Asked::of(PaymentAction::Cancel, reference)))
         }
         // A full refund; a partial one leaves the payment as it is.
         "charge.refunded" if object.get("refunded").and_then(Value::as_bool) == Some(true) => {
             let reference =
                 text("payment_intent").ok_or("data.object.payment_intent is missing")?;
-            Ok(Some(Asked {
-                action: PaymentAction::Refund,
-                reference,
-                amount_minor: None,
-                currency: None,
-            }))
+            Ok(Some(Asked::of(PaymentAction::Refund, reference)))
         }
         _ => Ok(None),
     }
@@ -282,6 +312,7 @@ async fn handle_event(
             verified_by: Some(&verified_by),
             method: Some(VerificationMethod::ProviderWebhook),
             provider_reference: None,
+            failure: asked.failure.as_deref(),
             expect_amount_minor: asked.amount_minor,
             expect_currency: asked.currency.as_deref(),
             correlation_id,
@@ -295,9 +326,12 @@ async fn handle_event(
         let recorded = match &outcome {
             Outcome::Applied { payment, .. } => Some((payment.id, "applied")),
             Outcome::AlreadyDone(p) => Some((p.id, "unchanged")),
+            // Reported too late (the payment moved past it): acknowledged and seen, so the
+            // provider stops retrying what can never change anything.
+            Outcome::Stale { payment, .. } => Some((payment.id, "stale")),
             // A refusal keeps its audit row; the event is not marked seen, so a corrected
-            // redelivery can still act. An unknown payment may be created in a moment: the
-            // provider retries a 404.
+            // redelivery (or one after the event it waits for) can still act. An unknown
+            // payment may be created in a moment: the provider retries a 404.
             Outcome::Refused { .. } | Outcome::NotFound => None,
         };
         if let Some((payment_id, outcome_code)) = recorded {
@@ -332,11 +366,19 @@ async fn handle_event(
             StatusCode::OK,
             &json!({ "received": true, "outcome": "ignored" }),
         )),
-        Handled::Transition(outcome) => {
-            if let Outcome::Applied { event_id, .. } = outcome.as_ref() {
-                app.publish_now(tenant, *event_id).await;
+        Handled::Transition(outcome) => match *outcome {
+            Outcome::Stale {
+                payment, reason, ..
+            } => Ok(json_response(
+                StatusCode::OK,
+                &json!({ "received": true, "outcome": "stale", "reason": reason, "payment": payment }),
+            )),
+            outcome => {
+                if let Outcome::Applied { event_id, .. } = &outcome {
+                    app.publish_now(tenant, *event_id).await;
+                }
+                respond(outcome)
             }
-            respond(*outcome)
-        }
+        },
     }
 }

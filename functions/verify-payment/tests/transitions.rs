@@ -19,8 +19,10 @@ enum Act {
     VerifyRoute,
     /// Stripe `payment_intent.succeeded`.
     WebhookSucceeded,
-    /// Stripe `payment_intent.payment_failed`.
+    /// Stripe `payment_intent.payment_failed` (one attempt failed).
     WebhookFailed,
+    /// Stripe `payment_intent.canceled`.
+    WebhookCanceled,
     /// Stripe `charge.refunded`, in full.
     WebhookRefunded,
 }
@@ -44,11 +46,21 @@ async fn act(fx: &Fixture, app: &App, payment: &Value, act: Act, n: usize) -> co
             reference,
             amount,
         )),
+        Act::WebhookCanceled => {
+            fx.webhook(&fx.stripe_event(&event_id, "payment_intent.canceled", reference, amount))
+        }
         Act::WebhookRefunded => {
             fx.webhook(&fx.stripe_event(&event_id, "charge.refunded", reference, amount))
         }
     };
     send(app, request).await
+}
+
+fn from_static(status: &str) -> &'static str {
+    ["PENDING", "PAID_VERIFIED", "FAILED", "CANCELED", "REFUNDED"]
+        .into_iter()
+        .find(|s| *s == status)
+        .unwrap()
 }
 
 async fn state(fx: &Fixture, id: &str) -> (String, i32) {
@@ -75,30 +87,36 @@ async fn every_state_and_action_through_the_routes(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     // (from, the acts that lead there)
-    let setups: [(&str, &[Act]); 4] = [
+    let setups: [(&str, &[Act]); 5] = [
         ("PENDING", &[]),
         ("PAID_VERIFIED", &[Act::VerifyRoute]),
         ("FAILED", &[Act::WebhookFailed]),
+        ("CANCELED", &[Act::WebhookCanceled]),
         ("REFUNDED", &[Act::WebhookSucceeded, Act::WebhookRefunded]),
     ];
-    // (from, act) → (HTTP status, status after, event published)
+    // (from, act) → (HTTP status, status after, event published). A provider's report that
+    // comes too late (the payment moved past it) is acknowledged with 200 and changes nothing;
+    // one that comes too early (a refund before the payment) is refused, so it is retried.
     let expected = |from: &str, act: Act| -> (u16, &'static str, Option<&'static str>) {
+        use Act::*;
         match (from, act) {
-            ("PENDING", Act::VerifyRoute | Act::WebhookSucceeded) => {
+            ("PENDING" | "FAILED" | "CANCELED", VerifyRoute | WebhookSucceeded) => {
                 (200, "PAID_VERIFIED", Some("payment.paid"))
             }
-            ("PENDING", Act::WebhookFailed) => (200, "FAILED", Some("payment.failed")),
-            ("PENDING", Act::WebhookRefunded) => (409, "PENDING", None),
-            ("PAID_VERIFIED", Act::VerifyRoute | Act::WebhookSucceeded) => {
+            ("PENDING" | "FAILED", WebhookFailed) => (200, "FAILED", Some("payment.failed")),
+            ("PENDING" | "FAILED", WebhookCanceled) => (200, "CANCELED", Some("payment.canceled")),
+            (_, WebhookRefunded) if from != "PAID_VERIFIED" && from != "REFUNDED" => {
+                (409, from_static(from), None)
+            }
+            ("PAID_VERIFIED", VerifyRoute | WebhookSucceeded | WebhookFailed | WebhookCanceled) => {
                 (200, "PAID_VERIFIED", None)
             }
-            ("PAID_VERIFIED", Act::WebhookFailed) => (409, "PAID_VERIFIED", None),
-            ("PAID_VERIFIED", Act::WebhookRefunded) => (200, "REFUNDED", Some("payment.refunded")),
-            ("FAILED", Act::WebhookFailed) => (200, "FAILED", None),
-            ("FAILED", _) => (409, "FAILED", None),
-            ("REFUNDED", Act::WebhookRefunded) => (200, "REFUNDED", None),
-            ("REFUNDED", _) => (409, "REFUNDED", None),
-            _ => unreachable!(),
+            ("PAID_VERIFIED", WebhookRefunded) => (200, "REFUNDED", Some("payment.refunded")),
+            ("CANCELED", WebhookFailed | WebhookCanceled) => (200, "CANCELED", None),
+            // An internal caller is told it is too late; the provider is acknowledged.
+            ("REFUNDED", VerifyRoute) => (409, "REFUNDED", None),
+            ("REFUNDED", _) => (200, "REFUNDED", None),
+            _ => unreachable!("{from} {act:?}"),
         }
     };
     let mut n = 0;
@@ -107,6 +125,7 @@ async fn every_state_and_action_through_the_routes(owner: PgPool) {
             Act::VerifyRoute,
             Act::WebhookSucceeded,
             Act::WebhookFailed,
+            Act::WebhookCanceled,
             Act::WebhookRefunded,
         ] {
             n += 1;

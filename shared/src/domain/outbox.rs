@@ -24,7 +24,9 @@ pub struct Envelope<D> {
     pub data: D,
 }
 
-/// `data` of `payment.paid`, `payment.failed` and `payment.refunded` (schema version 1).
+/// `data` of `payment.paid`, `payment.failed`, `payment.canceled` and `payment.refunded`
+/// (schema version 1; `failedAttempts` and `lastFailure` were added to it, as optional fields
+/// may be).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentEventData {
@@ -37,6 +39,10 @@ pub struct PaymentEventData {
     pub verified_at: Option<DateTime<Utc>>,
     pub verified_by: Option<String>,
     pub verification_method: Option<String>,
+    /// Attempts to pay that failed so far.
+    pub failed_attempts: i32,
+    /// The provider's code for the last failed attempt.
+    pub last_failure: Option<String>,
 }
 
 pub const PAYMENT_EVENT_SCHEMA_VERSION: i32 = 1;

@@ -8,21 +8,32 @@ use serde::Serialize;
 
 use super::InvalidValue;
 
-/// Where a payment stands. PENDING → PAID_VERIFIED or FAILED; PAID_VERIFIED → REFUNDED.
+/// Where a payment stands, as the provider's lifecycle has it (Stripe's PaymentIntent):
+///
+/// - `PENDING`: created, not paid yet.
+/// - `FAILED`: the last attempt to pay failed. Not the end: the customer may try again, and a
+///   later success verifies it.
+/// - `PAID_VERIFIED`: the money arrived (an internal verification or the provider's signed
+///   success). Only a refund follows.
+/// - `CANCELED`: given up before it was paid. A verification still moves it to `PAID_VERIFIED`:
+///   money that arrived outranks every unpaid state.
+/// - `REFUNDED`: the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PaymentStatus {
     Pending,
     PaidVerified,
     Failed,
+    Canceled,
     Refunded,
 }
 
 impl PaymentStatus {
-    pub const ALL: [PaymentStatus; 4] = [
+    pub const ALL: [PaymentStatus; 5] = [
         PaymentStatus::Pending,
         PaymentStatus::PaidVerified,
         PaymentStatus::Failed,
+        PaymentStatus::Canceled,
         PaymentStatus::Refunded,
     ];
 
@@ -31,6 +42,7 @@ impl PaymentStatus {
             PaymentStatus::Pending => "PENDING",
             PaymentStatus::PaidVerified => "PAID_VERIFIED",
             PaymentStatus::Failed => "FAILED",
+            PaymentStatus::Canceled => "CANCELED",
             PaymentStatus::Refunded => "REFUNDED",
         }
     }
@@ -45,7 +57,7 @@ impl FromStr for PaymentStatus {
             .ok_or_else(|| {
                 InvalidValue::new(
                     "status",
-                    "must be one of PENDING, PAID_VERIFIED, FAILED, REFUNDED",
+                    "must be one of PENDING, PAID_VERIFIED, FAILED, CANCELED, REFUNDED",
                 )
             })
     }
@@ -105,15 +117,20 @@ impl FromStr for VerificationMethod {
 /// What can be done to a payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PaymentAction {
+    /// The money arrived.
     Verify,
+    /// An attempt to pay failed (the payment may still be paid).
     Fail,
+    /// The payment was given up before it was paid.
+    Cancel,
     Refund,
 }
 
 impl PaymentAction {
-    pub const ALL: [PaymentAction; 3] = [
+    pub const ALL: [PaymentAction; 4] = [
         PaymentAction::Verify,
         PaymentAction::Fail,
+        PaymentAction::Cancel,
         PaymentAction::Refund,
     ];
 
@@ -121,6 +138,7 @@ impl PaymentAction {
         match self {
             PaymentAction::Verify => "verify",
             PaymentAction::Fail => "fail",
+            PaymentAction::Cancel => "cancel",
             PaymentAction::Refund => "refund",
         }
     }
@@ -130,18 +148,21 @@ impl PaymentAction {
         match self {
             PaymentAction::Verify => "payment.paid",
             PaymentAction::Fail => "payment.failed",
+            PaymentAction::Cancel => "payment.canceled",
             PaymentAction::Refund => "payment.refunded",
         }
     }
 
     /// The outbox idempotency key of that event: one per fact, however often it is attempted.
-    pub fn event_idempotency_key(self, payment_id: uuid::Uuid) -> String {
-        let fact = match self {
-            PaymentAction::Verify => "paid",
-            PaymentAction::Fail => "failed",
-            PaymentAction::Refund => "refunded",
-        };
-        format!("payment-{fact}-{payment_id}")
+    /// A payment is paid, canceled and refunded at most once each; it may fail many times, so a
+    /// failure's fact is the payment's event `sequence` it was recorded at.
+    pub fn event_idempotency_key(self, payment_id: uuid::Uuid, sequence: i32) -> String {
+        match self {
+            PaymentAction::Verify => format!("payment-paid-{payment_id}"),
+            PaymentAction::Fail => format!("payment-failed-{payment_id}-{sequence}"),
+            PaymentAction::Cancel => format!("payment-canceled-{payment_id}"),
+            PaymentAction::Refund => format!("payment-refunded-{payment_id}"),
+        }
     }
 }
 
@@ -152,7 +173,13 @@ pub enum Decision {
     Apply(PaymentStatus),
     /// The payment is already where the action would take it: answer with it, change nothing.
     AlreadyDone,
-    /// Not allowed from this state; the code says why.
+    /// The action comes too late: the payment has moved past it (an earlier attempt's failure
+    /// reported after the success). Nothing changes, and trying again changes nothing either: a
+    /// provider's delivery is acknowledged. The code says why.
+    Stale(&'static str),
+    /// Not allowed in this state, though it may be later (a refund reported before the
+    /// success it refunds): the provider's delivery is refused, so it is retried. The code says
+    /// why.
     Refuse(&'static str),
 }
 
@@ -161,16 +188,18 @@ pub fn decide(from: PaymentStatus, action: PaymentAction) -> Decision {
     use PaymentAction as A;
     use PaymentStatus as S;
     match (from, action) {
-        (S::Pending, A::Verify) => Decision::Apply(S::PaidVerified),
-        (S::Pending, A::Fail) => Decision::Apply(S::Failed),
+        (S::Pending | S::Failed | S::Canceled, A::Verify) => Decision::Apply(S::PaidVerified),
+        // Every failed attempt is recorded (and counted), the first and the next ones.
+        (S::Pending | S::Failed, A::Fail) => Decision::Apply(S::Failed),
+        (S::Pending | S::Failed, A::Cancel) => Decision::Apply(S::Canceled),
         (S::PaidVerified, A::Refund) => Decision::Apply(S::Refunded),
-        (S::PaidVerified, A::Verify) | (S::Failed, A::Fail) | (S::Refunded, A::Refund) => {
+        (S::PaidVerified, A::Verify) | (S::Canceled, A::Cancel) | (S::Refunded, A::Refund) => {
             Decision::AlreadyDone
         }
-        (S::Failed, _) => Decision::Refuse("payment_failed"),
-        (S::Refunded, _) => Decision::Refuse("payment_refunded"),
-        (S::Pending, A::Refund) => Decision::Refuse("payment_not_paid"),
-        (S::PaidVerified, A::Fail) => Decision::Refuse("payment_already_verified"),
+        (S::PaidVerified, A::Fail | A::Cancel) => Decision::Stale("payment_already_verified"),
+        (S::Refunded, A::Verify | A::Fail | A::Cancel) => Decision::Stale("payment_refunded"),
+        (S::Canceled, A::Fail) => Decision::Stale("payment_canceled"),
+        (S::Pending | S::Failed | S::Canceled, A::Refund) => Decision::Refuse("payment_not_paid"),
     }
 }
 
@@ -215,30 +244,88 @@ mod tests {
 
     #[test]
     fn every_state_and_action_has_one_decision() {
+        use Decision::{AlreadyDone, Apply, Refuse, Stale};
         use PaymentAction as A;
         use PaymentStatus as S;
         let expected = [
-            (S::Pending, A::Verify, Decision::Apply(S::PaidVerified)),
-            (S::Pending, A::Fail, Decision::Apply(S::Failed)),
-            (S::Pending, A::Refund, Decision::Refuse("payment_not_paid")),
-            (S::PaidVerified, A::Verify, Decision::AlreadyDone),
+            (S::Pending, A::Verify, Apply(S::PaidVerified)),
+            (S::Pending, A::Fail, Apply(S::Failed)),
+            (S::Pending, A::Cancel, Apply(S::Canceled)),
+            (S::Pending, A::Refund, Refuse("payment_not_paid")),
+            // A failed attempt is not the end: the next one may succeed, or fail too.
+            (S::Failed, A::Verify, Apply(S::PaidVerified)),
+            (S::Failed, A::Fail, Apply(S::Failed)),
+            (S::Failed, A::Cancel, Apply(S::Canceled)),
+            (S::Failed, A::Refund, Refuse("payment_not_paid")),
+            (S::PaidVerified, A::Verify, AlreadyDone),
+            (S::PaidVerified, A::Fail, Stale("payment_already_verified")),
             (
                 S::PaidVerified,
-                A::Fail,
-                Decision::Refuse("payment_already_verified"),
+                A::Cancel,
+                Stale("payment_already_verified"),
             ),
-            (S::PaidVerified, A::Refund, Decision::Apply(S::Refunded)),
-            (S::Failed, A::Verify, Decision::Refuse("payment_failed")),
-            (S::Failed, A::Fail, Decision::AlreadyDone),
-            (S::Failed, A::Refund, Decision::Refuse("payment_failed")),
-            (S::Refunded, A::Verify, Decision::Refuse("payment_refunded")),
-            (S::Refunded, A::Fail, Decision::Refuse("payment_refunded")),
-            (S::Refunded, A::Refund, Decision::AlreadyDone),
+            (S::PaidVerified, A::Refund, Apply(S::Refunded)),
+            // Money that arrived outranks a cancellation.
+            (S::Canceled, A::Verify, Apply(S::PaidVerified)),
+            (S::Canceled, A::Fail, Stale("payment_canceled")),
+            (S::Canceled, A::Cancel, AlreadyDone),
+            (S::Canceled, A::Refund, Refuse("payment_not_paid")),
+            (S::Refunded, A::Verify, Stale("payment_refunded")),
+            (S::Refunded, A::Fail, Stale("payment_refunded")),
+            (S::Refunded, A::Cancel, Stale("payment_refunded")),
+            (S::Refunded, A::Refund, AlreadyDone),
         ];
         assert_eq!(expected.len(), S::ALL.len() * A::ALL.len());
         for (from, action, decision) in expected {
             assert_eq!(decide(from, action), decision, "{from} {action:?}");
         }
+    }
+
+    /// Whatever order a provider's deliveries arrive in, a payment that succeeded ends paid
+    /// (or refunded, when the refund came too).
+    #[test]
+    fn deliveries_in_any_order_end_in_the_same_state() {
+        use PaymentAction as A;
+        let paid = [A::Fail, A::Fail, A::Verify];
+        let refunded = [A::Fail, A::Verify, A::Refund];
+        for (events, end) in [
+            (&paid[..], PaymentStatus::PaidVerified),
+            (&refunded[..], PaymentStatus::Refunded),
+        ] {
+            for order in permutations(events) {
+                // A refused delivery (too early) is retried by the provider after the others.
+                let mut state = PaymentStatus::Pending;
+                let mut pending: Vec<A> = order.clone();
+                for _ in 0..=events.len() {
+                    pending.retain(|action| match decide(state, *action) {
+                        Decision::Apply(to) => {
+                            state = to;
+                            false
+                        }
+                        Decision::Refuse(_) => true,
+                        Decision::AlreadyDone | Decision::Stale(_) => false,
+                    });
+                }
+                assert!(pending.is_empty(), "{order:?} left {pending:?}");
+                assert_eq!(state, end, "{order:?}");
+            }
+        }
+    }
+
+    fn permutations(items: &[PaymentAction]) -> Vec<Vec<PaymentAction>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut all = Vec::new();
+        for i in 0..items.len() {
+            let mut rest = items.to_vec();
+            let first = rest.remove(i);
+            for mut tail in permutations(&rest) {
+                tail.insert(0, first);
+                all.push(tail);
+            }
+        }
+        all
     }
 
     #[test]
@@ -261,8 +348,13 @@ mod tests {
             VerificationMethod::ProviderWebhook
         );
         assert_eq!(
-            PaymentAction::Verify.event_idempotency_key(uuid::Uuid::nil()),
+            PaymentAction::Verify.event_idempotency_key(uuid::Uuid::nil(), 1),
             "payment-paid-00000000-0000-0000-0000-000000000000"
+        );
+        assert_ne!(
+            PaymentAction::Fail.event_idempotency_key(uuid::Uuid::nil(), 1),
+            PaymentAction::Fail.event_idempotency_key(uuid::Uuid::nil(), 2),
+            "each failed attempt is a fact of its own"
         );
     }
 }

@@ -10,27 +10,6 @@ use crate::db::DbError;
 use crate::domain::outbox::Envelope;
 use crate::domain::TenantId;
 
-/// The next sequence number of an aggregate's events. Call it with the aggregate locked (the
-/// payment row `FOR UPDATE`), so that no other transaction takes the same number.
-pub async fn next_sequence(
-    conn: &mut PgConnection,
-    tenant: TenantId,
-    aggregate_type: &str,
-    aggregate_id: Uuid,
-) -> Result<i32, DbError> {
-    let next = sqlx::query_scalar!(
-        r#"SELECT coalesce(max(aggregate_sequence), 0) + 1 AS "next!"
-             FROM outbox_events
-            WHERE tenant_id = $1 AND aggregate_type = $2 AND aggregate_id = $3"#,
-        tenant.0,
-        aggregate_type,
-        aggregate_id
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(next)
-}
-
 /// Writes one event, PENDING. Its envelope is stored whole, as the relay will publish it;
 /// `trace_header` (the X-Ray trace of the request that wrote it) is passed on to EventBridge.
 pub async fn insert<D: Serialize>(

@@ -32,6 +32,10 @@ pub struct Payment {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub version: i32,
+    /// Attempts to pay that failed (a later one may still succeed).
+    pub failed_attempts: i32,
+    /// The provider's code for the last failed attempt (`card_declined`).
+    pub last_failure: Option<String>,
 }
 
 struct PaymentRow {
@@ -51,6 +55,8 @@ struct PaymentRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     version: i32,
+    failed_attempts: i32,
+    last_failure: Option<String>,
 }
 
 impl TryFrom<PaymentRow> for Payment {
@@ -73,6 +79,8 @@ impl TryFrom<PaymentRow> for Payment {
             created_at: r.created_at,
             updated_at: r.updated_at,
             version: r.version,
+            failed_attempts: r.failed_attempts,
+            last_failure: r.last_failure,
         })
     }
 }
@@ -105,7 +113,7 @@ pub async fn insert(
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
            RETURNING id, amount_minor, currency, provider, provider_reference, status, verified_at,
                      verified_by, verification_method, description, metadata, correlation_id,
-                     source_service, created_at, updated_at, version"#,
+                     source_service, created_at, updated_at, version, failed_attempts, last_failure"#,
         tenant.0,
         new.id,
         new.amount_minor,
@@ -131,7 +139,7 @@ pub async fn find(
         PaymentRow,
         r#"SELECT id, amount_minor, currency, provider, provider_reference, status, verified_at,
                   verified_by, verification_method, description, metadata, correlation_id,
-                  source_service, created_at, updated_at, version
+                  source_service, created_at, updated_at, version, failed_attempts, last_failure
              FROM payments WHERE tenant_id = $1 AND id = $2"#,
         tenant.0,
         id
@@ -153,7 +161,7 @@ pub async fn lock(
         PaymentRow,
         r#"SELECT id, amount_minor, currency, provider, provider_reference, status, verified_at,
                   verified_by, verification_method, description, metadata, correlation_id,
-                  source_service, created_at, updated_at, version
+                  source_service, created_at, updated_at, version, failed_attempts, last_failure
              FROM payments WHERE tenant_id = $1 AND id = $2
               FOR UPDATE"#,
         tenant.0,
@@ -199,7 +207,7 @@ pub async fn lock_by_reference(
         PaymentRow,
         r#"SELECT id, amount_minor, currency, provider, provider_reference, status, verified_at,
                   verified_by, verification_method, description, metadata, correlation_id,
-                  source_service, created_at, updated_at, version
+                  source_service, created_at, updated_at, version, failed_attempts, last_failure
              FROM payments WHERE tenant_id = $1 AND provider = $2 AND provider_reference = $3
               FOR UPDATE"#,
         tenant.0,
@@ -212,16 +220,20 @@ pub async fn lock_by_reference(
     .transpose()
 }
 
-/// What a transition writes. Verification fields are set only by a verification.
+/// What a transition writes. Verification fields are set only by a verification; a failed
+/// attempt is counted, and its code kept.
 #[derive(Debug, Clone)]
 pub struct Change<'a> {
     pub to: PaymentStatus,
     pub verified_by: Option<&'a str>,
     pub verification_method: Option<VerificationMethod>,
     pub provider_reference: Option<&'a str>,
+    /// `Some` for a failed attempt: the provider's code for it, when it gave one.
+    pub failed_attempt: Option<Option<&'a str>>,
 }
 
-/// Applies a transition to a payment locked by this transaction; bumps its version.
+/// Applies a transition to a payment locked by this transaction; bumps its version (the
+/// payment's events are numbered by it).
 pub async fn apply(
     conn: &mut PgConnection,
     tenant: TenantId,
@@ -237,19 +249,23 @@ pub async fn apply(
                   verified_by = CASE WHEN $4 THEN $5 ELSE verified_by END,
                   verification_method = CASE WHEN $4 THEN $6 ELSE verification_method END,
                   provider_reference = coalesce(provider_reference, $7),
+                  failed_attempts = failed_attempts + $8::int,
+                  last_failure = CASE WHEN $8 = 1 THEN $9 ELSE last_failure END,
                   updated_at = now(),
                   version = version + 1
             WHERE tenant_id = $1 AND id = $2
         RETURNING id, amount_minor, currency, provider, provider_reference, status, verified_at,
                   verified_by, verification_method, description, metadata, correlation_id,
-                  source_service, created_at, updated_at, version"#,
+                  source_service, created_at, updated_at, version, failed_attempts, last_failure"#,
         tenant.0,
         id,
         change.to.as_str(),
         verifies,
         change.verified_by,
         change.verification_method.map(VerificationMethod::as_str),
-        change.provider_reference
+        change.provider_reference,
+        i32::from(change.failed_attempt.is_some()),
+        change.failed_attempt.flatten()
     )
     .fetch_one(&mut *conn)
     .await?
@@ -273,7 +289,7 @@ pub async fn list(
         PaymentRow,
         r#"SELECT id, amount_minor, currency, provider, provider_reference, status, verified_at,
                   verified_by, verification_method, description, metadata, correlation_id,
-                  source_service, created_at, updated_at, version
+                  source_service, created_at, updated_at, version, failed_attempts, last_failure
              FROM payments
             WHERE tenant_id = $1
               AND ($2::text IS NULL OR status = $2)
