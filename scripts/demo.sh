@@ -65,10 +65,10 @@ admin "$(cat events/admin/usage-status.json)" | json_get '"%(dayPartitions)d day
 
 say "database roles for the API and scheduled functions, with generated passwords"
 API_PASSWORD=$(new_password); OPS_PASSWORD=$(new_password)
-psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q <<SQL
-ALTER ROLE meterbridge_api PASSWORD '$API_PASSWORD';
-ALTER ROLE meterbridge_ops PASSWORD '$OPS_PASSWORD';
-SQL
+# Set as SCRAM verifiers computed here (as psql's \password does): no password reaches the
+# server, so no server log can show one. They travel on standard input, never on a command line.
+printf 'meterbridge_api %s\nmeterbridge_ops %s\n' "$API_PASSWORD" "$OPS_PASSWORD" \
+  | python3 scripts/pg_scram.py | psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q
 {
   printf 'meterbridge/local/db-api=%s\n' "$(secret_json meterbridge_api "$API_PASSWORD")"
   printf 'meterbridge/local/db-ops=%s\n' "$(secret_json meterbridge_ops "$OPS_PASSWORD")"
@@ -109,6 +109,8 @@ RUN_ID=demo-$(date +%s)
 # lambda watch and prints "status body". The key and any extra header travel to curl in a file
 # (mode 600), never on its command line.
 HEADER_FILE=$(mktemp)
+# It holds a key: removed however the demo ends, a failed step included.
+trap 'rm -f "$HEADER_FILE"' EXIT
 api() {
   local fn=$1 method=$2 path=$3 key=$4 body=${5-} out status
   {

@@ -56,10 +56,13 @@ elif what == "events":
 elif what == "payment":
     p = d.get("payment")
     if p is None:
-        print("  HTTP %s %s: %s" % (status, d.get("title", d.get("outcome")), d.get("detail", "")))
+        head = ("HTTP %s " % status) if status else ""
+        print("  %s%s: %s" % (head, d.get("title", d.get("outcome")), d.get("detail", "")))
     else:
-        print("  HTTP %s %s: payment %s  %s %s  %s  v%d%s" % (
-            status, d.get("outcome", ""), p["id"], p["amountMinor"], p["currency"], p["status"],
+        # An admin invocation answers with a bare body: no HTTP status to show.
+        head = ("HTTP %s %s" % (status, d.get("outcome", ""))) if status else d.get("outcome", "")
+        print("  %s: payment %s  %s %s  %s  v%d%s" % (
+            head, p["id"], p["amountMinor"], p["currency"], p["status"],
             p["version"], ("  verified by %s (%s)" % (p["verifiedBy"], p["verificationMethod"])
                             if p.get("verifiedBy") else "")))
 elif what == "keys":
