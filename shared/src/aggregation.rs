@@ -61,6 +61,9 @@ pub struct AggregationConfig {
     /// The storage policy's retention (`USAGE_RETENTION_DAYS`): a cell that starts before it
     /// is never recomputed once it has an aggregate.
     pub retention_days: i32,
+    /// A run whose watermark trails the oldest committed event by more than this logs the
+    /// transaction holding it back (the alarm watches the same figure).
+    pub lag_warn_seconds: u64,
 }
 
 impl Default for AggregationConfig {
@@ -74,14 +77,15 @@ impl Default for AggregationConfig {
             repair_batch: 500,
             work_mem_mb: 64,
             retention_days: crate::repo::usage_storage::StoragePolicy::default().retention_days,
+            lag_warn_seconds: 1800,
         }
     }
 }
 
 impl AggregationConfig {
     /// `AGGREGATION_CHUNK_CELLS`, `AGGREGATION_GRACE_SECONDS`, `COUNTER_TTL_DAYS`,
-    /// `AGGREGATION_DEADLINE_MARGIN_MS`, `AGGREGATION_WORK_MEM_MB`, `USAGE_RETENTION_DAYS` (the
-    /// storage policy's).
+    /// `AGGREGATION_DEADLINE_MARGIN_MS`, `AGGREGATION_WORK_MEM_MB`, `AGGREGATION_LAG_WARN_SECONDS`,
+    /// `USAGE_RETENTION_DAYS` (the storage policy's).
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let d = AggregationConfig::default();
         Ok(AggregationConfig {
@@ -112,6 +116,11 @@ impl AggregationConfig {
             )? as u32,
             retention_days: crate::repo::usage_storage::StoragePolicy::from_env(env)?
                 .retention_days,
+            lag_warn_seconds: env.bounded_or(
+                "AGGREGATION_LAG_WARN_SECONDS",
+                d.lag_warn_seconds,
+                60..=86_400,
+            )?,
             ..d
         })
     }
@@ -167,6 +176,8 @@ pub struct RunReport {
     /// Cells left in the queue for the next run.
     pub queued_after: i64,
     pub duration_ms: u64,
+    /// How far the watermark trails the committed events (and what holds it back).
+    pub lag: repo::Lag,
     pub counters: Option<RepairReport>,
 }
 
@@ -191,6 +202,8 @@ pub struct RepairReport {
 pub struct StatusReport {
     pub now: DateTime<Utc>,
     pub state: repo::State,
+    /// How far the watermark trails the committed events now, and the oldest transaction.
+    pub lag: repo::Lag,
     pub tenants: Vec<repo::TenantBacklog>,
 }
 
@@ -270,6 +283,7 @@ impl<'a> Aggregator<'a> {
             collected: repo::collect(&mut tx).await?,
             ..RunReport::default()
         };
+        report.lag = repo::lag(&mut tx, report.collected.watermark).await?;
         if let Some(request) = backfill {
             report.backfill_queued = Some(self.enqueue_backfill(&mut tx, request).await?);
         }
@@ -343,6 +357,7 @@ impl<'a> Aggregator<'a> {
         report.counters = Some(self.repair_counters(now).await);
         report.duration_ms = started.elapsed().as_millis() as u64;
         report.emit_metrics();
+        report.warn_of_lag(self.config.lag_warn_seconds);
         Ok(report)
     }
 
@@ -506,9 +521,11 @@ impl<'a> Aggregator<'a> {
         let mut conn = self.db.acquire().await?;
         let state = repo::state(&mut conn).await?;
         let tenants = repo::backlog(&mut conn, state.watermark, 1000).await?;
+        let lag = repo::lag(&mut conn, state.watermark).await?;
         Ok(StatusReport {
             now,
             state,
+            lag,
             tenants,
         })
     }
@@ -527,6 +544,28 @@ type ObserveFuture<'r> = std::pin::Pin<
 type RepairFuture<'r> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<bool>, RedisError>> + Send + 'r>>;
 
+impl RunReport {
+    /// A run can finish "done" with an empty queue while the watermark stands still: committed
+    /// events wait behind the oldest transaction on the server. Past `warn_seconds`, the log
+    /// names that transaction's session (the runbook's first step).
+    fn warn_of_lag(&self, warn_seconds: u64) {
+        if self.lag.lag_seconds < warn_seconds as f64 {
+            return;
+        }
+        let holder = self.lag.oldest_transaction.as_ref();
+        tracing::warn!(
+            lag_seconds = self.lag.lag_seconds,
+            uncollected_events = self.lag.uncollected_events,
+            holder_pid = holder.map(|h| h.pid),
+            holder_database = holder.and_then(|h| h.database.as_deref()),
+            holder_application = holder.and_then(|h| h.application_name.as_deref()),
+            holder_state = holder.and_then(|h| h.state.as_deref()),
+            holder_age_seconds = holder.and_then(|h| h.age_seconds),
+            "the aggregation watermark is held back by the oldest transaction on the server"
+        );
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum RepairError {
     #[error(transparent)]
@@ -536,9 +575,12 @@ enum RepairError {
 }
 
 impl RunReport {
-    /// The metrics of a committed run (the staleness alarm watches `AggregationRunsCommitted`).
+    /// The metrics of a committed run (the staleness alarm watches `AggregationRunsCommitted`,
+    /// the lag alarms `AggregationWatermarkLagSeconds` and `AggregationUncollectedEvents`).
     pub fn emit_metrics(&self) {
         metrics::counter!("AggregationRunsCommitted").increment(1);
+        metrics::gauge!("AggregationWatermarkLagSeconds").set(self.lag.lag_seconds);
+        metrics::gauge!("AggregationUncollectedEvents").set(self.lag.uncollected_events as f64);
         metrics::counter!("AggregationCellsExamined").increment(self.cells_examined);
         metrics::counter!("AggregationCellsWritten").increment(self.cells_written);
         metrics::counter!("AggregationRevisions").increment(self.revisions);

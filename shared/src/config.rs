@@ -210,6 +210,11 @@ pub struct Config {
     /// PostgreSQL `idle_in_transaction_session_timeout`: a session idle inside a transaction
     /// (a frozen or killed container's) is ended, releasing its locks.
     pub db_idle_in_transaction_timeout: Duration,
+    /// PostgreSQL 17's `transaction_timeout`: no transaction of this function outlives its
+    /// invocation (each holds the instance's xmin, and so vacuum and the aggregation's
+    /// watermark, while it runs). Older servers do without it: the jobs' deadlines and statement
+    /// timeouts bound their transactions.
+    pub db_transaction_timeout: Duration,
     pub redis_timeout: Duration,
     pub metrics_namespace: String,
 }
@@ -301,6 +306,11 @@ impl Config {
                 "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
                 10_000,
                 100..=600_000,
+            )?,
+            db_transaction_timeout: env.millis_or(
+                "DB_TRANSACTION_TIMEOUT_MS",
+                900_000,
+                1_000..=900_000,
             )?,
             redis_timeout: env.millis_or("REDIS_TIMEOUT_MS", 250, 10..=10_000)?,
             metrics_namespace: env

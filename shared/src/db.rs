@@ -136,6 +136,23 @@ where
     }
 }
 
+/// Sets `transaction_timeout` (milliseconds) on a new session where the server has it
+/// (PostgreSQL 17 and later); an older server is left as it is (it would refuse the name). One
+/// statement per connection, at its opening.
+async fn bound_transactions(
+    conn: &mut sqlx::PgConnection,
+    millis: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT set_config('transaction_timeout', $1, false)
+          WHERE current_setting('server_version_num')::int >= 170000",
+    )
+    .bind(millis)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// Connection-level failures: the server is down, unreachable, overloaded or shutting down, or
 /// the pool could not get a connection in time.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
@@ -267,11 +284,16 @@ impl Database {
                 (credentials, options)
             }
         };
+        let transaction_timeout = config.db_transaction_timeout.as_millis().to_string();
         let pool = PgPoolOptions::new()
             .max_connections(config.db_max_connections)
             .min_connections(0)
             .acquire_timeout(config.db_acquire_timeout)
             .idle_timeout(Some(std::time::Duration::from_secs(300)))
+            .after_connect(move |conn, _| {
+                let timeout = transaction_timeout.clone();
+                Box::pin(async move { bound_transactions(conn, &timeout).await })
+            })
             .connect_lazy_with(options);
         Ok(Database {
             pool,

@@ -7,7 +7,9 @@ mod common;
 use chrono::{Datelike, Duration, NaiveTime};
 use common::*;
 use meterbridge::domain::period::PeriodType;
-use meterbridge::testing::{create_partitions_around_now, create_tenant, now, today};
+use meterbridge::testing::{
+    create_partitions_around_now, create_tenant, database_name, now, today,
+};
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
 
@@ -571,4 +573,131 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     assert_eq!(report.cells_written, 3 * 66, "{report:?}");
     events.extend(more);
     assert_eq!(stored(&owner).await, expected(&events));
+}
+
+/// A cell is classified as its events were when they were ingested, not by today's catalog: a
+/// metric reclassified later (by a migration) keeps its past periods as they were billed.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_cell_takes_the_classification_stored_on_its_events(owner: PgPool) {
+    let t = create_tenant(&owner, "class").await.id.0;
+    let day = today() - Duration::days(3);
+    let at = |h| day.and_hms_opt(h, 0, 0).unwrap().and_utc();
+    let events = [
+        Ev {
+            tenant: t,
+            metric: "api.requests",
+            quantity: 5,
+            at: at(9),
+            actor: None,
+        },
+        Ev {
+            tenant: t,
+            metric: "api.requests",
+            quantity: 7,
+            at: at(15),
+            actor: None,
+        },
+    ];
+    let seqs = insert(&owner, &events).await;
+    // The catalog says BILLABLE; these events were stored NON_BILLABLE.
+    sqlx::query("UPDATE usage_events SET classification = 'NON_BILLABLE' WHERE seq = ANY($1)")
+        .bind(&seqs)
+        .execute(&owner)
+        .await
+        .unwrap();
+    let app = app(&owner, &[]).await;
+    run(&app, &owner, now()).await;
+    let classes = |owner: PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT DISTINCT classification FROM usage_aggregates ORDER BY 1",
+        )
+        .fetch_all(&owner)
+        .await
+        .unwrap()
+    };
+    assert_eq!(classes(owner.clone()).await, ["NON_BILLABLE"]);
+
+    // The later event reclassified: the cell takes its latest event's classification.
+    sqlx::query(
+        "UPDATE usage_events SET classification = 'BILLABLE', voided_at = NULL WHERE seq = $1",
+    )
+    .bind(seqs[1])
+    .execute(&owner)
+    .await
+    .unwrap();
+    app.aggregator()
+        .backfill(
+            &meterbridge::aggregation::Backfill {
+                from: day,
+                to: day,
+                tenant: None,
+                periods: PeriodType::ALL.to_vec(),
+            },
+            now(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(classes(owner.clone()).await, ["BILLABLE"]);
+}
+
+/// A write transaction left open anywhere on the instance (here on another connection) holds
+/// the watermark back: the run still says "done" with nothing queued, and reports what it could
+/// not collect — how many committed events, how long the oldest has waited — and the oldest
+/// transaction's session; the status job shows the same. Once that transaction ends, the next
+/// run collects everything.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_stalled_watermark_is_measured_and_its_holder_named(owner: PgPool) {
+    let t = create_tenant(&owner, "stall").await.id.0;
+    let app = app(&owner, &[]).await;
+    run(&app, &owner, now()).await;
+    let mut holder = owner.begin().await.unwrap();
+    let (pid, _xid): (i32, String) =
+        sqlx::query_as("SELECT pg_backend_pid(), pg_current_xact_id()::text")
+            .fetch_one(&mut *holder)
+            .await
+            .unwrap();
+    let events: Vec<Ev> = (1..=5)
+        .map(|q| Ev {
+            tenant: t,
+            metric: "api.requests",
+            quantity: q,
+            at: now(),
+            actor: None,
+        })
+        .collect();
+    insert(&owner, &events).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    let stalled = app.aggregator().aggregate(now(), later()).await.unwrap();
+    assert_eq!(stalled.outcome, "done");
+    assert_eq!(stalled.queued_after, 0, "{stalled:?}");
+    assert!(stalled.lag.uncollected_events >= 5, "{stalled:?}");
+    assert!(stalled.lag.lag_seconds >= 1.0, "{stalled:?}");
+    let oldest = stalled.lag.oldest_transaction.clone().expect("the holder");
+    assert!(oldest.xid_age.unwrap_or(0) >= 1, "{oldest:?}");
+    assert!(oldest.database.is_some(), "{oldest:?}");
+    // Ours, unless another test's transaction on the cluster is older still.
+    if oldest.pid == pid {
+        assert_eq!(
+            oldest.database.as_deref(),
+            Some(database_name(&owner).as_str())
+        );
+    }
+    let status = json_of(&app.aggregator().status(now()).await.unwrap());
+    assert!(
+        status["lag"]["uncollectedEvents"].as_i64().unwrap() >= 5,
+        "{status}"
+    );
+
+    holder.commit().await.unwrap();
+    let caught_up = run(&app, &owner, now()).await;
+    assert_eq!(caught_up.lag.uncollected_events, 0, "{caught_up:?}");
+    let total: String = sqlx::query_scalar(
+        "SELECT total_quantity::text FROM usage_aggregates WHERE period_type = 'daily'",
+    )
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(total, "15");
 }

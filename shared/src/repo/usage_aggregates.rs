@@ -108,6 +108,79 @@ pub async fn collect(conn: &mut PgConnection) -> Result<Collected, DbError> {
     })
 }
 
+/// How far the watermark trails what has been written: events committed but not collected yet,
+/// and the oldest transaction on the server, which is what holds the watermark back (any
+/// write transaction of the instance, in any database, or an open snapshot).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lag {
+    /// Committed events the watermark has not passed (counted up to [`LAG_COUNT_CAP`]).
+    pub uncollected_events: i64,
+    /// How long the oldest of them has waited, by the database's clock (0 when none).
+    pub lag_seconds: f64,
+    /// The oldest transaction on the server but this one: what to look at when the lag grows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_transaction: Option<OldestTransaction>,
+}
+
+/// A session whose transaction (or snapshot) is the oldest on the server (`pg_stat_activity`).
+/// Its pid, database, user and transaction-id age are visible to every role; its state and
+/// start only to the session's own role and to `pg_read_all_stats` (the owner, as the admin
+/// function reads them, sees everything).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OldestTransaction {
+    pub pid: i32,
+    pub database: Option<String>,
+    pub user_name: Option<String>,
+    /// How many transactions the server has begun since this one's snapshot or id.
+    pub xid_age: Option<i32>,
+    pub application_name: Option<String>,
+    pub state: Option<String>,
+    pub xact_start: Option<DateTime<Utc>>,
+    /// Seconds since its transaction started, by the database's clock.
+    pub age_seconds: Option<f64>,
+}
+
+/// The uncollected events counted at most (the count stays cheap however long the stall).
+pub const LAG_COUNT_CAP: i64 = 1_000_000;
+
+/// Measures the [`Lag`] right after a collection moved the watermark to `watermark`: the events
+/// with a transaction id at or past it that this statement sees have committed (through the
+/// BRIN index on `xact_id`, stopping at the cap), and the oldest other transaction on the
+/// instance is read from `pg_stat_activity` (its pid, database and start are visible to every
+/// role).
+pub async fn lag(conn: &mut PgConnection, watermark: i64) -> Result<Lag, DbError> {
+    let waiting = sqlx::query!(
+        r#"SELECT count(*) AS "count!",
+                  coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS "seconds!"
+             FROM (SELECT created_at FROM usage_events WHERE xact_id >= $1 LIMIT $2) uncollected"#,
+        watermark,
+        LAG_COUNT_CAP
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let oldest = sqlx::query_as!(
+        OldestTransaction,
+        r#"SELECT pid AS "pid!", datname::text AS database, usename::text AS user_name,
+                  greatest(age(backend_xid), age(backend_xmin)) AS xid_age,
+                  application_name, state, xact_start,
+                  extract(epoch FROM now() - xact_start)::float8 AS age_seconds
+             FROM pg_stat_activity
+            WHERE pid <> pg_backend_pid()
+              AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+            ORDER BY greatest(age(backend_xid), age(backend_xmin)) DESC NULLS LAST
+            LIMIT 1"#
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(Lag {
+        uncollected_events: waiting.count,
+        lag_seconds: waiting.seconds,
+        oldest_transaction: oldest,
+    })
+}
+
 /// Queues every cell of `periods` that has events (or an aggregate) on the days `[from, to)`,
 /// optionally of one tenant. Returns how many were added.
 pub async fn enqueue_range(
@@ -251,7 +324,10 @@ pub const PROBE_CELLS: usize = 64;
 
 /// Recomputes the cells of one period (`[start, end)`, one type) from their events, in one
 /// grouped statement over exactly that range, and upserts those whose source changed (a cell
-/// without events is written only to bring an existing aggregate down to zero). `now` and
+/// without events is written only to bring an existing aggregate down to zero). A cell's
+/// classification is the one stored on its events, as each was classified when it was
+/// ingested, never today's catalog; a cell whose events disagree (a metric reclassified by a
+/// migration within the period) takes that of its event stored last. `now` and
 /// `grace` decide `final`; a change to a final cell counts a revision. Returns the cells
 /// written. Run with custom plans (see [`try_lock`]'s transaction): PostgreSQL then sees how
 /// many cells there are and picks index probes for a few, one scan of the range for many.
@@ -281,16 +357,23 @@ pub async fn compute(
                SELECT * FROM UNNEST($2::uuid[], $3::text[]) AS c(tenant_id, metric)
            ), sums AS (
                SELECT tenant_id, metric, sum(total) AS total, sum(events) AS events,
-                      count(actor_id) AS actors, bit_xor(seq_xor) AS seq_xor
+                      count(actor_id) AS actors, bit_xor(seq_xor) AS seq_xor,
+                      (ARRAY['BILLABLE', 'NON_BILLABLE', 'INFO'])[max(latest) % 4 + 1]
+                          AS classification
                  FROM (SELECT e.tenant_id, e.metric, e.actor_id, sum(e.quantity) AS total,
-                              count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
+                              count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor,
+                              -- The classification of the event stored last, packed with
+                              -- its seq so that a plain max() finds it (no sort, integers).
+                              max(e.seq * 4 + CASE e.classification WHEN 'BILLABLE' THEN 0
+                                                                    WHEN 'NON_BILLABLE' THEN 1
+                                                                    ELSE 2 END) AS latest
                          FROM usage_events e
                         WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
                           AND (e.tenant_id, e.metric) IN (SELECT tenant_id, metric FROM cells)
                         GROUP BY 1, 2, 3) by_actor
                 GROUP BY 1, 2
            ), computed AS (
-               SELECT c.tenant_id, c.metric,
+               SELECT c.tenant_id, c.metric, s.classification,
                       coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
                       coalesce(s.actors, 0) AS actors,
                       sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_xor),
@@ -301,7 +384,7 @@ pub async fn compute(
                   (tenant_id, period_type, period_start, period_end, metric, classification,
                    total_quantity, event_count, distinct_actors, source_hash, computed_at,
                    final, finalized_at)
-           SELECT c.tenant_id, $1, $4, $5, c.metric, m.classification,
+           SELECT c.tenant_id, $1, $4, $5, c.metric, coalesce(c.classification, m.classification),
                   c.total, c.events, c.actors, c.source_hash, $6,
                   $5::timestamptz + make_interval(secs => $7) <= $6,
                   CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END
@@ -312,7 +395,9 @@ pub async fn compute(
                            WHERE x.tenant_id = c.tenant_id AND x.period_type = $1
                              AND x.period_start = $4 AND x.metric = c.metric)
            ON CONFLICT (tenant_id, period_type, period_start, metric) DO UPDATE
-              SET total_quantity = EXCLUDED.total_quantity,
+              SET classification = CASE WHEN EXCLUDED.event_count > 0
+                                        THEN EXCLUDED.classification ELSE a.classification END,
+                  total_quantity = EXCLUDED.total_quantity,
                   event_count = EXCLUDED.event_count,
                   distinct_actors = EXCLUDED.distinct_actors,
                   source_hash = EXCLUDED.source_hash,
@@ -325,6 +410,7 @@ pub async fn compute(
                OR (a.total_quantity, a.event_count, a.distinct_actors)
                   IS DISTINCT FROM (EXCLUDED.total_quantity, EXCLUDED.event_count,
                                     EXCLUDED.distinct_actors)
+               OR (EXCLUDED.event_count > 0 AND a.classification <> EXCLUDED.classification)
            RETURNING a.tenant_id, a.metric, a.period_start,
                      (a.revised_at IS NOT DISTINCT FROM $6 AND a.revisions_after_final > 0)
                          AS "revised!""#,
@@ -360,9 +446,16 @@ pub async fn compute(
                SELECT * FROM UNNEST($2::uuid[], $3::text[]) AS c(tenant_id, metric)
            ), sums AS (
                SELECT tenant_id, metric, sum(total) AS total, sum(events) AS events,
-                      count(actor_id) AS actors, bit_xor(seq_xor) AS seq_xor
+                      count(actor_id) AS actors, bit_xor(seq_xor) AS seq_xor,
+                      (ARRAY['BILLABLE', 'NON_BILLABLE', 'INFO'])[max(latest) % 4 + 1]
+                          AS classification
                  FROM (SELECT e.tenant_id, e.metric, e.actor_id, sum(e.quantity) AS total,
-                              count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor
+                              count(*) AS events, bit_xor(hashint8extended(e.seq, 0)) AS seq_xor,
+                              -- The classification of the event stored last, packed with
+                              -- its seq so that a plain max() finds it (no sort, integers).
+                              max(e.seq * 4 + CASE e.classification WHEN 'BILLABLE' THEN 0
+                                                                    WHEN 'NON_BILLABLE' THEN 1
+                                                                    ELSE 2 END) AS latest
                          FROM usage_events e
                         WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
                           AND ($8::text[] IS NULL
@@ -370,7 +463,7 @@ pub async fn compute(
                         GROUP BY 1, 2, 3) by_actor
                 GROUP BY 1, 2
            ), computed AS (
-               SELECT c.tenant_id, c.metric,
+               SELECT c.tenant_id, c.metric, s.classification,
                       coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
                       coalesce(s.actors, 0) AS actors,
                       sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_xor),
@@ -381,7 +474,7 @@ pub async fn compute(
                   (tenant_id, period_type, period_start, period_end, metric, classification,
                    total_quantity, event_count, distinct_actors, source_hash, computed_at,
                    final, finalized_at)
-           SELECT c.tenant_id, $1, $4, $5, c.metric, m.classification,
+           SELECT c.tenant_id, $1, $4, $5, c.metric, coalesce(c.classification, m.classification),
                   c.total, c.events, c.actors, c.source_hash, $6,
                   $5::timestamptz + make_interval(secs => $7) <= $6,
                   CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END
@@ -392,7 +485,9 @@ pub async fn compute(
                            WHERE x.tenant_id = c.tenant_id AND x.period_type = $1
                              AND x.period_start = $4 AND x.metric = c.metric)
            ON CONFLICT (tenant_id, period_type, period_start, metric) DO UPDATE
-              SET total_quantity = EXCLUDED.total_quantity,
+              SET classification = CASE WHEN EXCLUDED.event_count > 0
+                                        THEN EXCLUDED.classification ELSE a.classification END,
+                  total_quantity = EXCLUDED.total_quantity,
                   event_count = EXCLUDED.event_count,
                   distinct_actors = EXCLUDED.distinct_actors,
                   source_hash = EXCLUDED.source_hash,
@@ -405,6 +500,7 @@ pub async fn compute(
                OR (a.total_quantity, a.event_count, a.distinct_actors)
                   IS DISTINCT FROM (EXCLUDED.total_quantity, EXCLUDED.event_count,
                                     EXCLUDED.distinct_actors)
+               OR (EXCLUDED.event_count > 0 AND a.classification <> EXCLUDED.classification)
            RETURNING a.tenant_id, a.metric, a.period_start,
                      (a.revised_at IS NOT DISTINCT FROM $6 AND a.revisions_after_final > 0)
                          AS "revised!""#,

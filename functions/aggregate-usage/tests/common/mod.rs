@@ -201,6 +201,7 @@ pub async fn run(app: &App, owner: &PgPool, now: DateTime<Utc>) -> RunReport {
         total.skipped_retired += r.skipped_retired;
         total.queued_after = r.queued_after;
         total.counters = r.counters;
+        total.lag = r.lag;
         let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(xact_id), 0) FROM usage_events")
             .fetch_one(owner)
             .await
