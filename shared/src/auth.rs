@@ -3,17 +3,16 @@
 //! (it is shown in listings), the 64-hex-char secret carries 256 random bits. Only the SHA-256 of
 //! the whole key is stored; with that much entropy a slow hash adds nothing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngCore;
-use tokio::sync::Mutex;
 
-use crate::clock::{Clock, Stamp};
+use crate::clock::Clock;
 use crate::db::{Database, DbError};
 use crate::domain::{Scope, Scopes, SourceService, TenantId, TenantStatus, Trust};
 use crate::repo::api_keys;
+use crate::ttl_cache::TtlCache;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -134,10 +133,7 @@ enum Verdict {
 /// as well as the monotonic one, so a revocation or a disabled tenant takes effect within that
 /// time in every container, however long a container was frozen.
 pub struct Authenticator {
-    ttl: Duration,
-    max_entries: usize,
-    clock: Arc<dyn Clock>,
-    cache: Mutex<HashMap<[u8; 32], (Stamp, Verdict)>>,
+    cache: TtlCache<[u8; 32], Verdict>,
 }
 
 impl Authenticator {
@@ -149,10 +145,7 @@ impl Authenticator {
 
     pub fn with_clock(ttl: Duration, clock: Arc<dyn Clock>) -> Self {
         Authenticator {
-            ttl: ttl.min(Self::MAX_TTL),
-            max_entries: 10_000,
-            clock,
-            cache: Mutex::new(HashMap::new()),
+            cache: TtlCache::new(ttl.min(Self::MAX_TTL), 10_000, clock),
         }
     }
 
@@ -167,29 +160,11 @@ impl Authenticator {
             .filter(|k| !k.is_empty())
             .ok_or(AuthError::Missing)?;
         let presented = parse_presented_key(raw).ok_or(AuthError::Invalid)?;
-        let cached = self
-            .cache
-            .lock()
-            .await
-            .get(&presented.hash)
-            .filter(|(at, _)| !at.is_older_than(self.clock.as_ref(), self.ttl))
-            .map(|(_, verdict)| verdict.clone());
-        let verdict = match cached {
+        let verdict = match self.cache.get(&presented.hash) {
             Some(verdict) => verdict,
             None => {
                 let verdict = self.look_up(db, &presented).await?;
-                let mut cache = self.cache.lock().await;
-                if cache.len() >= self.max_entries {
-                    let (ttl, clock) = (self.ttl, self.clock.as_ref());
-                    cache.retain(|_, (at, _)| !at.is_older_than(clock, ttl));
-                    if cache.len() >= self.max_entries {
-                        cache.clear();
-                    }
-                }
-                cache.insert(
-                    presented.hash,
-                    (Stamp::now(self.clock.as_ref()), verdict.clone()),
-                );
+                self.cache.insert(presented.hash, verdict.clone());
                 verdict
             }
         };

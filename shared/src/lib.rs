@@ -22,6 +22,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
+pub mod ttl_cache;
 pub mod usage_counters;
 
 pub use config::Config;

@@ -179,3 +179,54 @@ mod tests {
         assert!(logged_with("not a [ filter").contains("runtime started"));
     }
 }
+
+/// Lets a log line through at most once per period, counting the ones it held back: for what
+/// anyone on the internet can trigger (an unsigned webhook), where a line per request would let
+/// them fill the logs and the bill. The metric counts every one.
+pub struct SampledLog {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl SampledLog {
+    pub const fn every(period: std::time::Duration) -> Self {
+        SampledLog {
+            every: period,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be written now.
+    pub fn admit(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let held_back = state.1;
+                *state = (Some(now), 0);
+                Some(held_back)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod sampled_log_tests {
+    use super::SampledLog;
+
+    #[test]
+    fn one_line_per_period_and_the_rest_counted() {
+        let log = SampledLog::every(std::time::Duration::from_secs(3600));
+        assert_eq!(log.admit(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(log.admit(), None);
+        }
+        let now = SampledLog::every(std::time::Duration::ZERO);
+        assert_eq!(now.admit(), Some(0));
+        assert_eq!(now.admit(), Some(0));
+    }
+}

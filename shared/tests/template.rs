@@ -273,3 +273,56 @@ fn the_dashboard_shows_every_metric_the_code_emits() {
     let missing: Vec<_> = emitted.difference(&shown).collect();
     assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
 }
+
+/// The provider webhook takes no API key: its route has a throttle of its own, below the paying
+/// routes' in every environment, so a flood of unsigned requests never eats their budget.
+#[test]
+fn the_webhook_route_has_a_throttle_of_its_own() {
+    let template = contract::template();
+    let settings = &template["Resources"]["VerifyPaymentFunction"]["Properties"]["Events"]
+        ["ProviderWebhook"]["Properties"]["RouteSettings"];
+    let samconfig: toml::Table = std::fs::read_to_string(workspace_file("samconfig.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    for env in ["", "dev", "prod"] {
+        let overrides = if env.is_empty() {
+            ""
+        } else {
+            samconfig[env]["deploy"]["parameters"]["parameter_overrides"]
+                .as_str()
+                .unwrap()
+        };
+        let p = parameters(&template, overrides);
+        let rate = number(&settings["ThrottlingRateLimit"], &p);
+        let burst = number(&settings["ThrottlingBurstLimit"], &p);
+        let api_rate: i64 = p["ApiThrottleRateLimit"].parse().unwrap();
+        let api_burst: i64 = p["ApiThrottleBurstLimit"].parse().unwrap();
+        assert!(rate > 0 && burst >= rate, "{env:?}: {rate}/{burst}");
+        assert!(
+            rate < api_rate && burst < api_burst,
+            "{env:?}: the webhook's {rate}/{burst} is not below the API's {api_rate}/{api_burst}"
+        );
+    }
+}
+
+/// Every function that connects to PostgreSQL bounds its transactions by its own timeout
+/// (`transaction_timeout` on PostgreSQL 17+): no transaction outlives an invocation.
+#[test]
+fn no_transaction_outlives_its_invocation() {
+    let template = contract::template();
+    let global_timeout = template["Globals"]["Function"]["Timeout"].as_i64().unwrap();
+    for (name, function) in functions(&template) {
+        let properties = &function["Properties"];
+        let variables = &properties["Environment"]["Variables"];
+        if variables.get("DB_SECRET_ID").is_none() {
+            continue;
+        }
+        let timeout = properties["Timeout"].as_i64().unwrap_or(global_timeout);
+        let bound = variables
+            .get("DB_TRANSACTION_TIMEOUT_MS")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{name} sets no DB_TRANSACTION_TIMEOUT_MS"));
+        assert_eq!(bound, (timeout * 1000).to_string(), "{name}");
+    }
+}

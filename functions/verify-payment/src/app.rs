@@ -9,10 +9,16 @@ use meterbridge::clock::{Stamp, SystemClock};
 use meterbridge::domain::TenantId;
 use meterbridge::relay::Relay;
 use meterbridge::repo::payments;
+use meterbridge::ttl_cache::TtlCache;
 use meterbridge::{DbError, Services, StartupError};
 use tokio::sync::RwLock;
 
 use crate::config::PaymentsConfig;
+use crate::webhook::EndpointSecrets;
+
+/// The most webhook endpoints a container remembers (a flood of made-up slugs clears the cache;
+/// it never grows past this).
+const WEBHOOK_ENDPOINTS_CACHED: usize = 10_000;
 
 /// ISO 4217 code → exponent of its minor unit.
 pub type Currencies = HashMap<String, i16>;
@@ -22,6 +28,9 @@ pub struct App {
     pub config: PaymentsConfig,
     pub auth: Authenticator,
     currencies: RwLock<Option<(Stamp, Arc<Currencies>)>>,
+    /// Webhook endpoints' signing secrets, and the absence of any, per `<provider>/<slug>`:
+    /// reused for the secrets' TTL, so a rotation bites within it.
+    pub(crate) webhook_secrets: TtlCache<String, EndpointSecrets>,
     /// The fast path's publisher, built on first use.
     relay: tokio::sync::OnceCell<Relay>,
 }
@@ -36,6 +45,11 @@ impl App {
     pub fn new(services: Services, config: PaymentsConfig) -> Self {
         App {
             auth: Authenticator::new(config.auth_cache_ttl),
+            webhook_secrets: TtlCache::new(
+                services.config.secrets_ttl,
+                WEBHOOK_ENDPOINTS_CACHED,
+                meterbridge::clock::system(),
+            ),
             services,
             config,
             currencies: RwLock::new(None),

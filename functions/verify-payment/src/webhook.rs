@@ -3,32 +3,46 @@
 //! signing secrets (Secrets Manager, `<prefix>/<provider>/<tenant slug>`,
 //! `{"signingSecrets": ["whsec_…", …]}` — two while a secret is being rotated).
 //!
-//! An unknown tenant, a tenant without secrets and a bad, stale or missing signature all get the
-//! same 401, so the route tells an outsider nothing about which tenants exist; for a known
-//! tenant, a refused delivery leaves an audit row and nothing else. Each provider event is acted
-//! on once: a replay answers 200 and changes nothing.
+//! Anyone on the internet can call this route, so nothing unsigned costs more than a cached
+//! lookup and a MAC: the signature is checked before the database is touched, the endpoint's
+//! secrets (or their absence) are cached per container, and a refusal writes no row — it is
+//! counted (`WebhookSignaturesRefused`) and logged at most once per 10 s. An unknown tenant, a
+//! tenant without secrets, a disabled tenant and a bad, stale or missing signature all get the
+//! same 401 by the same path, so the route tells an outsider nothing about which tenants exist.
+//! Each provider event is acted on once: a replay answers 200 and changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Response};
 use meterbridge::db::retry_transient;
 use meterbridge::domain::payment::{PaymentAction, VerificationMethod};
-use meterbridge::domain::TenantId;
+use meterbridge::domain::{TenantId, TenantSlug};
 use meterbridge::edge::{record_tenant_id, Call};
 use meterbridge::http::{json_response, ApiError};
-use meterbridge::repo::payment_audit::{self, AuditEntry};
 use meterbridge::repo::webhook_events;
 use meterbridge::secrets::SecretsError;
+use meterbridge::telemetry::SampledLog;
 use meterbridge::DbError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::app::App;
-use crate::signature::{self, SignatureError};
+use crate::signature;
 use crate::verify::respond;
 use meterbridge::payment_transition::{self as transition, Actor, Outcome, Target};
 
 /// Providers whose webhooks this function understands.
 pub const PROVIDERS: &[&str] = &["stripe"];
+
+/// The shortest signing secret used: Stripe's are `whsec_` and 32 characters more. A shorter one
+/// (a placeholder, a truncated paste) is refused when it is loaded, never used to verify.
+pub const MIN_SECRET_CHARS: usize = 32;
+
+/// An endpoint's usable signing secrets, or `None` when it has none (no secret stored, or none
+/// long enough): what the per-container cache remembers, absence included.
+pub type EndpointSecrets = Option<Arc<Vec<String>>>;
 
 #[derive(Deserialize)]
 struct SigningSecrets {
@@ -50,7 +64,20 @@ struct StripeData {
     object: Value,
 }
 
-fn unauthorized() -> ApiError {
+/// One line per this many seconds for refused requests; the metric counts every one.
+static REFUSALS_LOG: SampledLog = SampledLog::every(Duration::from_secs(10));
+
+/// The one answer to every refused delivery, counted and (sampled) logged; nothing is written.
+fn refuse(provider: &str, reason: &'static str) -> ApiError {
+    metrics::counter!("WebhookSignaturesRefused").increment(1);
+    if let Some(held_back) = REFUSALS_LOG.admit() {
+        tracing::warn!(
+            provider,
+            reason,
+            held_back,
+            "webhook refused (one line per 10 s at most; WebhookSignaturesRefused counts each)"
+        );
+    }
     ApiError::Unauthorized("the webhook signature is missing, invalid or stale".into())
 }
 
@@ -68,20 +95,12 @@ pub async fn receive(
             app.config.webhook_max_body_bytes
         )));
     }
-    let Some(tenant) = tenant(app, tenant_slug).await? else {
-        tracing::warn!(provider, "webhook for an unknown or disabled tenant");
-        return Err(unauthorized());
+    let Ok(slug) = TenantSlug::parse(tenant_slug) else {
+        return Err(refuse(provider, "malformed_tenant"));
     };
-    record_tenant_id(tenant);
-    let secrets = match signing_secrets(app, provider, tenant_slug).await {
-        Ok(secrets) => secrets,
-        Err(SecretsError::NotFound { .. }) => {
-            tracing::warn!(
-                provider,
-                "no webhook signing secret is configured for this tenant"
-            );
-            return Err(unauthorized());
-        }
+    let secrets = match signing_secrets(app, provider, &slug).await {
+        Ok(Some(secrets)) => secrets,
+        Ok(None) => return Err(refuse(provider, "no_signing_secret")),
         Err(e) => {
             tracing::error!(error = %e, "webhook signing secrets unavailable");
             return Err(ApiError::Unavailable {
@@ -96,22 +115,15 @@ pub async fn receive(
         .get(signature::HEADER)
         .and_then(|v| v.to_str().ok());
     let tolerance = app.config.webhook_tolerance.as_secs() as i64;
-    if let Err(refused) = signature::verify(
-        header,
-        body,
-        &secrets,
-        app.services.clock.now().timestamp(),
-        tolerance,
-    ) {
-        tracing::warn!(
-            reason = refused.code(),
-            provider,
-            "webhook signature refused"
-        );
-        metrics::counter!("WebhookSignaturesRefused").increment(1);
-        audit_refusal(app, tenant, provider, refused, &call.correlation_id).await?;
-        return Err(unauthorized());
+    let now = app.services.clock.now().timestamp();
+    if let Err(refused) = signature::verify(header, body, &secrets, now, tolerance) {
+        return Err(refuse(provider, refused.code()));
     }
+    // Signed with the endpoint's secret: only now is the database asked, for an active tenant.
+    let Some(tenant) = tenant(app, &slug).await? else {
+        return Err(refuse(provider, "tenant_not_active"));
+    };
+    record_tenant_id(tenant);
 
     let event: StripeEvent = serde_json::from_slice(body).map_err(|e| {
         ApiError::Malformed(format!("the signed body is not a {provider} event: {e}"))
@@ -129,57 +141,51 @@ pub async fn receive(
     handle_event(app, tenant, provider, &event, call).await
 }
 
-async fn tenant(app: &App, slug: &str) -> Result<Option<TenantId>, DbError> {
-    if slug.is_empty() || slug.len() > 63 {
-        return Ok(None);
-    }
+async fn tenant(app: &App, slug: &TenantSlug) -> Result<Option<TenantId>, DbError> {
     let mut conn = app.services.db.acquire().await?;
-    webhook_events::tenant_by_slug(&mut conn, slug).await
+    webhook_events::tenant_by_slug(&mut conn, slug.as_str()).await
 }
 
-async fn signing_secrets(
+/// The endpoint's signing secrets, from the container's cache or (on a miss) fresh from Secrets
+/// Manager; an endpoint without usable secrets is remembered as such, for the same time, so an
+/// unknown slug and a tenant without a secret cost the same: one cached lookup.
+pub async fn signing_secrets(
     app: &App,
     provider: &str,
-    tenant_slug: &str,
-) -> Result<Vec<String>, SecretsError> {
+    slug: &TenantSlug,
+) -> Result<EndpointSecrets, SecretsError> {
+    let endpoint = format!("{provider}/{slug}");
+    if let Some(known) = app.webhook_secrets.get(&endpoint) {
+        return Ok(known);
+    }
+    let id = format!("{}/{endpoint}", app.config.webhook_secret_prefix);
     let secrets = app.services.secrets().await?;
-    let id = format!(
-        "{}/{provider}/{tenant_slug}",
-        app.config.webhook_secret_prefix
-    );
-    let found: SigningSecrets = secrets.get_json(&id, false).await?;
-    Ok(found.signing_secrets)
+    let found = match secrets.get_json::<SigningSecrets>(&id, true).await {
+        Ok(found) => usable(found.signing_secrets, &id),
+        Err(SecretsError::NotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    app.webhook_secrets.insert(endpoint, found.clone());
+    Ok(found)
 }
 
-async fn audit_refusal(
-    app: &App,
-    tenant: TenantId,
-    provider: &str,
-    refused: SignatureError,
-    correlation_id: &str,
-) -> Result<(), DbError> {
-    let actor = format!("webhook:{provider}");
-    let mut tx = app.services.db.tenant_tx(tenant).await?;
-    payment_audit::insert(
-        &mut tx,
-        tenant,
-        &AuditEntry {
-            payment_id: None,
-            action: "webhook",
-            accepted: false,
-            from_status: None,
-            to_status: None,
-            actor: &actor,
-            actor_detail: None,
-            method: None,
-            reason: refused.code(),
-            correlation_id,
-            details: json!({}),
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(())
+/// The secrets long enough to use; the others are refused (counted, and logged by their secret's
+/// name, never their value).
+fn usable(secrets: Vec<String>, secret_id: &str) -> EndpointSecrets {
+    let total = secrets.len();
+    let kept: Vec<String> = secrets
+        .into_iter()
+        .filter(|s| s.chars().count() >= MIN_SECRET_CHARS)
+        .collect();
+    if kept.len() < total {
+        metrics::counter!("WebhookSigningSecretsRefused").increment((total - kept.len()) as u64);
+        tracing::error!(
+            secret_id,
+            refused = total - kept.len(),
+            "webhook signing secrets shorter than {MIN_SECRET_CHARS} characters refused"
+        );
+    }
+    (!kept.is_empty()).then(|| Arc::new(kept))
 }
 
 /// What an event asks of which payment.
