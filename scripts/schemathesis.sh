@@ -28,7 +28,11 @@ fi
 if [ -f "$KEY_FILE" ]; then
   admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$(sed -n 's/^MB_FUZZ_PREFIX=//p' "$KEY_FILE")\"}" >/dev/null 2>&1 || true
 fi
-KEY=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$FUZZ_TENANT\",\"source\":\"schemathesis\",\"trust\":\"internal\"}")
+# A source of its own per run: idempotency records are kept per (tenant, source), and a
+# generated Idempotency-Key seen by an earlier run would replay that run's response, in the
+# shape the API had then.
+FUZZ_SOURCE=schemathesis-$(date +%s)
+KEY=$(admin "{\"action\":\"api-key.create\",\"tenant\":\"$FUZZ_TENANT\",\"source\":\"$FUZZ_SOURCE\",\"trust\":\"internal\"}")
 umask 077
 {
   echo "MB_FUZZ_KEY=$(printf '%s' "$KEY" | json_get 'd["key"]')"
