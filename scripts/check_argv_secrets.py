@@ -21,7 +21,8 @@ with open(keys_path) as keys:
         if name.endswith(("_KEY", "_SECRET")) and value:
             secrets[value] = name
 client = boto3.client("secretsmanager")
-for name in ("meterbridge/local/db-admin", "meterbridge/local/db-api", "meterbridge/local/db-ops"):
+for name in ("meterbridge/local/db-admin", "meterbridge/local/db-ingest",
+             "meterbridge/local/db-payments", "meterbridge/local/db-ops"):
     password = json.loads(client.get_secret_value(SecretId=name)["SecretString"])["password"]
     secrets[password] = f"the password in {name}"
 

@@ -63,14 +63,16 @@ say "admin: usage storage policy (day partitions ahead, retention, dedup-key gen
 admin "$(cat events/admin/usage-maintain.json)" | json_get '"%d actions: %s" % (len(d["actions"]), ", ".join(a["action"] + " " + a["object"] for a in d["actions"][:3]) + (" ..." if len(d["actions"]) > 3 else ""))'
 admin "$(cat events/admin/usage-status.json)" | json_get '"%(dayPartitions)d day partitions %(firstDay)s..%(lastDay)s, key generation %(openGeneration)s of %(keyGenerations)d" % d["storage"]'
 
-say "database roles for the API and scheduled functions, with generated passwords"
-API_PASSWORD=$(new_password); OPS_PASSWORD=$(new_password)
+say "database roles of the functions (one per API function, one for the scheduled ones), with generated passwords"
+INGEST_PASSWORD=$(new_password); PAYMENTS_PASSWORD=$(new_password); OPS_PASSWORD=$(new_password)
 # Set as SCRAM verifiers computed here (as psql's \password does): no password reaches the
 # server, so no server log can show one. They travel on standard input, never on a command line.
-printf 'meterbridge_api %s\nmeterbridge_ops %s\n' "$API_PASSWORD" "$OPS_PASSWORD" \
+printf 'meterbridge_ingest %s\nmeterbridge_payments %s\nmeterbridge_ops %s\n' \
+    "$INGEST_PASSWORD" "$PAYMENTS_PASSWORD" "$OPS_PASSWORD" \
   | python3 scripts/pg_scram.py | psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d "$DB_NAME" -q
 {
-  printf 'meterbridge/local/db-api=%s\n' "$(secret_json meterbridge_api "$API_PASSWORD")"
+  printf 'meterbridge/local/db-ingest=%s\n' "$(secret_json meterbridge_ingest "$INGEST_PASSWORD")"
+  printf 'meterbridge/local/db-payments=%s\n' "$(secret_json meterbridge_payments "$PAYMENTS_PASSWORD")"
   printf 'meterbridge/local/db-ops=%s\n' "$(secret_json meterbridge_ops "$OPS_PASSWORD")"
 } | "$MB_TOOLS_VENV/bin/python" scripts/seed_secrets.py
 

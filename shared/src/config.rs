@@ -143,6 +143,9 @@ pub struct RedisOptions {
     /// `REDIS_TLS_CA_FILE`: a PEM file of the CAs a `rediss://` server must chain to, in place of
     /// the built-in public roots (a private CA, or the tests' own).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Inside Lambda: only a verified `rediss://` connection is made (a network path we do not
+    /// own, as for the database's `verify-full`).
+    pub require_tls: bool,
 }
 
 /// libpq's `sslmode` values, as `DB_SSL_MODE` takes them.
@@ -288,6 +291,7 @@ impl Config {
                     None => None,
                     Some(path) => Some(pem_bundle("REDIS_TLS_CA_FILE", path)?),
                 },
+                require_tls: in_lambda,
             },
             secrets_ttl: Duration::from_secs(env.bounded_or(
                 "SECRETS_TTL_SECONDS",

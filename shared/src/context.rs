@@ -16,6 +16,8 @@ pub enum StartupError {
     Secrets(#[from] SecretsError),
     #[error(transparent)]
     Database(#[from] DbError),
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisError),
 }
 
 pub struct Services {
@@ -65,6 +67,9 @@ impl Services {
                 config.redis_options.clone(),
             )
         });
+        if let Some(redis) = redis.as_ref().filter(|_| config.redis_options.require_tls) {
+            redis.check().await?;
+        }
         let secrets = match secrets {
             Some(secrets) => tokio::sync::OnceCell::new_with(Some(secrets)),
             None => tokio::sync::OnceCell::new(),

@@ -38,6 +38,10 @@ pub enum RedisError {
     /// A CA file means the operator expects TLS; a plain URL would silently go without.
     #[error("REDIS_TLS_CA_FILE is set but the Redis URL is not rediss://")]
     CaWithoutTls,
+    /// Inside Lambda the connection must be TLS, verified: a `redis://` URL, or a `rediss://`
+    /// one marked `#insecure`, is refused (as the database refuses less than verify-full).
+    #[error("inside Lambda the Redis URL must be rediss:// with the certificate verified")]
+    TlsRequired,
 }
 
 /// After a failed connect, requests skip Redis for this long instead of each waiting for a
@@ -168,8 +172,30 @@ impl Redis {
         }
     }
 
+    /// Checks the configured endpoint against the TLS requirement without connecting (the
+    /// cold start calls it, so a plain-text Redis fails the deployment, not every request).
+    pub async fn check(&self) -> Result<(), RedisError> {
+        let (info, _) = self.endpoint(false).await?;
+        self.require_tls(&info)
+    }
+
+    fn require_tls(&self, info: &ConnectionInfo) -> Result<(), RedisError> {
+        let verified = matches!(
+            info.addr(),
+            ConnectionAddr::TcpTls {
+                insecure: false,
+                ..
+            }
+        );
+        if self.options.require_tls && !verified {
+            return Err(RedisError::TlsRequired);
+        }
+        Ok(())
+    }
+
     async fn open(&self, refresh_secret: bool) -> Result<RedisConnection, RedisError> {
         let (info, cluster) = self.endpoint(refresh_secret).await?;
+        self.require_tls(&info)?;
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         let certificates = match &self.options.tls_ca_file {
             None => None,

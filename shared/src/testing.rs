@@ -13,7 +13,10 @@ use crate::clock::{Clock, ShiftedClock};
 use crate::domain::{Scopes, SourceService, Tenant, TenantSlug, Trust};
 use crate::repo::{api_keys, tenants};
 
-pub const API_ROLE: &str = "meterbridge_api";
+/// The role ingest-usage connects as.
+pub const INGEST_ROLE: &str = "meterbridge_ingest";
+/// The role verify-payment connects as.
+pub const PAYMENTS_ROLE: &str = "meterbridge_payments";
 pub const OPS_ROLE: &str = "meterbridge_ops";
 
 /// The variable that moves the tests' clock: an RFC 3339 instant.

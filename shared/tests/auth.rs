@@ -7,7 +7,7 @@ use meterbridge::auth::{AuthError, Authenticator};
 use meterbridge::clock::FrozenClock;
 use meterbridge::domain::Trust;
 use meterbridge::repo::api_keys;
-use meterbridge::testing::{create_api_key, create_tenant, pool_as, API_ROLE};
+use meterbridge::testing::{create_api_key, create_tenant, pool_as, INGEST_ROLE};
 use meterbridge::Database;
 use sqlx::PgPool;
 
@@ -15,7 +15,7 @@ use sqlx::PgPool;
 async fn a_revocation_bites_after_a_freeze(owner: PgPool) {
     let acme = create_tenant(&owner, "acme").await;
     let key = create_api_key(&owner, &acme, "crm", Trust::Internal).await;
-    let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
+    let db = Database::from_pool(pool_as(&owner, INGEST_ROLE).await);
     let clock = FrozenClock::new();
     let auth = Authenticator::with_clock(Duration::from_secs(60), clock.clone());
 

@@ -5,104 +5,111 @@
 use meterbridge::domain::Trust;
 use meterbridge::repo::api_keys;
 use meterbridge::testing::{
-    create_api_key, create_tenant, database_name, pool_as, API_ROLE, OPS_ROLE,
+    create_api_key, create_tenant, database_name, pool_as, INGEST_ROLE, OPS_ROLE, PAYMENTS_ROLE,
 };
 use sqlx::PgPool;
 
 /// The reviewed list. Change it only together with the migration that needs the change, and
 /// say in that migration why the role needs it.
 const REVIEWED: &[&str] = &[
-    // The API role: connects; reads its own tenant's row and the catalog; inserts and reads its
-    // own tenant's usage events; authenticates only through the two SECURITY DEFINER functions.
-    "meterbridge_api: CONNECT ON DATABASE",
-    "meterbridge_api: EXECUTE ON FUNCTION authenticate_api_key(text)",
-    "meterbridge_api: EXECUTE ON FUNCTION current_tenant_id()",
-    "meterbridge_api: EXECUTE ON FUNCTION touch_api_key(uuid)",
-    // Migration 0006: ingestion writes and probes its own tenant's dedup keys and reads which
-    // key generation is open; never updates or deletes a key (expiry drops whole generations,
-    // as the owner).
-    "meterbridge_api: INSERT ON TABLE usage_event_keys",
-    "meterbridge_api: POLICY api_own_tenant ALL ON usage_event_keys USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: SELECT ON TABLE usage_event_keys",
-    "meterbridge_api: SELECT ON TABLE usage_key_generations",
-    // Migration 0008: ingestion checks a key against the compacted partition's Bloom filter
-    // (bits that no tenant reads back: every "maybe" is confirmed against the tenant-bound key
-    // table), computing its slots with the three filter functions; only the compaction (the
-    // owner) writes filters.
-    "meterbridge_api: EXECUTE ON FUNCTION usage_key_bit(uuid,integer)",
-    "meterbridge_api: EXECUTE ON FUNCTION usage_key_block(uuid,integer)",
-    "meterbridge_api: EXECUTE ON FUNCTION usage_key_maybe(bit,uuid)",
-    "meterbridge_api: SELECT ON TABLE usage_key_filter_blocks",
-    // Ingestion names the columns it writes: never xact_id (aggregation's change marker; a
-    // forged low value would hide a row), seq, created_at or the void columns. A void (issue 9)
-    // writes the three void columns and nothing else; the tenant reads its own rollups.
-    "meterbridge_api: INSERT ON COLUMN usage_events.actor_id",
-    "meterbridge_api: INSERT ON COLUMN usage_events.classification",
-    "meterbridge_api: INSERT ON COLUMN usage_events.correlation_id",
-    "meterbridge_api: INSERT ON COLUMN usage_events.event_id",
-    "meterbridge_api: INSERT ON COLUMN usage_events.idempotency_key",
-    "meterbridge_api: INSERT ON COLUMN usage_events.metadata",
-    "meterbridge_api: INSERT ON COLUMN usage_events.metric",
-    "meterbridge_api: INSERT ON COLUMN usage_events.occurred_at",
-    "meterbridge_api: INSERT ON COLUMN usage_events.operation_key",
-    "meterbridge_api: INSERT ON COLUMN usage_events.payload_hash",
-    "meterbridge_api: INSERT ON COLUMN usage_events.quantity",
-    "meterbridge_api: INSERT ON COLUMN usage_events.source_service",
-    "meterbridge_api: INSERT ON COLUMN usage_events.tenant_id",
-    "meterbridge_api: UPDATE ON COLUMN usage_events.void_reason",
-    "meterbridge_api: UPDATE ON COLUMN usage_events.voided_at",
-    "meterbridge_api: UPDATE ON COLUMN usage_events.voided_by",
-    "meterbridge_api: POLICY api_own_tenant SELECT ON usage_aggregates USING (tenant_id = current_tenant_id())",
-    "meterbridge_api: SELECT ON TABLE usage_aggregates",
-    "meterbridge_api: POLICY api_own_tenant ALL ON usage_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: POLICY api_own_tenant SELECT ON tenants USING (id = current_tenant_id())",
+    // The retired shared API role (one per function since migration 0013): nothing in this
+    // database. The role is cluster-wide, so it may still log in elsewhere on the instance.
     "meterbridge_api: ROLE LOGIN",
-    "meterbridge_api: SELECT ON TABLE metrics",
-    "meterbridge_api: SELECT ON TABLE tenants",
-    "meterbridge_api: SELECT ON TABLE usage_events",
-    "meterbridge_api: SET idle_in_transaction_session_timeout=30s",
-    "meterbridge_api: SET lock_timeout=5s",
-    "meterbridge_api: SET statement_timeout=30s",
-    "meterbridge_api: USAGE ON SCHEMA public",
-    // Payments (migration 0004): a payment, its audit rows, its outbox events, webhook events
-    // seen and idempotent responses are inserted and read for the own tenant; of a payment
-    // only the columns a transition changes may be updated; nothing is ever deleted.
-    "meterbridge_api: EXECUTE ON FUNCTION webhook_tenant(text)",
-    "meterbridge_api: INSERT ON TABLE idempotency_records",
-    "meterbridge_api: INSERT ON TABLE outbox_events",
-    "meterbridge_api: INSERT ON TABLE payment_audit",
-    "meterbridge_api: INSERT ON TABLE payments",
-    "meterbridge_api: INSERT ON TABLE webhook_events",
-    "meterbridge_api: POLICY api_own_tenant ALL ON idempotency_records USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: POLICY api_own_tenant ALL ON outbox_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: POLICY api_own_tenant ALL ON payment_audit USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: POLICY api_own_tenant ALL ON payments USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: POLICY api_own_tenant ALL ON webhook_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
-    "meterbridge_api: SELECT ON TABLE currencies",
-    "meterbridge_api: SELECT ON TABLE idempotency_records",
-    "meterbridge_api: SELECT ON TABLE outbox_events",
-    "meterbridge_api: SELECT ON TABLE payment_audit",
-    "meterbridge_api: SELECT ON TABLE payments",
-    "meterbridge_api: SELECT ON TABLE webhook_events",
-    // The fast path (migration 0005): verify-payment publishes its own fresh event and marks
-    // it, changing only the delivery columns.
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.attempts",
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.claim_token",
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.last_error",
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.lease_until",
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.next_attempt_at",
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.published_at",
-    "meterbridge_api: UPDATE ON COLUMN outbox_events.status",
-    // Migration 0012: a failed attempt is counted and its code kept.
-    "meterbridge_api: UPDATE ON COLUMN payments.failed_attempts",
-    "meterbridge_api: UPDATE ON COLUMN payments.last_failure",
-    "meterbridge_api: UPDATE ON COLUMN payments.provider_reference",
-    "meterbridge_api: UPDATE ON COLUMN payments.status",
-    "meterbridge_api: UPDATE ON COLUMN payments.updated_at",
-    "meterbridge_api: UPDATE ON COLUMN payments.verification_method",
-    "meterbridge_api: UPDATE ON COLUMN payments.verified_at",
-    "meterbridge_api: UPDATE ON COLUMN payments.verified_by",
-    "meterbridge_api: UPDATE ON COLUMN payments.version",
+    // ingest-usage's role (migration 0013): connects; authenticates only through the two
+    // SECURITY DEFINER functions; inserts its own tenant's usage events naming the columns it
+    // may write (never xact_id, aggregation's change marker: a forged low value would hide a
+    // row; nor seq or created_at), voids them (the three void columns only), writes and probes
+    // its own tenant's dedup keys (never updates or deletes one: expiry drops whole generations
+    // as the owner), reads which generation is open and the compacted partition's Bloom filter
+    // (bits no tenant reads back: every "maybe" is confirmed against the tenant-bound key
+    // table), reads the catalog and its own tenant's rollups. Nothing of payments, the outbox
+    // or tenants.
+    "meterbridge_ingest: CONNECT ON DATABASE",
+    "meterbridge_ingest: EXECUTE ON FUNCTION authenticate_api_key(text)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION current_tenant_id()",
+    "meterbridge_ingest: EXECUTE ON FUNCTION touch_api_key(uuid)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_bit(uuid,integer)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_block(uuid,integer)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_maybe(bit,uuid)",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.actor_id",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.classification",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.correlation_id",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.event_id",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.idempotency_key",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.metadata",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.metric",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.occurred_at",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.operation_key",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.payload_hash",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.quantity",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.source_service",
+    "meterbridge_ingest: INSERT ON COLUMN usage_events.tenant_id",
+    "meterbridge_ingest: INSERT ON TABLE usage_event_keys",
+    "meterbridge_ingest: POLICY api_own_tenant ALL ON usage_event_keys USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_ingest: POLICY api_own_tenant ALL ON usage_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_ingest: POLICY api_own_tenant SELECT ON usage_aggregates USING (tenant_id = current_tenant_id())",
+    "meterbridge_ingest: ROLE LOGIN",
+    "meterbridge_ingest: SELECT ON TABLE metrics",
+    "meterbridge_ingest: SELECT ON TABLE usage_aggregates",
+    "meterbridge_ingest: SELECT ON TABLE usage_event_keys",
+    "meterbridge_ingest: SELECT ON TABLE usage_events",
+    "meterbridge_ingest: SELECT ON TABLE usage_key_filter_blocks",
+    "meterbridge_ingest: SELECT ON TABLE usage_key_generations",
+    "meterbridge_ingest: SET idle_in_transaction_session_timeout=30s",
+    "meterbridge_ingest: SET lock_timeout=5s",
+    "meterbridge_ingest: SET statement_timeout=30s",
+    "meterbridge_ingest: UPDATE ON COLUMN usage_events.void_reason",
+    "meterbridge_ingest: UPDATE ON COLUMN usage_events.voided_at",
+    "meterbridge_ingest: UPDATE ON COLUMN usage_events.voided_by",
+    "meterbridge_ingest: USAGE ON SCHEMA public",
+    // verify-payment's role (migration 0013): connects; authenticates through the definer
+    // functions and finds a webhook's tenant through webhook_tenant(); inserts and reads its own
+    // tenant's payments, audit rows, outbox events, webhook events and idempotency records;
+    // changes only the columns a payment transition writes (0012: failed attempts counted),
+    // and of its own fresh outbox event only the delivery columns (the fast path; never
+    // published_at, which the server stamps); reads the currencies. Nothing of usage, nothing
+    // deleted, tenants and keys never read.
+    "meterbridge_payments: CONNECT ON DATABASE",
+    "meterbridge_payments: EXECUTE ON FUNCTION authenticate_api_key(text)",
+    "meterbridge_payments: EXECUTE ON FUNCTION current_tenant_id()",
+    "meterbridge_payments: EXECUTE ON FUNCTION touch_api_key(uuid)",
+    "meterbridge_payments: EXECUTE ON FUNCTION webhook_tenant(text)",
+    "meterbridge_payments: INSERT ON TABLE idempotency_records",
+    "meterbridge_payments: INSERT ON TABLE outbox_events",
+    "meterbridge_payments: INSERT ON TABLE payment_audit",
+    "meterbridge_payments: INSERT ON TABLE payments",
+    "meterbridge_payments: INSERT ON TABLE webhook_events",
+    "meterbridge_payments: POLICY api_own_tenant ALL ON idempotency_records USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_payments: POLICY api_own_tenant ALL ON outbox_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_payments: POLICY api_own_tenant ALL ON payment_audit USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_payments: POLICY api_own_tenant ALL ON payments USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_payments: POLICY api_own_tenant ALL ON webhook_events USING (tenant_id = current_tenant_id()) WITH CHECK (tenant_id = current_tenant_id())",
+    "meterbridge_payments: ROLE LOGIN",
+    "meterbridge_payments: SELECT ON TABLE currencies",
+    "meterbridge_payments: SELECT ON TABLE idempotency_records",
+    "meterbridge_payments: SELECT ON TABLE outbox_events",
+    "meterbridge_payments: SELECT ON TABLE payment_audit",
+    "meterbridge_payments: SELECT ON TABLE payments",
+    "meterbridge_payments: SELECT ON TABLE webhook_events",
+    "meterbridge_payments: SET idle_in_transaction_session_timeout=30s",
+    "meterbridge_payments: SET lock_timeout=5s",
+    "meterbridge_payments: SET statement_timeout=30s",
+    "meterbridge_payments: UPDATE ON COLUMN outbox_events.attempts",
+    "meterbridge_payments: UPDATE ON COLUMN outbox_events.claim_token",
+    "meterbridge_payments: UPDATE ON COLUMN outbox_events.last_error",
+    "meterbridge_payments: UPDATE ON COLUMN outbox_events.lease_until",
+    "meterbridge_payments: UPDATE ON COLUMN outbox_events.next_attempt_at",
+    "meterbridge_payments: UPDATE ON COLUMN outbox_events.status",
+    "meterbridge_payments: UPDATE ON COLUMN payments.failed_attempts",
+    "meterbridge_payments: UPDATE ON COLUMN payments.last_failure",
+    "meterbridge_payments: UPDATE ON COLUMN payments.provider_reference",
+    "meterbridge_payments: UPDATE ON COLUMN payments.status",
+    "meterbridge_payments: UPDATE ON COLUMN payments.updated_at",
+    "meterbridge_payments: UPDATE ON COLUMN payments.verification_method",
+    "meterbridge_payments: UPDATE ON COLUMN payments.verified_at",
+    "meterbridge_payments: UPDATE ON COLUMN payments.verified_by",
+    "meterbridge_payments: UPDATE ON COLUMN payments.version",
+    "meterbridge_payments: USAGE ON SCHEMA public",
     // The owner of the SECURITY DEFINER functions: cannot log in; reads the columns key lookup
     // needs and writes last_used_at, nothing else.
     "meterbridge_definer: EXECUTE ON FUNCTION authenticate_api_key(text)",
@@ -129,49 +136,46 @@ const REVIEWED: &[&str] = &[
     "meterbridge_definer: SELECT ON COLUMN tenants.status",
     "meterbridge_definer: UPDATE ON COLUMN api_keys.last_used_at",
     "meterbridge_definer: USAGE ON SCHEMA public",
-    // The scheduled functions' role: reads across tenants what aggregation and the relay read;
-    // nothing on api_keys, no writes to tenants.
+    // The scheduled functions' role. Reads across tenants what aggregation and the relay read
+    // (no payments since 0013: no ops path reads one); nothing on api_keys, no writes to
+    // tenants. The relay claims and marks every tenant's outbox rows (the delivery columns only;
+    // published_at is stamped by the server) and deletes PUBLISHED ones a day or more after the
+    // server stamped them, no sooner, whatever the relay asks (0013). The aggregation writes the
+    // rollups (never deletes one), works its queue, moves its watermark and takes its advisory
+    // lock; it reads events, it never writes one.
     "meterbridge_ops: CONNECT ON DATABASE",
-    "meterbridge_ops: POLICY ops_read_all SELECT ON tenants USING true",
-    "meterbridge_ops: POLICY ops_read_all SELECT ON usage_events USING true",
-    "meterbridge_ops: ROLE LOGIN",
-    "meterbridge_ops: SELECT ON TABLE metrics",
-    "meterbridge_ops: SELECT ON TABLE tenants",
-    "meterbridge_ops: SELECT ON TABLE usage_events",
-    // The relay (migration 0005): claims and marks every tenant's outbox rows (the delivery
-    // columns only) and deletes published ones past their retention — the policy allows no
-    // other delete.
     "meterbridge_ops: DELETE ON TABLE outbox_events",
-    "meterbridge_ops: POLICY ops_relay UPDATE ON outbox_events USING true WITH CHECK true",
-    "meterbridge_ops: POLICY ops_retention DELETE ON outbox_events USING (status = 'PUBLISHED'::text)",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.attempts",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.claim_token",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.last_error",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.lease_until",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.next_attempt_at",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.published_at",
-    "meterbridge_ops: UPDATE ON COLUMN outbox_events.status",
-    "meterbridge_ops: POLICY ops_read_all SELECT ON outbox_events USING true",
-    "meterbridge_ops: POLICY ops_read_all SELECT ON payments USING true",
-    "meterbridge_ops: SELECT ON TABLE currencies",
-    "meterbridge_ops: SELECT ON TABLE outbox_events",
-    "meterbridge_ops: SELECT ON TABLE payments",
-    "meterbridge_ops: SET idle_in_transaction_session_timeout=60s",
-    "meterbridge_ops: SET lock_timeout=5s",
-    "meterbridge_ops: USAGE ON SCHEMA public",
-    // The aggregation job (issue 9): writes the rollups (never deletes one), works its queue,
-    // moves its watermark, and takes its advisory lock. It reads events; it never writes one.
     "meterbridge_ops: DELETE ON TABLE usage_aggregation_queue",
     "meterbridge_ops: EXECUTE ON FUNCTION usage_aggregation_lock_id()",
     "meterbridge_ops: INSERT ON TABLE usage_aggregates",
     "meterbridge_ops: INSERT ON TABLE usage_aggregation_queue",
     "meterbridge_ops: POLICY ops_all ALL ON usage_aggregates USING true WITH CHECK true",
     "meterbridge_ops: POLICY ops_all ALL ON usage_aggregation_queue USING true WITH CHECK true",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON outbox_events USING true",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON tenants USING true",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON usage_events USING true",
+    "meterbridge_ops: POLICY ops_relay UPDATE ON outbox_events USING true WITH CHECK true",
+    "meterbridge_ops: POLICY ops_retention DELETE ON outbox_events USING ((status = 'PUBLISHED'::text) AND (published_at < (now() - '1 day'::interval)))",
+    "meterbridge_ops: ROLE LOGIN",
+    "meterbridge_ops: SELECT ON TABLE currencies",
+    "meterbridge_ops: SELECT ON TABLE metrics",
+    "meterbridge_ops: SELECT ON TABLE outbox_events",
+    "meterbridge_ops: SELECT ON TABLE tenants",
     "meterbridge_ops: SELECT ON TABLE usage_aggregates",
     "meterbridge_ops: SELECT ON TABLE usage_aggregation_queue",
     "meterbridge_ops: SELECT ON TABLE usage_aggregation_state",
+    "meterbridge_ops: SELECT ON TABLE usage_events",
+    "meterbridge_ops: SET idle_in_transaction_session_timeout=60s",
+    "meterbridge_ops: SET lock_timeout=5s",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.attempts",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.claim_token",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.last_error",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.lease_until",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.next_attempt_at",
+    "meterbridge_ops: UPDATE ON COLUMN outbox_events.status",
     "meterbridge_ops: UPDATE ON TABLE usage_aggregates",
     "meterbridge_ops: UPDATE ON TABLE usage_aggregation_state",
+    "meterbridge_ops: USAGE ON SCHEMA public",
     // PUBLIC (every role): nothing at all in this database.
 ];
 
@@ -224,7 +228,7 @@ async fn security_definer_functions_are_pinned_and_powerless(owner: PgPool) {
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn application_roles_cannot_create_temporary_objects(owner: PgPool) {
-    for role in [API_ROLE, OPS_ROLE] {
+    for role in [INGEST_ROLE, PAYMENTS_ROLE, OPS_ROLE] {
         let pool = pool_as(&owner, role).await;
         let err = sqlx::query("CREATE TEMP TABLE api_keys (id uuid)")
             .execute(&pool)
@@ -251,13 +255,13 @@ async fn temporary_tables_cannot_hijack_the_definer_functions(owner: PgPool) {
             .unwrap()
     };
     sqlx::query(&format!(
-        "GRANT TEMPORARY ON DATABASE \"{}\" TO meterbridge_api",
+        "GRANT TEMPORARY ON DATABASE \"{}\" TO meterbridge_ingest",
         database_name(&owner)
     ))
     .execute(&owner)
     .await
     .unwrap();
-    let api = pool_as(&owner, API_ROLE).await;
+    let api = pool_as(&owner, INGEST_ROLE).await;
     let mut conn = api.acquire().await.unwrap();
     for statement in [
         "CREATE TEMP TABLE tenants (id uuid, slug text, status text)",
@@ -377,4 +381,64 @@ async fn the_ops_role_cannot_rewrite_tenants_or_keys(owner: PgPool) {
     assert!(api_keys::list_for_tenant(&owner, acme.id).await.unwrap()[0]
         .revoked_at
         .is_some());
+}
+
+/// The relay's role may mark rows published (that is its job) but cannot backdate them, so it
+/// cannot make an unpublished event disappear as "past its retention": a row it marks is
+/// stamped with the server's clock and kept a day at least. Nor does it read payments.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn the_ops_role_cannot_make_an_unpublished_event_disappear(owner: PgPool) {
+    let acme = create_tenant(&owner, "acme").await;
+    sqlx::query(
+        "INSERT INTO outbox_events (tenant_id, event_id, event_type, schema_version, payload,
+                                    correlation_id, idempotency_key, aggregate_type, aggregate_id,
+                                    aggregate_sequence, source_service)
+         VALUES ($1, gen_random_uuid(), 'payment.paid', 1, '{}', 'c', 'k', 'payment',
+                 gen_random_uuid(), 1, 'test')",
+    )
+    .bind(acme.id)
+    .execute(&owner)
+    .await
+    .unwrap();
+    let ops = pool_as(&owner, OPS_ROLE).await;
+    // Backdating, with the status or on its own: no privilege on the column.
+    for statement in [
+        "UPDATE outbox_events SET status = 'PUBLISHED', published_at = now() - interval '30 days'",
+        "UPDATE outbox_events SET published_at = now() - interval '30 days'",
+        "SELECT count(*) FROM payments",
+    ] {
+        let err = sqlx::query(statement).execute(&ops).await.unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{statement}: {err}"
+        );
+    }
+    // Marking it published is allowed; the server stamps when.
+    let marked = sqlx::query("UPDATE outbox_events SET status = 'PUBLISHED'")
+        .execute(&ops)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(marked, 1);
+    let stamped: bool =
+        sqlx::query_scalar("SELECT published_at > now() - interval '1 minute' FROM outbox_events")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert!(stamped, "published_at is the server's now");
+    // And it cannot be deleted before a day has passed, whatever cutoff the caller names.
+    let mut conn = ops.acquire().await.unwrap();
+    let deleted = meterbridge::repo::outbox::delete_published(
+        &mut conn,
+        meterbridge::testing::now() + chrono::Duration::days(365),
+        100,
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted, 0);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
 }

@@ -4,7 +4,8 @@
 -- shared/tests/privileges.rs compares the result with its reviewed list.
 WITH roles(oid, name) AS (
     SELECT oid, rolname::text FROM pg_catalog.pg_roles
-     WHERE rolname IN ('meterbridge_api', 'meterbridge_ops', 'meterbridge_definer')
+     WHERE rolname IN ('meterbridge_api', 'meterbridge_ingest', 'meterbridge_payments',
+                       'meterbridge_ops', 'meterbridge_definer')
     UNION ALL SELECT 0, 'PUBLIC'
 ), relations AS (
     SELECT c.oid, c.relname, c.relkind, c.relowner, c.relacl

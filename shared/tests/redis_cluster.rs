@@ -26,6 +26,8 @@ fn cluster_client(servers: &Servers, port: u16, tls: bool) -> Redis {
         RedisOptions {
             cluster: true,
             tls_ca_file: tls.then(|| servers.path("ca.pem").into()),
+            // A TLS cluster is held to what Lambda demands.
+            require_tls: tls,
         },
     )
 }

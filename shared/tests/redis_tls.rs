@@ -30,6 +30,11 @@ fn start() -> TlsRedis {
 
 impl TlsRedis {
     fn client(&self, scheme: &str, ca: Option<&str>) -> Redis {
+        self.client_requiring(scheme, ca, false)
+    }
+
+    /// As Lambda builds it when `require_tls`: a verified `rediss://` connection or none.
+    fn client_requiring(&self, scheme: &str, ca: Option<&str>, require_tls: bool) -> Redis {
         Redis::with_options(
             RedisSource::Url(format!("{scheme}://127.0.0.1:{}", self.port)),
             None,
@@ -37,6 +42,7 @@ impl TlsRedis {
             RedisOptions {
                 cluster: false,
                 tls_ca_file: ca.map(|name| self.servers.path(name).into()),
+                require_tls,
             },
         )
     }
@@ -98,4 +104,33 @@ async fn a_ca_file_demands_tls_and_must_exist() {
         .await
         .expect_err("no CA file");
     assert!(err.to_string().contains("absent.pem"), "{err}");
+}
+
+/// Inside Lambda only a verified `rediss://` connection is made: a plain `redis://` URL, or a
+/// `rediss://` one marked `#insecure`, is refused before any byte is sent (and the cold start
+/// checks it: `Services` fails to build).
+#[tokio::test]
+async fn inside_lambda_only_verified_tls_is_used() {
+    let server = start();
+    let verified = server.client_requiring("rediss", Some("ca.pem"), true);
+    verified.check().await.expect("rediss:// with a CA");
+    assert_eq!(add_and_read(&verified).await.expect("TLS works"), Some(42));
+    for url in [
+        format!("redis://127.0.0.1:{}", server.port),
+        format!("rediss://127.0.0.1:{}/#insecure", server.port),
+    ] {
+        let redis = Redis::with_options(
+            RedisSource::Url(url.clone()),
+            None,
+            TIMEOUT,
+            RedisOptions {
+                require_tls: true,
+                ..RedisOptions::default()
+            },
+        );
+        let err = redis.check().await.expect_err(&url);
+        assert!(matches!(err, RedisError::TlsRequired), "{url}: {err}");
+        let err = add_and_read(&redis).await.expect_err(&url);
+        assert!(matches!(err, RedisError::TlsRequired), "{url}: {err}");
+    }
 }

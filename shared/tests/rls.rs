@@ -1,10 +1,15 @@
-//! Row-level security, proven against the real roles: the API role sees and changes only the
-//! tenant its transaction names, and nothing at all without one.
+//! Row-level security, proven against the real roles: each API function's role sees and
+//! changes only the tenant its transaction names, nothing at all without one, and never the
+//! tables of the other function.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns
 
 use meterbridge::auth::{hashes_match, parse_presented_key};
 use meterbridge::domain::{TenantStatus, Trust};
 use meterbridge::repo::{api_keys, tenants};
-use meterbridge::testing::{create_api_key, create_tenant, pool_as, API_ROLE, OPS_ROLE};
+use meterbridge::testing::{
+    create_api_key, create_tenant, pool_as, INGEST_ROLE, OPS_ROLE, PAYMENTS_ROLE,
+};
 use meterbridge::Database;
 use sqlx::PgPool;
 
@@ -15,78 +20,174 @@ async fn count(executor: impl sqlx::PgExecutor<'_>, table: &str) -> i64 {
         .expect("count")
 }
 
-#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn api_role_without_a_tenant_reads_nothing(owner: PgPool) {
-    let acme = create_tenant(&owner, "acme").await;
-    create_api_key(&owner, &acme, "crm", Trust::Internal).await;
-    let api = pool_as(&owner, API_ROLE).await;
-
-    assert_eq!(count(&api, "tenants").await, 0);
-    assert_eq!(count(&api, "usage_events").await, 0);
-    // A transaction that set a tenant does not leak it to the next one on the same connection.
-    let db = Database::from_pool(api.clone());
-    let mut tx = db.tenant_tx(acme.id).await.unwrap();
-    assert_eq!(count(&mut *tx, "tenants").await, 1);
-    tx.commit().await.unwrap();
-    assert_eq!(count(&api, "tenants").await, 0);
+/// One event and one payment for `tenant`, written as the owner.
+async fn seed(owner: &PgPool, tenant: uuid::Uuid) {
+    meterbridge::testing::create_partitions_around_now(owner).await;
+    sqlx::query(
+        "INSERT INTO usage_events (tenant_id, event_id, metric, quantity, occurred_at,
+                                   source_service, correlation_id, classification, payload_hash,
+                                   operation_key)
+         VALUES ($1, gen_random_uuid()::text, 'api.requests', 1, $2, 'crm', 'c', 'BILLABLE',
+                 sha256('x'), gen_random_uuid())",
+    )
+    .bind(tenant)
+    .bind(meterbridge::testing::now())
+    .execute(owner)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO payments (tenant_id, id, amount_minor, currency, provider, correlation_id,
+                               source_service)
+         VALUES ($1, gen_random_uuid(), 100, 'USD', 'stripe', 'c', 'billing')",
+    )
+    .bind(tenant)
+    .execute(owner)
+    .await
+    .unwrap();
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn api_role_sees_only_the_tenant_it_acts_for(owner: PgPool) {
+async fn an_api_role_without_a_tenant_reads_nothing(owner: PgPool) {
     let acme = create_tenant(&owner, "acme").await;
-    let globex = create_tenant(&owner, "globex").await;
-    create_api_key(&owner, &acme, "crm", Trust::Internal).await;
-    create_api_key(&owner, &globex, "crm", Trust::Internal).await;
-    create_api_key(&owner, &globex, "web", Trust::External).await;
-    let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
-
-    let mut tx = db.tenant_tx(acme.id).await.unwrap();
-    assert_eq!(tenants::list(&mut *tx).await.unwrap(), vec![acme.clone()]);
-    assert!(tenants::find(&mut *tx, globex.id).await.unwrap().is_none());
-    tx.rollback().await.unwrap();
-
-    let mut tx = db.tenant_tx(globex.id).await.unwrap();
-    assert_eq!(tenants::list(&mut *tx).await.unwrap(), vec![globex.clone()]);
-    assert!(tenants::find(&mut *tx, acme.id).await.unwrap().is_none());
-    tx.rollback().await.unwrap();
-
-    // Keys are read only through authenticate_api_key(): not even the tenant's own.
-    let mut tx = db.tenant_tx(acme.id).await.unwrap();
-    let own_keys = api_keys::list_for_tenant(&mut *tx, acme.id).await;
-    assert_eq!(
-        own_keys.unwrap_err().sqlstate().as_deref(),
-        Some("42501"),
-        "the API role may not read api_keys"
-    );
+    seed(&owner, acme.id.0).await;
+    for (role, table) in [(INGEST_ROLE, "usage_events"), (PAYMENTS_ROLE, "payments")] {
+        let pool = pool_as(&owner, role).await;
+        assert_eq!(count(&pool, table).await, 0, "{role}");
+        // A transaction that set a tenant does not leak it to the next one on the connection.
+        let db = Database::from_pool(pool.clone());
+        let mut tx = db.tenant_tx(acme.id).await.unwrap();
+        assert_eq!(count(&mut *tx, table).await, 1, "{role}");
+        tx.commit().await.unwrap();
+        assert_eq!(count(&pool, table).await, 0, "{role}");
+    }
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn api_role_writes_nothing_to_tenant_tables(owner: PgPool) {
+async fn an_api_role_sees_only_the_tenant_it_acts_for(owner: PgPool) {
     let acme = create_tenant(&owner, "acme").await;
     let globex = create_tenant(&owner, "globex").await;
-    let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
+    seed(&owner, acme.id.0).await;
+    seed(&owner, globex.id.0).await;
+    seed(&owner, globex.id.0).await;
+    for (role, table) in [(INGEST_ROLE, "usage_events"), (PAYMENTS_ROLE, "payments")] {
+        let db = Database::from_pool(pool_as(&owner, role).await);
+        for (tenant, rows) in [(acme.id, 1), (globex.id, 2)] {
+            let mut tx = db.tenant_tx(tenant).await.unwrap();
+            assert_eq!(count(&mut *tx, table).await, rows, "{role}");
+            let other: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {table} WHERE tenant_id <> $1"
+            ))
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+            assert_eq!(other, 0, "{role} sees another tenant's {table}");
+            tx.rollback().await.unwrap();
+        }
+        // Neither reads tenants or keys: both are reached only through the definer functions.
+        let mut tx = db.tenant_tx(acme.id).await.unwrap();
+        let own_keys = api_keys::list_for_tenant(&mut *tx, acme.id).await;
+        assert_eq!(
+            own_keys.unwrap_err().sqlstate().as_deref(),
+            Some("42501"),
+            "{role} may not read api_keys"
+        );
+        tx.rollback().await.unwrap();
+        let mut tx = db.tenant_tx(acme.id).await.unwrap();
+        let own_tenant = tenants::find(&mut *tx, acme.id).await;
+        assert_eq!(
+            own_tenant.unwrap_err().sqlstate().as_deref(),
+            Some("42501"),
+            "{role} may not read tenants"
+        );
+    }
+}
 
-    for tenant in [None, Some(globex.id), Some(acme.id)] {
-        let mut tx = match tenant {
-            Some(t) => db.tenant_tx(t).await.unwrap(),
-            None => db.begin().await.unwrap(),
-        };
-        let update = sqlx::query("UPDATE tenants SET name = 'pwned' WHERE id = $1")
+/// Each API function's role is confined to its own tables: ingestion can neither read nor
+/// write a payment or an outbox row, payments can neither read nor write usage.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn each_api_role_keeps_to_its_own_tables(owner: PgPool) {
+    let acme = create_tenant(&owner, "acme").await;
+    seed(&owner, acme.id.0).await;
+    let attempts: [(&str, &[&str]); 2] = [
+        (
+            INGEST_ROLE,
+            &[
+                "SELECT count(*) FROM payments",
+                "UPDATE payments SET status = 'PAID_VERIFIED'",
+                "INSERT INTO outbox_events (tenant_id, event_id, event_type, schema_version,
+                     payload, correlation_id, idempotency_key, aggregate_type, aggregate_id,
+                     aggregate_sequence, source_service)
+                 VALUES (current_tenant_id(), gen_random_uuid(), 'payment.paid', 1, '{}', 'c',
+                         'k', 'payment', gen_random_uuid(), 1, 'crm')",
+                "UPDATE outbox_events SET status = 'PUBLISHED'",
+                "SELECT count(*) FROM payment_audit",
+                "SELECT count(*) FROM webhook_events",
+                "SELECT webhook_tenant('acme')",
+            ],
+        ),
+        (
+            PAYMENTS_ROLE,
+            &[
+                "SELECT count(*) FROM usage_events",
+                "UPDATE usage_events SET voided_at = now(), voided_by = 'x', void_reason = 'x'",
+                "SELECT count(*) FROM usage_event_keys",
+                "SELECT count(*) FROM usage_aggregates",
+                "SELECT count(*) FROM metrics",
+            ],
+        ),
+    ];
+    for (role, statements) in attempts {
+        let db = Database::from_pool(pool_as(&owner, role).await);
+        for statement in statements {
+            let mut tx = db.tenant_tx(acme.id).await.unwrap();
+            let err = sqlx::query(statement)
+                .execute(&mut *tx)
+                .await
+                .expect_err(statement);
+            assert!(
+                err.to_string().contains("permission denied"),
+                "{role}: {statement}: {err}"
+            );
+        }
+    }
+    let (status, events): (String, i64) = sqlx::query_as(
+        "SELECT (SELECT status FROM payments), (SELECT count(*) FROM outbox_events)",
+    )
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), events), ("PENDING", 0));
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn api_roles_write_nothing_to_tenant_tables(owner: PgPool) {
+    let acme = create_tenant(&owner, "acme").await;
+    let globex = create_tenant(&owner, "globex").await;
+    for role in [INGEST_ROLE, PAYMENTS_ROLE] {
+        let db = Database::from_pool(pool_as(&owner, role).await);
+        for tenant in [None, Some(globex.id), Some(acme.id)] {
+            let mut tx = match tenant {
+                Some(t) => db.tenant_tx(t).await.unwrap(),
+                None => db.begin().await.unwrap(),
+            };
+            let update = sqlx::query("UPDATE tenants SET name = 'pwned' WHERE id = $1")
+                .bind(acme.id)
+                .execute(&mut *tx)
+                .await;
+            assert!(update.is_err(), "{role} may not update tenants");
+            tx.rollback().await.unwrap();
+
+            let mut tx = db.begin().await.unwrap();
+            let insert = sqlx::query(
+                "INSERT INTO api_keys (tenant_id, prefix, key_hash, source_service, trust)
+                 VALUES ($1, '0123456789ab', decode(repeat('00', 32), 'hex'), 'x', 'internal')",
+            )
             .bind(acme.id)
             .execute(&mut *tx)
             .await;
-        assert!(update.is_err(), "API role may not update tenants");
-        tx.rollback().await.unwrap();
-
-        let mut tx = db.begin().await.unwrap();
-        let insert = sqlx::query(
-            "INSERT INTO api_keys (tenant_id, prefix, key_hash, source_service, trust)
-             VALUES ($1, '0123456789ab', decode(repeat('00', 32), 'hex'), 'x', 'internal')",
-        )
-        .bind(acme.id)
-        .execute(&mut *tx)
-        .await;
-        assert!(insert.is_err(), "API role may not create keys");
+            assert!(insert.is_err(), "{role} may not create keys");
+        }
     }
     assert_eq!(
         tenants::find(&owner, acme.id).await.unwrap().unwrap().name,
@@ -108,7 +209,7 @@ async fn ops_role_crosses_tenants(owner: PgPool) {
 async fn api_role_authenticates_keys_before_knowing_its_tenant(owner: PgPool) {
     let acme = create_tenant(&owner, "acme").await;
     let key = create_api_key(&owner, &acme, "crm", Trust::External).await;
-    let api = pool_as(&owner, API_ROLE).await;
+    let api = pool_as(&owner, PAYMENTS_ROLE).await;
 
     let presented = parse_presented_key(&key.key).unwrap();
     let candidate = api_keys::find_candidate(&api, &presented.prefix)
@@ -150,7 +251,8 @@ async fn every_tenant_owned_table_is_bound_by_rls(owner: PgPool) {
 
     let loose: Vec<String> = sqlx::query_scalar(
         "SELECT tablename || '.' || policyname FROM pg_policies
-          WHERE schemaname = 'public' AND 'meterbridge_api' = ANY(roles)
+          WHERE schemaname = 'public'
+            AND roles && ARRAY['meterbridge_ingest', 'meterbridge_payments']::name[]
             AND (qual IS NULL OR qual NOT LIKE '%current_tenant_id()%')",
     )
     .fetch_all(&owner)
@@ -162,7 +264,9 @@ async fn every_tenant_owned_table_is_bound_by_rls(owner: PgPool) {
     );
 
     let privileged: bool = sqlx::query_scalar(
-        "SELECT bool_or(rolsuper OR rolbypassrls) FROM pg_roles WHERE rolname IN ('meterbridge_api', 'meterbridge_ops')",
+        "SELECT bool_or(rolsuper OR rolbypassrls) FROM pg_roles
+          WHERE rolname IN ('meterbridge_api', 'meterbridge_ingest', 'meterbridge_payments',
+                            'meterbridge_ops')",
     )
     .fetch_one(&owner)
     .await

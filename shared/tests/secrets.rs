@@ -65,7 +65,7 @@ async fn database_credentials_come_from_the_secret_and_heal_after_rotation(owner
         .put_secret_value()
         .secret_id(&secret_id)
         .secret_string(
-            json!({"username": "meterbridge_api", "password": "rotated", "dbname": database_name(&owner)}).to_string(),
+            json!({"username": "meterbridge_ingest", "password": "rotated", "dbname": database_name(&owner)}).to_string(),
         )
         .send()
         .await
@@ -80,7 +80,7 @@ async fn database_credentials_come_from_the_secret_and_heal_after_rotation(owner
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-    assert_eq!(user, "meterbridge_api");
+    assert_eq!(user, "meterbridge_ingest");
 }
 
 #[tokio::test]
@@ -338,4 +338,46 @@ async fn put_secret_value(client: &SecretsClient, name: &str, value: serde_json:
         .send()
         .await
         .expect("update secret in moto");
+}
+
+/// Inside Lambda a Redis secret naming a plain-text `redis://` (or an unverified `rediss://`)
+/// fails the cold start, as a database below verify-full would fail its first connection; a
+/// verified `rediss://` is accepted (nothing connects yet).
+#[tokio::test]
+async fn inside_lambda_a_plain_text_redis_fails_the_cold_start() {
+    let sdk = moto_sdk_config().await;
+    let client = SecretsClient::new(&sdk);
+    for (url, accepted) in [
+        ("redis://cache.internal:6379", false),
+        ("rediss://cache.internal:6379/#insecure", false),
+        ("rediss://cache.internal:6379", true),
+    ] {
+        let secret_id = unique("redis-tls");
+        put_secret(&client, &secret_id, json!({"url": url})).await;
+        let db_secret = unique("db-unused");
+        put_secret(
+            &client,
+            &db_secret,
+            json!({"username": "nobody", "password": "x", "dbname": "none"}),
+        )
+        .await;
+        let built = Services::build_with_aws(
+            config(&[
+                ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001".into()),
+                ("DB_SECRET_ID", db_secret),
+                ("DB_HOST", "127.0.0.1".into()),
+                ("REDIS_SECRET_ID", secret_id),
+            ]),
+            Some(sdk.clone()),
+        )
+        .await;
+        match (built, accepted) {
+            (Err(StartupError::Redis(e)), false) => {
+                assert!(e.to_string().contains("rediss://"), "{url}: {e}")
+            }
+            (Ok(_), true) => {}
+            (Err(e), _) => panic!("{url}: {e}"),
+            (Ok(_), false) => panic!("{url}: a plain-text Redis was accepted inside Lambda"),
+        }
+    }
 }

@@ -128,8 +128,8 @@ enum ApiKeyAction {
         source: String,
         #[arg(long, default_value = "internal")]
         trust: String,
-        /// A scope the key holds (repeat for several); default: all for internal keys,
-        /// usage:write for external ones
+        /// A scope the key holds (repeat for several); default: all but usage:void for internal
+        /// keys, usage:write for external ones
         #[arg(long = "scope")]
         scopes: Vec<String>,
     },

@@ -26,8 +26,10 @@ pub enum Command {
         tenant: String,
         source: String,
         trust: String,
-        /// `usage:write`, `usage:read`, `payments:write`, `payments:read`, `payments:verify`;
-        /// absent: every scope for an internal key, `usage:write` for an external one.
+        /// `usage:write`, `usage:read`, `usage:void`, `payments:write`, `payments:read`,
+        /// `payments:verify`;
+        /// absent: every scope but `usage:void` for an internal key, `usage:write` for an external
+        /// one.
         #[serde(default)]
         scopes: Option<Vec<String>>,
     },

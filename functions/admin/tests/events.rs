@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use admin::{handle_event, Admin, AdminError};
 use meterbridge::auth::{hashes_match, parse_presented_key};
 use meterbridge::repo::api_keys;
-use meterbridge::testing::{pool_as, API_ROLE};
+use meterbridge::testing::{pool_as, INGEST_ROLE};
 use meterbridge::Database;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -64,7 +64,7 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
     let presented = parse_presented_key(key).expect("well-formed key");
     assert_eq!(out["apiKey"]["prefix"], presented.prefix.as_str());
     assert_eq!(out["apiKey"]["trust"], "internal");
-    let api = pool_as(&owner, API_ROLE).await;
+    let api = pool_as(&owner, INGEST_ROLE).await;
     let candidate = api_keys::find_candidate(&api, &presented.prefix)
         .await
         .unwrap()

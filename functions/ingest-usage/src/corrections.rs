@@ -13,7 +13,7 @@ use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
 use meterbridge::domain::dedup::DedupKeys;
 use meterbridge::domain::usage::is_valid_id;
-use meterbridge::domain::{SourceService, Trust};
+use meterbridge::domain::{Scope, SourceService, Trust};
 use meterbridge::http::{json_response, parse_json_body, ApiError, FieldError};
 use meterbridge::repo::usage_events::{self, StoredUsageEvent};
 use meterbridge::usage_counters as counters;
@@ -128,6 +128,12 @@ pub async fn void_event(
         return Err(not_found());
     }
     let source = void.source.as_ref().unwrap_or(&caller.source);
+    if *source != caller.source && !caller.scopes.contains(Scope::UsageVoid) {
+        return Err(ApiError::Forbidden(format!(
+            "voiding another source's events needs the {} scope",
+            Scope::UsageVoid
+        )));
+    }
     let key = DedupKeys::event_key(caller.tenant_id, source, event_id);
     let voided_by = format!("api-key:{}", caller.key_id);
 

@@ -213,12 +213,36 @@ async fn voids_refuse_external_keys_other_tenants_and_bad_input(owner: PgPool) {
     let other_key = create_api_key(&owner, &other, "crm", Trust::Internal).await;
     let r = send(&app, void_request(&fx, &other_key.key, &event_id, &reason)).await;
     assert_eq!(r.status, 404, "{:?}", r.body);
-    // Another source of the same tenant names another event: 404.
+    // Another source's events need usage:void, which internal keys do not hold by default:
+    // 403, whether or not that source has such an event.
+    for source in ["billing", "crm-2"] {
+        let r = send(
+            &app,
+            void_request(
+                &fx,
+                &fx.internal.key,
+                &event_id,
+                &json!({"reason": "x", "source": source}),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{:?}", r.body);
+        assert!(r.body["detail"].as_str().unwrap().contains("usage:void"));
+    }
+    // With usage:void, another source names another event: 404.
+    let corrector = create_scoped_api_key(
+        &owner,
+        &fx.tenant,
+        "corrections",
+        Trust::Internal,
+        Scopes::of(&[Scope::UsageWrite, Scope::UsageVoid]),
+    )
+    .await;
     let r = send(
         &app,
         void_request(
             &fx,
-            &fx.internal.key,
+            &corrector.key,
             &event_id,
             &json!({"reason": "x", "source": "billing"}),
         ),
@@ -246,6 +270,20 @@ async fn voids_refuse_external_keys_other_tenants_and_bad_input(owner: PgPool) {
     assert_eq!(send(&app, raw).await.status, 400);
     unchanged(owner.clone()).await;
     assert_eq!(fx.counter("api.requests").await, Some(5));
+
+    // The corrections service, with usage:void, voids crm's event by naming its source.
+    let r = send(
+        &app,
+        void_request(
+            &fx,
+            &corrector.key,
+            &event_id,
+            &json!({"reason": "corrected upstream", "source": "crm"}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["voidedNow"], true);
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
@@ -254,7 +292,7 @@ async fn the_api_role_can_void_but_not_rewrite_or_unvoid(owner: PgPool) {
     let app = fx.app(&[]).await;
     fx.submit(&app, json!({"events": [fx.event(1, "api.requests", 5)]}))
         .await;
-    let api = pool_as(&owner, meterbridge::testing::API_ROLE).await;
+    let api = pool_as(&owner, meterbridge::testing::INGEST_ROLE).await;
     let as_tenant = |sql: &'static str| {
         let api = api.clone();
         let tenant = fx.tenant.id.0;

@@ -15,7 +15,7 @@ use meterbridge::domain::usage::{validate_event, EventLimits, Submitter};
 use meterbridge::domain::{SourceService, Trust};
 use meterbridge::repo::usage_events;
 use meterbridge::repo::usage_storage::{self, StorageAction, StoragePolicy};
-use meterbridge::testing::{create_tenant, migrate_up_to, pool_as, API_ROLE};
+use meterbridge::testing::{create_tenant, migrate_up_to, pool_as, INGEST_ROLE};
 use meterbridge::Database;
 use serde_json::{json, Value};
 use sqlx::{Acquire, PgPool};
@@ -770,10 +770,10 @@ fn the_policy_keeps_events_longer_than_keys() {
 async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
     migrate_up_to(&owner, 5).await;
     let fx = Fixture::new(&owner).await;
-    // Migration 0006 makes the day partitions around the database's clock, whatever day the
-    // tests run as of: this test runs by that clock.
-    let app = fx.app_by(meterbridge::clock::system()).await;
-    let catalog = app.catalog().await.unwrap();
+    // The catalog as the owner reads it: ingestion's role comes with a later migration.
+    let catalog = meterbridge::domain::MetricCatalog::new(
+        meterbridge::repo::metrics::catalog(&owner).await.unwrap(),
+    );
     let source = SourceService::parse("crm").unwrap();
     let submitter = Submitter {
         tenant_id: fx.tenant.id,
@@ -820,6 +820,8 @@ async fn events_stored_before_partitioning_keep_their_keys(owner: PgPool) {
         .unwrap();
     }
     meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
+    // Migration 0006 made the day partitions around the database's clock, whatever day the
+    // tests run as of: the rest of this test runs by that clock.
     let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_event_keys")
         .fetch_one(&owner)
         .await
@@ -877,7 +879,7 @@ async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
     assert_eq!(statuses(&r.body), ["duplicate"], "{}", r.body);
 
     let globex = create_tenant(&owner, "globex").await;
-    let api = Database::from_pool(pool_as(&owner, API_ROLE).await);
+    let api = Database::from_pool(pool_as(&owner, INGEST_ROLE).await);
     let mut tx = api.tenant_tx(globex.id).await.unwrap();
     let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_event_keys")
         .fetch_one(&mut *tx)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{app_with, send, statuses, Fixture};
 use meterbridge::repo::api_keys;
-use meterbridge::testing::{create_api_key, create_tenant, pool_as, API_ROLE};
+use meterbridge::testing::{create_api_key, create_tenant, pool_as, INGEST_ROLE};
 use meterbridge::Database;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -138,7 +138,7 @@ async fn tenants_never_see_or_touch_each_other(owner: PgPool) {
     assert_eq!(r.body["counters"]["api.requests"], 7);
 
     // Under RLS: the API role acting for globex reads none of acme's rows and cannot write them.
-    let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
+    let db = Database::from_pool(pool_as(&owner, INGEST_ROLE).await);
     let mut tx = db.tenant_tx(globex.id).await.unwrap();
     let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
         .bind(fx.tenant.id)
@@ -264,7 +264,7 @@ async fn postgres_down_is_503_and_stores_nothing(owner: PgPool) {
     // The database goes away: new connections are refused and open ones are cut.
     let dead = (*app.services.db.pool().connect_options()).clone().port(1);
     app.services.db.pool().set_connect_options(dead);
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'meterbridge_api' AND datname = current_database()")
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'meterbridge_ingest' AND datname = current_database()")
         .execute(&owner)
         .await
         .unwrap();

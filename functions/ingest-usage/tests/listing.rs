@@ -11,7 +11,7 @@ use common::{send, Fixture};
 use lambda_http::Body;
 use meterbridge::domain::Classification;
 use meterbridge::repo::usage_events::{self, EventFilter, ListPosition};
-use meterbridge::testing::{pool_as, API_ROLE};
+use meterbridge::testing::{pool_as, INGEST_ROLE};
 use meterbridge::Database;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -65,7 +65,7 @@ async fn every_listing_reads_one_bounded_index_range(owner: PgPool) {
         .execute(&owner)
         .await
         .unwrap();
-    let db = Database::from_pool(pool_as(&owner, API_ROLE).await);
+    let db = Database::from_pool(pool_as(&owner, INGEST_ROLE).await);
     let now = meterbridge::testing::now();
     let from = now - chrono::Duration::days(31);
     let deep: (chrono::DateTime<chrono::Utc>, i64) =

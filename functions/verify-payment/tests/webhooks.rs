@@ -235,7 +235,7 @@ async fn unsigned_requests_never_reach_the_database(owner: PgPool) {
         .app(&[
             (
                 "DATABASE_URL",
-                "postgres://meterbridge_api@127.0.0.1:1/nowhere",
+                "postgres://meterbridge_payments@127.0.0.1:1/nowhere",
             ),
             ("DB_ACQUIRE_TIMEOUT_MS", "300"),
         ])

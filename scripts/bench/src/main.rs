@@ -31,7 +31,9 @@ mod verify;
 
 use meterbridge::domain::{MetricCatalog, Trust};
 use meterbridge::repo::metrics;
-use meterbridge::testing::{create_api_key, create_tenant, database_url_as, API_ROLE};
+use meterbridge::testing::{
+    create_api_key, create_tenant, database_url_as, INGEST_ROLE, PAYMENTS_ROLE,
+};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use ingest::{
@@ -80,13 +82,16 @@ async fn main() {
         fresh_database(&admin_url).await
     };
     let schema = growth::Schema::from_env();
+    let mut migrations: Option<i64> = None;
     if workloads.contains("growth") && schema == growth::Schema::Before {
+        migrations = Some(5);
         meterbridge::testing::migrate_up_to(&owner, 5).await;
     } else if let Some(version) = std::env::var("BENCH_MIGRATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
     {
         // The schema as of an earlier migration: the "before" of a change's ingestion cost.
+        migrations = Some(version);
         meterbridge::testing::migrate_up_to(&owner, version).await;
     } else {
         meterbridge::db::MIGRATOR.run(&owner).await.unwrap();
@@ -98,10 +103,23 @@ async fn main() {
     };
     let key = create_api_key(&owner, &tenant, "crm", Trust::Internal).await;
     let catalog = MetricCatalog::new(metrics::catalog(&owner).await.unwrap());
-    let api_url = database_url_as(&owner, API_ROLE);
+    // Each API function's own role (migration 0013); a schema from before it has one for both.
+    let own_roles = migrations.is_none_or(|version| version >= 13);
+    let (ingest_role, payments_role) = if own_roles {
+        (INGEST_ROLE, PAYMENTS_ROLE)
+    } else {
+        ("meterbridge_api", "meterbridge_api")
+    };
+    let api_url = database_url_as(&owner, ingest_role);
     let api_pool = PgPoolOptions::new()
         .max_connections(8)
         .connect(&api_url)
+        .await
+        .unwrap();
+    let payments_url = database_url_as(&owner, payments_role);
+    let payments_pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&payments_url)
         .await
         .unwrap();
 
@@ -157,13 +175,13 @@ async fn main() {
     }
     if workloads.contains("verify") {
         for &callers in &caller_counts {
-            let apps = verify::build_apps(&api_url, callers).await;
+            let apps = verify::build_apps(&payments_url, callers).await;
             let (mut handler, mut raw) = (Vec::new(), Vec::new());
             for _ in 0..repeat {
                 let payments = verify::seed(&owner, &tenant, verifications).await;
                 handler.push(verify::run_handler(&apps, &key.key, payments, callers).await);
                 let payments = verify::seed(&owner, &tenant, verifications).await;
-                raw.push(verify::run_raw(&api_pool, &tenant, payments, callers).await);
+                raw.push(verify::run_raw(&payments_pool, &tenant, payments, callers).await);
             }
             rows.extend([handler, raw].into_iter().map(measure::median));
         }
@@ -184,7 +202,7 @@ async fn main() {
         }
         rows.extend([relayed, raw].into_iter().map(measure::median));
         let payments = verify::seed(&owner, &tenant, verifications).await;
-        rows.push(relay::run_fast_path(&api_url, &endpoint, &key.key, payments).await);
+        rows.push(relay::run_fast_path(&payments_url, &endpoint, &key.key, payments).await);
     }
     measure::report(&rows);
     if workloads.contains("aggregate") {

@@ -80,6 +80,9 @@ pub enum Scope {
     UsageWrite,
     /// `GET /v1/usage/events`, `GET /v1/usage/realtime`: the whole tenant's usage.
     UsageRead,
+    /// Voiding usage events another source service sent (a service voids its own with
+    /// `usage:write`). Never held by default: granted to the service that corrects others'.
+    UsageVoid,
     /// Creating payment records.
     PaymentsWrite,
     /// Reading payment records.
@@ -89,9 +92,10 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::UsageWrite,
         Scope::UsageRead,
+        Scope::UsageVoid,
         Scope::PaymentsWrite,
         Scope::PaymentsRead,
         Scope::PaymentsVerify,
@@ -101,6 +105,7 @@ impl Scope {
         match self {
             Scope::UsageWrite => "usage:write",
             Scope::UsageRead => "usage:read",
+            Scope::UsageVoid => "usage:void",
             Scope::PaymentsWrite => "payments:write",
             Scope::PaymentsRead => "payments:read",
             Scope::PaymentsVerify => "payments:verify",
@@ -143,10 +148,17 @@ impl fmt::Display for Scope {
 pub struct Scopes(u8);
 
 impl Scopes {
-    /// What a key of this trust gets when its creator names no scopes.
+    /// What a key of this trust gets when its creator names no scopes: an internal key every
+    /// scope but `usage:void`, an external one `usage:write`.
     pub fn default_for(trust: Trust) -> Self {
         match trust {
-            Trust::Internal => Scopes::of(&Scope::ALL),
+            Trust::Internal => Scopes::of(&[
+                Scope::UsageWrite,
+                Scope::UsageRead,
+                Scope::PaymentsWrite,
+                Scope::PaymentsRead,
+                Scope::PaymentsVerify,
+            ]),
             Trust::External => Scopes::of(&[Scope::UsageWrite]),
         }
     }
@@ -231,7 +243,11 @@ mod tests {
     #[test]
     fn scopes_by_trust() {
         let internal = Scopes::default_for(Trust::Internal);
-        assert!(Scope::ALL.iter().all(|s| internal.contains(*s)));
+        assert!(Scope::ALL
+            .iter()
+            .all(|s| internal.contains(*s) == (*s != Scope::UsageVoid)));
+        assert!(Scopes::parse_for(&["usage:void"], Trust::Internal).is_ok());
+        assert!(Scopes::parse_for(&["usage:void"], Trust::External).is_err());
         let external = Scopes::default_for(Trust::External);
         assert_eq!(external.names(), ["usage:write"]);
         assert!(!external.contains(Scope::UsageRead));

@@ -189,8 +189,9 @@ pub async fn claim_one(
     .await?)
 }
 
-/// Marks claimed rows published. Every mark names the claim token and counts the rows it
-/// changed: a relay whose lease was taken over changes nothing.
+/// Marks claimed rows published (the server stamps `published_at`: no application role may
+/// write it). Every mark names the claim token and counts the rows it changed: a relay whose
+/// lease was taken over changes nothing.
 pub async fn mark_published(
     conn: &mut PgConnection,
     token: Uuid,
@@ -198,7 +199,7 @@ pub async fn mark_published(
 ) -> Result<u64, DbError> {
     Ok(sqlx::query!(
         "UPDATE outbox_events
-            SET status = 'PUBLISHED', published_at = now(), claim_token = NULL,
+            SET status = 'PUBLISHED', claim_token = NULL,
                 lease_until = NULL, last_error = NULL
           WHERE id = ANY($2) AND claim_token = $1 AND status = 'PROCESSING'",
         token,
@@ -250,7 +251,8 @@ pub async fn release(conn: &mut PgConnection, token: Uuid, ids: &[i64]) -> Resul
     .rows_affected())
 }
 
-/// Deletes at most `limit` rows published before `cutoff`, oldest first.
+/// Deletes at most `limit` rows published before `cutoff`, oldest first (the ops role's policy
+/// refuses any published less than a day ago, whatever the cutoff).
 pub async fn delete_published(
     conn: &mut PgConnection,
     cutoff: DateTime<Utc>,

@@ -13,7 +13,7 @@ use meterbridge::config::{Config, Env};
 use meterbridge::domain::{Tenant, Trust};
 use meterbridge::repo::{api_keys, tenants};
 use meterbridge::testing::{
-    create_api_key, create_tenant, database_url_as, redis_url, render, require_redis, API_ROLE,
+    create_api_key, create_tenant, database_url_as, redis_url, render, require_redis, INGEST_ROLE,
 };
 pub use meterbridge::testing::{percent_encode, request_from_json, Reply};
 use meterbridge::Services;
@@ -172,7 +172,7 @@ impl Fixture {
 
 pub async fn app_with(owner: &PgPool, overrides: &[(&str, &str)]) -> App {
     let mut vars: HashMap<String, String> = HashMap::new();
-    vars.insert("DATABASE_URL".into(), database_url_as(owner, API_ROLE));
+    vars.insert("DATABASE_URL".into(), database_url_as(owner, INGEST_ROLE));
     vars.insert("REDIS_URL".into(), redis_url());
     vars.insert("DB_ACQUIRE_TIMEOUT_MS".into(), "2000".into());
     for (k, v) in overrides {

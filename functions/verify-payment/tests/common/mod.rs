@@ -14,7 +14,7 @@ use meterbridge::config::{Config, Env};
 use meterbridge::domain::{Scope, Scopes, Tenant, Trust};
 use meterbridge::testing::{
     create_api_key, create_scoped_api_key, create_tenant, database_url_as, moto_sdk_config, render,
-    API_ROLE,
+    PAYMENTS_ROLE,
 };
 pub use meterbridge::testing::{percent_encode, request_from_json, Reply};
 use meterbridge::Services;
@@ -99,7 +99,7 @@ impl Fixture {
         let mut vars: HashMap<String, String> = HashMap::new();
         vars.insert(
             "DATABASE_URL".into(),
-            database_url_as(&self.owner, API_ROLE),
+            database_url_as(&self.owner, PAYMENTS_ROLE),
         );
         vars.insert("DB_ACQUIRE_TIMEOUT_MS".into(), "5000".into());
         vars.insert("WEBHOOK_SECRET_PREFIX".into(), self.secret_prefix.clone());
