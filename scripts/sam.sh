@@ -36,14 +36,9 @@ if [ "${1:-}" = pin-rds-ca ]; then
   exit 0
 fi
 
-ensure_tools_venv
-ensure_sam_venv
 if [ "${1:-}" = build ]; then
-  if command -v rustup >/dev/null; then
-    rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
-      || rustup target add aarch64-unknown-linux-gnu
-  fi
-  # The RDS CA bundle the DbCaBundleLayer carries, and only the one pinned.
+  # The RDS CA bundle the DbCaBundleLayer carries, and only the one pinned (checked first:
+  # nothing is installed or built for a bundle that would be refused).
   if [ ! -s "$RDS_CA_PIN" ]; then
     echo "no RDS CA bundle is pinned ($RDS_CA_PIN): run scripts/sam.sh pin-rds-ca, review what it" \
          "lists and commit the pin (certs/README.md)" >&2
@@ -58,6 +53,12 @@ if [ "${1:-}" = build ]; then
          "bundle: run scripts/sam.sh pin-rds-ca, review what it lists and commit the new pin." >&2
     exit 1
   fi
+fi
+ensure_tools_venv
+ensure_sam_venv
+if [ "${1:-}" = build ] && command -v rustup >/dev/null; then
+  rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
+    || rustup target add aarch64-unknown-linux-gnu
 fi
 export PATH="$MB_TOOLS_VENV/bin:$PATH"
 exec "$MB_SAM_VENV/bin/sam" "$@"

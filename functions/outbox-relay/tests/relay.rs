@@ -1,5 +1,9 @@
 //! The relay against real PostgreSQL and EventBridge on moto (with a rule to SQS, read back with
 //! the SDK), through a fault-injecting proxy: nothing lost, nothing stuck, order kept.
+//!
+//! The relay keeps no calendar: its leases, retry times and retention are compared with the
+//! database's `now()`, so these tests read the real clock (`Utc::now()`) where they name a
+//! run's start, never the tests' shifted one (`meterbridge::testing::clock`).
 #![allow(clippy::unwrap_used)]
 #![recursion_limit = "256"]
 
