@@ -143,8 +143,9 @@ pub struct RedisOptions {
     /// `REDIS_TLS_CA_FILE`: a PEM file of the CAs a `rediss://` server must chain to, in place of
     /// the built-in public roots (a private CA, or the tests' own).
     pub tls_ca_file: Option<std::path::PathBuf>,
-    /// Inside Lambda: only a verified `rediss://` connection is made (a network path we do not
-    /// own, as for the database's `verify-full`).
+    /// `REDIS_REQUIRE_TLS`, on by default inside Lambda: only a verified `rediss://` connection
+    /// is made (a network path we do not own, as for the database's `verify-full`). Off only for
+    /// the local stack, whose Redis has no TLS.
     pub require_tls: bool,
 }
 
@@ -291,7 +292,7 @@ impl Config {
                     None => None,
                     Some(path) => Some(pem_bundle("REDIS_TLS_CA_FILE", path)?),
                 },
-                require_tls: in_lambda,
+                require_tls: env.parse_or("REDIS_REQUIRE_TLS", in_lambda)?,
             },
             secrets_ttl: Duration::from_secs(env.bounded_or(
                 "SECRETS_TTL_SECONDS",
@@ -475,6 +476,21 @@ mod tests {
         .unwrap();
         assert_eq!(lambda.db_tls.mode, DbSslMode::VerifyFull);
         assert!(!lambda.db_tls.mode_is_explicit);
+    }
+
+    #[test]
+    fn redis_requires_tls_inside_lambda_unless_told_otherwise() {
+        let lambda = [
+            ("DB_SECRET_ID", "db"),
+            ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+        ];
+        let config = |vars: &[(&str, &str)]| Config::from(&env(vars), "svc").unwrap();
+        assert!(!config(&[("DB_SECRET_ID", "db")]).redis_options.require_tls);
+        assert!(config(&lambda).redis_options.require_tls);
+        let local_stack = [lambda.as_slice(), &[("REDIS_REQUIRE_TLS", "false")]].concat();
+        assert!(!config(&local_stack).redis_options.require_tls);
+        let bad = [lambda.as_slice(), &[("REDIS_REQUIRE_TLS", "maybe")]].concat();
+        assert!(Config::from(&env(&bad), "svc").is_err());
     }
 
     #[test]

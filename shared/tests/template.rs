@@ -326,3 +326,25 @@ fn no_transaction_outlives_its_invocation() {
         assert_eq!(bound, (timeout * 1000).to_string(), "{name}");
     }
 }
+
+/// In AWS nothing turns transport security down: no function sets `REDIS_REQUIRE_TLS` (on by
+/// default inside Lambda) or a `DB_SSL_MODE` below `verify-full`; only the local stack does, in
+/// the functions' `cargo lambda watch` settings.
+#[test]
+fn no_function_turns_tls_down_in_aws() {
+    let template = contract::template();
+    let mut scopes = vec![("Globals".to_owned(), &template["Globals"]["Function"])];
+    for (name, function) in functions(&template) {
+        scopes.push((name, &function["Properties"]));
+    }
+    for (name, properties) in scopes {
+        let variables = &properties["Environment"]["Variables"];
+        assert!(
+            variables.get("REDIS_REQUIRE_TLS").is_none(),
+            "{name} sets REDIS_REQUIRE_TLS"
+        );
+        if let Some(mode) = variables.get("DB_SSL_MODE") {
+            assert_eq!(mode.as_str(), Some("verify-full"), "{name}");
+        }
+    }
+}
