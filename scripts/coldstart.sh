@@ -3,7 +3,7 @@
 # assertions). Builds the release binaries for this machine, then runs scripts/coldstart.py: each
 # function started 10 times against a local stand-in for the Lambda Runtime API, reading its
 # secrets from moto and connecting to the local PostgreSQL and Redis. Needs scripts/demo.sh to
-# have run (the secrets, the demo tenant and its keys). README, "Cold start" keeps the figures.
+# have run (the secrets, the demo tenant and its keys). docs/deploy.md, "Cold start", keeps the figures.
 #   scripts/coldstart.sh [RUNS]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$MB_ROOT"

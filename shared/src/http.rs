@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::db::DbError;
 
-/// Problem types live under this URI; the README documents each code.
+/// Problem types live under this URI; docs/api.md documents each code.
 pub const PROBLEM_TYPE_BASE: &str = "https://meterbridge.dev/problems/";
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
