@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Command 2: everything the project checks — formatting, clippy, the SAM template lint, the
-# OpenAPI contract (validated, and fuzzed by Schemathesis against the running stack) and the
-# full test suite against real PostgreSQL, Redis and moto (started here when missing).
+# OpenAPI contract (validated, and fuzzed by Schemathesis against the running stack), the docs
+# check and the full test suite against real PostgreSQL, Redis and moto (started here when missing).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$MB_ROOT"
 
@@ -26,10 +26,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "template lint (cfn-lint, sam validate --lint)"
 "$MB_SAM_VENV/bin/cfn-lint" template.yaml
-bash scripts/sam.sh validate --lint --region "$AWS_REGION" >/dev/null   # the wrapper the README documents
+bash scripts/sam.sh validate --lint --region "$AWS_REGION" >/dev/null   # the wrapper docs/deploy.md documents
 
 say "OpenAPI contract: openapi-spec-validator (routes and examples against the code: tests/contract.rs)"
 "$MB_CONTRACT_VENV/bin/openapi-spec-validator" openapi.yaml
+
+say "docs check (scripts/check_docs.py)"
+# Links and anchors of README.md, CONTRIBUTING.md and docs/; the tests named as evidence exist;
+# the configuration table of docs/configuration.md and the variables the code reads agree.
+python3 scripts/check_docs.py
 
 say "end to end: scripts/demo.sh (every function under cargo lambda watch, secrets from moto)"
 # The demo checks every response it prints; it runs before the suite so the test runner's
