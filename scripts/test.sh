@@ -69,12 +69,10 @@ for at in $CALENDAR_EDGES; do
   if command -v cargo-nextest >/dev/null 2>&1; then
     MB_TEST_NOW=$at cargo nextest run --workspace --locked --no-fail-fast --test-threads "${TEST_THREADS:-8}" \
       --status-level fail -E 'package(aggregate-usage) | (package(ingest-usage) & (binary(corrections)
-        | binary(limits) | binary(dedup_window) | binary(ingest) | test(the_window_is_bounded)))
-        | (package(verify-payment) & binary(webhooks))'
+        | binary(limits) | binary(dedup_window) | binary(ingest) | test(the_window_is_bounded)))'
   else
     MB_TEST_NOW=$at cargo test --locked --no-fail-fast -p aggregate-usage --tests
     MB_TEST_NOW=$at cargo test --locked --no-fail-fast -p ingest-usage --test corrections --test limits \
       --test dedup_window --test ingest
-    MB_TEST_NOW=$at cargo test --locked --no-fail-fast -p verify-payment --test webhooks
   fi
 done
