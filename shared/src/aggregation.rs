@@ -3,21 +3,26 @@
 //! `meterbridge_ops`) and by the admin function.
 //!
 //! - **What changed** is found by transaction id, never by time or sequence: every event row
-//!   records the transaction that wrote it (a void rewrites it), and a run collects the rows of
-//!   the transactions between the last run's bound and the oldest one still running — every
-//!   transaction below that bound has finished, so one that commits late is collected by the
-//!   next run instead of being missed ([`repo::collect`]).
-//! - **A run** is one transaction under a transaction-scoped advisory lock (a second run skips
-//!   at once). Collected cells go to a queue; the run recomputes them in chunks, each one
-//!   grouped statement, writing only cells whose source changed, and stops taking chunks before
-//!   its deadline: what it did commits, the rest stays queued for the next run.
+//!   records the transaction that inserted it and the one that last wrote it (a void), and a
+//!   run takes the transactions between the watermark and the oldest one still running —
+//!   every transaction below that bound has finished, so one that commits late is applied by
+//!   the next run instead of being missed.
+//! - **A run reads only what changed**: the range is applied in chunks, each one transaction
+//!   under the aggregation's advisory lock that folds its inserts (+1) and voids (-1) into
+//!   deltas of their day, week and month cells ([`crate::domain::rollup`]) and moves the
+//!   watermark with them. Week and month cells take their days' deltas; distinct actors stay
+//!   exact through per-day and per-period actor sets. A run stops taking chunks before its
+//!   deadline; a run cut anywhere keeps every chunk it committed and nothing else.
+//! - **Recomputes** (from the events, as of the watermark) remain for what deltas cannot do:
+//!   backfills, cells from before the actor sets (built on their first change), a range whose
+//!   one transaction is too big for a chunk (a bulk load), and rollups that do not add up.
 //! - **Final**: a period is final once its end plus the grace has passed and it is aggregated;
 //!   a later change (a late event, a void) still counts, and the cell records the revision.
 //! - **Counters** (after the commit): every daily cell inside the counters' TTL is compared
 //!   with Redis; a counter that differs is checked against a fresh total from the events and
 //!   set by compare-and-set, so an increment that raced the repair is never lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -28,9 +33,11 @@ use uuid::Uuid;
 use crate::config::{ConfigError, Env};
 use crate::db::{Database, DbError};
 use crate::domain::period::PeriodType;
+use crate::domain::rollup::{self, ActorDay, ActorPeriod, CellKey, Change};
 use crate::domain::TenantId;
 use crate::redis::{Redis, RedisError};
 use crate::repo::usage_aggregates::{self as repo, Cell, Collected};
+use crate::repo::usage_changes;
 use crate::usage_counters;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +71,13 @@ pub struct AggregationConfig {
     /// A run whose watermark trails the oldest committed event by more than this logs the
     /// transaction holding it back (the alarm watches the same figure).
     pub lag_warn_seconds: u64,
+    /// The most groups of changes one chunk transaction applies; a wider range is split.
+    pub chunk_changes: i64,
+    /// How long actor sets are kept: past ingestion's window (35 days) and the voids' (the
+    /// 36-day deduplication window), no change can reach a period.
+    pub actor_days: i64,
+    /// Actor rows pruned per run at most.
+    pub prune_batch: i64,
 }
 
 impl Default for AggregationConfig {
@@ -78,12 +92,16 @@ impl Default for AggregationConfig {
             work_mem_mb: 64,
             retention_days: crate::repo::usage_storage::StoragePolicy::default().retention_days,
             lag_warn_seconds: 1800,
+            chunk_changes: 100_000,
+            actor_days: 40,
+            prune_batch: 100_000,
         }
     }
 }
 
 impl AggregationConfig {
-    /// `AGGREGATION_CHUNK_CELLS`, `AGGREGATION_GRACE_SECONDS`, `COUNTER_TTL_DAYS`,
+    /// `AGGREGATION_CHUNK_CELLS`, `AGGREGATION_CHUNK_CHANGES`, `AGGREGATION_GRACE_SECONDS`,
+    /// `COUNTER_TTL_DAYS`,
     /// `AGGREGATION_DEADLINE_MARGIN_MS`, `AGGREGATION_WORK_MEM_MB`, `AGGREGATION_LAG_WARN_SECONDS`,
     /// `USAGE_RETENTION_DAYS` (the storage policy's).
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
@@ -121,6 +139,11 @@ impl AggregationConfig {
                 d.lag_warn_seconds,
                 60..=86_400,
             )?,
+            chunk_changes: env.bounded_or(
+                "AGGREGATION_CHUNK_CHANGES",
+                d.chunk_changes as u64,
+                100..=10_000_000,
+            )? as i64,
             ..d
         })
     }
@@ -157,9 +180,11 @@ impl Backfill {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
-    /// `"done"`, `"stopped"` (the deadline came; the queue holds the rest) or
-    /// `"skipped: locked"` (another run holds the lock; this one did nothing).
+    /// `"done"`, `"stopped"` (the deadline came, or another run took over; the watermark and
+    /// the queue keep the rest) or `"skipped: locked"` (another run holds the lock; this one
+    /// did nothing).
     pub outcome: String,
+    /// The changes since the last run, applied chunk by chunk.
     pub collected: Collected,
     /// Cells queued by a backfill.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,6 +198,8 @@ pub struct RunReport {
     /// Cells not recomputed because their period reaches back past the retention (some of their
     /// events may be retired by the storage policy); their aggregates are kept as they are.
     pub skipped_retired: u64,
+    /// Actor-set rows of periods past ingestion's window, dropped.
+    pub actor_rows_pruned: u64,
     /// Cells left in the queue for the next run.
     pub queued_after: i64,
     pub duration_ms: u64,
@@ -266,40 +293,138 @@ impl<'a> Aggregator<'a> {
         let stop_at = deadline
             .checked_sub(Duration::from_millis(self.config.deadline_margin_ms))
             .unwrap_or(started);
-        let mut tx = self.db.begin().await?;
         // A statement may take the run's whole time, and no longer: one cancelled at the
-        // deadline rolls the run back cleanly instead of the Lambda dying in it.
+        // deadline rolls its transaction back cleanly instead of the Lambda dying in it.
         let statement_timeout_ms = deadline
             .saturating_duration_since(started)
             .as_millis()
             .clamp(1_000, 900_000) as u64;
-        if !repo::try_lock(&mut tx, self.config.work_mem_mb, statement_timeout_ms).await? {
-            return Ok(RunReport {
-                outcome: "skipped: locked".into(),
-                ..RunReport::default()
-            });
+        let mut report = RunReport::default();
+
+        // 1. The changes since the watermark, a chunk per transaction.
+        match self
+            .apply_changes(now, stop_at, statement_timeout_ms, &mut report)
+            .await?
+        {
+            Step::Locked if report.collected.chunks == 0 => {
+                return Ok(RunReport {
+                    outcome: "skipped: locked".into(),
+                    ..RunReport::default()
+                })
+            }
+            Step::Locked | Step::Stopped => {
+                return self.finish(now, started, report, true).await;
+            }
+            Step::Done => {}
         }
-        let mut report = RunReport {
-            collected: repo::collect(&mut tx).await?,
-            ..RunReport::default()
-        };
-        report.lag = repo::lag(&mut tx, report.collected.watermark).await?;
+
+        // 2. A backfill queues its cells (recomputed below, as of the watermark).
         if let Some(request) = backfill {
+            let mut tx = self.db.begin().await?;
+            if !repo::try_lock(&mut tx, self.config.work_mem_mb, statement_timeout_ms).await? {
+                return self.finish(now, started, report, true).await;
+            }
             report.backfill_queued = Some(self.enqueue_backfill(&mut tx, request).await?);
+            tx.commit().await.map_err(DbError::from)?;
         }
+
+        // 3. The recompute queue (backfills, cells whose actor sets are not complete yet).
+        let stopped = self
+            .recompute_queued(now, stop_at, statement_timeout_ms, &mut report)
+            .await?;
+        self.finish(now, started, report, stopped).await
+    }
+
+    /// Applies the changes since the watermark, one transaction per chunk of the transaction
+    /// range, each moving the watermark with what it applied (a run cut short keeps every
+    /// chunk it committed; the next one takes over from there). A chunk spans as many
+    /// transactions as keep it within `chunk_changes` groups of changes.
+    async fn apply_changes(
+        &self,
+        now: DateTime<Utc>,
+        stop_at: Instant,
+        statement_timeout_ms: u64,
+        report: &mut RunReport,
+    ) -> Result<Step, AggregationError> {
+        let mut span: i64 = 1 << 20;
+        // The bound as the run found it: what commits later is the next run's (each chunk's own
+        // commit takes a transaction id, so the bound would otherwise move on forever).
+        let mut target: Option<i64> = None;
+        loop {
+            if Instant::now() >= stop_at {
+                return Ok(Step::Stopped);
+            }
+            let mut tx = self.db.begin().await?;
+            if !repo::try_lock(&mut tx, self.config.work_mem_mb, statement_timeout_ms).await? {
+                return Ok(Step::Locked);
+            }
+            let (from, upper) = repo::bounds(&mut tx).await?;
+            let upper = *target.get_or_insert(upper);
+            if from >= upper {
+                report.collected.watermark = from;
+                tx.commit().await.map_err(DbError::from)?;
+                return Ok(Step::Done);
+            }
+            let to = upper.min(from.saturating_add(span));
+            let limit = self.config.chunk_changes;
+            let changes = usage_changes::changes(&mut tx, from, to, limit).await?;
+            match changes {
+                Some(changes) => {
+                    report.collected.changes += changes.len() as u64;
+                    let applied =
+                        apply(&mut tx, &changes, now, self.config.grace_seconds as f64).await?;
+                    report.collected.cells_changed += applied.written.len() as u64;
+                    report.collected.cells_queued += applied.queued;
+                    report.revisions += applied.written.iter().filter(|w| w.revised).count() as u64;
+                    if (changes.len() as i64) < limit / 4 {
+                        span = span.saturating_mul(2);
+                    }
+                }
+                // Too many changes for one chunk: a narrower range, or (one transaction alone
+                // is too big: a bulk load) its cells recomputed from their events.
+                None if to - from > 1 => {
+                    span = ((to - from) / 4).max(1);
+                    tx.rollback().await.map_err(DbError::from)?;
+                    continue;
+                }
+                None => {
+                    report.collected.cells_queued +=
+                        usage_changes::enqueue_range(&mut tx, from, to).await?;
+                }
+            }
+            repo::set_watermark(&mut tx, to).await?;
+            tx.commit().await.map_err(DbError::from)?;
+            report.collected.chunks += 1;
+            report.collected.watermark = to;
+        }
+    }
+
+    /// Works the recompute queue in chunks, each a transaction of its own, as of the watermark.
+    /// Returns whether it stopped for the deadline (or another run's lock) with work left.
+    async fn recompute_queued(
+        &self,
+        now: DateTime<Utc>,
+        stop_at: Instant,
+        statement_timeout_ms: u64,
+        report: &mut RunReport,
+    ) -> Result<bool, AggregationError> {
         // Days before this may have been retired by the storage policy.
         let retired_before = crate::domain::period::midnight(
             now.date_naive() - chrono::Duration::days(i64::from(self.config.retention_days)),
         );
-        let mut stopped = false;
         loop {
             if Instant::now() >= stop_at {
-                stopped = true;
-                break;
+                return Ok(true);
             }
+            let mut tx = self.db.begin().await?;
+            if !repo::try_lock(&mut tx, self.config.work_mem_mb, statement_timeout_ms).await? {
+                return Ok(true);
+            }
+            let watermark = repo::watermark(&mut tx).await?;
             let cells = repo::next_cells(&mut tx, self.config.chunk_cells).await?;
             if cells.is_empty() {
-                break;
+                tx.commit().await.map_err(DbError::from)?;
+                return Ok(false);
             }
             repo::dequeue(&mut tx, &cells).await?;
             report.cells_examined += cells.len() as u64;
@@ -329,24 +454,38 @@ impl<'a> Aggregator<'a> {
                     .end_of(start.date_naive())
                     .map(crate::domain::period::midnight)
                     .ok_or_else(|| DbError::Decode(format!("no period after {start}")))?;
-                let written = repo::compute(
-                    &mut tx,
-                    period,
-                    start,
-                    end,
-                    &cells,
-                    now,
-                    self.config.grace_seconds as f64,
-                )
-                .await?;
+                let grace = self.config.grace_seconds as f64;
+                let written =
+                    repo::compute(&mut tx, period, start, end, &cells, now, grace, watermark)
+                        .await?;
+                repo::rebuild_actor_sets(&mut tx, period, start, end, &cells, watermark).await?;
                 report.cells_written += written.len() as u64;
                 report.revisions += written.iter().filter(|w| w.revised).count() as u64;
             }
+            tx.commit().await.map_err(DbError::from)?;
         }
+    }
+
+    /// Finalizes the periods past their grace, prunes actor sets past ingestion's window,
+    /// records the run, then repairs the counters.
+    async fn finish(
+        &self,
+        now: DateTime<Utc>,
+        started: Instant,
+        mut report: RunReport,
+        stopped: bool,
+    ) -> Result<RunReport, AggregationError> {
+        let mut tx = self.db.begin().await?;
+        let watermark = repo::watermark(&mut tx).await?;
+        report.collected.watermark = watermark;
+        report.lag = repo::lag(&mut tx, watermark).await?;
         report.cells_unchanged = report
             .cells_examined
             .saturating_sub(report.cells_written + report.skipped_retired);
         report.finalized = repo::finalize(&mut tx, now, self.config.grace_seconds as f64).await?;
+        let horizon = now.date_naive() - chrono::Duration::days(self.config.actor_days);
+        report.actor_rows_pruned =
+            usage_changes::prune_actor_sets(&mut tx, horizon, self.config.prune_batch).await?;
         report.queued_after = repo::state(&mut tx).await?.queued_cells;
         report.outcome = if stopped { "stopped" } else { "done" }.into();
         report.duration_ms = started.elapsed().as_millis() as u64;
@@ -531,6 +670,163 @@ impl<'a> Aggregator<'a> {
     }
 }
 
+/// Where a run's phase left off.
+enum Step {
+    /// Nothing left.
+    Done,
+    /// The deadline came.
+    Stopped,
+    /// Another run holds the lock.
+    Locked,
+}
+
+/// What one chunk's changes did.
+struct Applied {
+    written: Vec<repo::Written>,
+    queued: i64,
+}
+
+/// Applies one chunk's changes in its transaction: the actor counts of each day, week and
+/// month they touch, then the cells' new values (totals, counts, seq XOR, distinct actors,
+/// classification of the latest insert). A cell whose actor set is not complete yet (from
+/// before incremental aggregation, or pruned) is queued for a recompute instead, as are all
+/// the touched cells of a (tenant, metric) whose stored counts would not add up.
+async fn apply(
+    tx: &mut sqlx::PgConnection,
+    changes: &[Change],
+    now: DateTime<Utc>,
+    grace_seconds: f64,
+) -> Result<Applied, DbError> {
+    let mut folded = rollup::fold(changes);
+    let keys: Vec<&CellKey> = folded.cells.keys().collect();
+    let states = usage_changes::cell_states(tx, &keys).await?;
+    let missing: Vec<&CellKey> = keys
+        .iter()
+        .copied()
+        .filter(|k| !states.contains_key(*k))
+        .collect();
+    let queued_missing = usage_changes::queued(tx, &missing).await?;
+    // Cells left to a recompute: untracked, or missing while queued (a recompute will build
+    // them from every event, these included).
+    let mut skipped: BTreeSet<CellKey> = folded
+        .cells
+        .keys()
+        .filter(|k| match states.get(*k) {
+            Some(state) => !state.tracked,
+            None => queued_missing.contains(*k),
+        })
+        .cloned()
+        .collect();
+    let group = |k: &CellKey| (k.tenant_id, k.metric.clone());
+
+    // The actor counts, and the groups whose stored counts do not add up (then every touched
+    // cell of the group is recomputed).
+    let mut broken: HashSet<(Uuid, String)> = HashSet::new();
+    let (day_changes, period_changes) = loop {
+        let live = |k: &CellKey| !skipped.contains(k) && !broken.contains(&group(k));
+        let day_deltas: BTreeMap<ActorDay, i64> = folded
+            .actor_days
+            .iter()
+            .filter(|(k, _)| live(&rollup::day_cell(k)))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let day_keys: Vec<&ActorDay> = day_deltas.keys().collect();
+        let stored = usage_changes::actor_day_counts(tx, &day_keys).await?;
+        let (day_changes, bad_days) = rollup::apply_counts(&day_deltas, &stored);
+        let period_deltas: BTreeMap<ActorPeriod, i64> = rollup::period_deltas(&day_changes)
+            .into_iter()
+            .filter(|(k, _)| live(&rollup::period_cell(k)))
+            .collect();
+        let period_keys: Vec<&ActorPeriod> = period_deltas.keys().collect();
+        let stored = usage_changes::actor_period_counts(tx, &period_keys).await?;
+        let (period_changes, bad_periods) = rollup::apply_counts(&period_deltas, &stored);
+        let before = broken.len();
+        broken.extend(bad_days.iter().map(|k| (k.0, k.1.clone())));
+        broken.extend(bad_periods.iter().map(|k| (k.0, k.1.clone())));
+        if broken.len() == before {
+            break (day_changes, period_changes);
+        }
+    };
+    for change in &day_changes {
+        if let Some(cell) = folded.cells.get_mut(&rollup::day_cell(&change.key)) {
+            cell.distinct += change.presence();
+        }
+    }
+    for change in &period_changes {
+        if let Some(cell) = folded.cells.get_mut(&rollup::period_cell(&change.key)) {
+            cell.distinct += change.presence();
+        }
+    }
+
+    // The cells' new values; a value below zero breaks its group too.
+    let mut writes = Vec::new();
+    for (key, delta) in &folded.cells {
+        if skipped.contains(key) || broken.contains(&group(key)) || delta.is_empty() {
+            continue;
+        }
+        let state = states.get(key);
+        let write = usage_changes::CellWrite {
+            key: key.clone(),
+            classification: delta
+                .latest
+                .map(|packed| class_name(packed).to_owned())
+                .or_else(|| state.map(|s| s.classification.clone())),
+            total: state.map_or(0, |s| s.total) + delta.quantity,
+            events: state.map_or(0, |s| s.events) + delta.events,
+            distinct: state.map_or(0, |s| s.distinct) + delta.distinct,
+            seq_xor: state.map_or(0, |s| s.seq_xor) ^ delta.seq_xor,
+        };
+        if write.total < 0 || write.events < 0 || write.distinct < 0 {
+            broken.insert(group(key));
+            continue;
+        }
+        if state.is_none() && write.events == 0 {
+            continue; // a new cell whose changes cancel out: nothing to create
+        }
+        writes.push(write);
+    }
+    if !broken.is_empty() {
+        metrics::counter!("AggregationCellsInconsistent").increment(broken.len() as u64);
+        tracing::error!(
+            groups = broken.len(),
+            "stored rollups do not add up; recomputing them"
+        );
+    }
+    let live = |k: &CellKey| !broken.contains(&group(k));
+    writes.retain(|w| live(&w.key));
+    let day_changes: Vec<_> = day_changes
+        .into_iter()
+        .filter(|c| live(&rollup::day_cell(&c.key)))
+        .collect();
+    let period_changes: Vec<_> = period_changes
+        .into_iter()
+        .filter(|c| live(&rollup::period_cell(&c.key)))
+        .collect();
+    skipped.extend(
+        folded
+            .cells
+            .keys()
+            .filter(|k| broken.contains(&group(k)))
+            .cloned(),
+    );
+
+    usage_changes::write_actor_days(tx, &day_changes).await?;
+    usage_changes::write_actor_periods(tx, &period_changes).await?;
+    let written = usage_changes::write_cells(tx, &writes, now, grace_seconds).await?;
+    let to_queue: Vec<&CellKey> = skipped.iter().collect();
+    let queued = usage_changes::enqueue(tx, &to_queue).await?;
+    Ok(Applied { written, queued })
+}
+
+/// The classification packed in a change's `latest` (`seq * 4 + code`).
+fn class_name(packed: i64) -> &'static str {
+    match packed.rem_euclid(4) {
+        0 => "BILLABLE",
+        1 => "NON_BILLABLE",
+        _ => "INFO",
+    }
+}
+
 /// (tenant, metric) of the cells of one period.
 type CellKeys = Vec<(Uuid, String)>;
 
@@ -581,6 +877,8 @@ impl RunReport {
         metrics::counter!("AggregationRunsCommitted").increment(1);
         metrics::gauge!("AggregationWatermarkLagSeconds").set(self.lag.lag_seconds);
         metrics::gauge!("AggregationUncollectedEvents").set(self.lag.uncollected_events as f64);
+        metrics::counter!("AggregationChangesApplied").increment(self.collected.changes);
+        metrics::counter!("AggregationCellsChanged").increment(self.collected.cells_changed);
         metrics::counter!("AggregationCellsExamined").increment(self.cells_examined);
         metrics::counter!("AggregationCellsWritten").increment(self.cells_written);
         metrics::counter!("AggregationRevisions").increment(self.revisions);

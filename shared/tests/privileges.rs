@@ -141,14 +141,21 @@ const REVIEWED: &[&str] = &[
     // tenants. The relay claims and marks every tenant's outbox rows (the delivery columns only;
     // published_at is stamped by the server) and deletes PUBLISHED ones a day or more after the
     // server stamped them, no sooner, whatever the relay asks (0013). The aggregation writes the
-    // rollups (never deletes one), works its queue, moves its watermark and takes its advisory
-    // lock; it reads events, it never writes one.
+    // rollups (never deletes one), keeps their actor sets (0014: counts per actor and day, and
+    // days per actor and week or month, pruned past ingestion's window), works its queue,
+    // moves its watermark and takes its advisory lock; it reads events, it never writes one.
     "meterbridge_ops: CONNECT ON DATABASE",
     "meterbridge_ops: DELETE ON TABLE outbox_events",
+    "meterbridge_ops: DELETE ON TABLE usage_actor_days",
+    "meterbridge_ops: DELETE ON TABLE usage_actor_periods",
     "meterbridge_ops: DELETE ON TABLE usage_aggregation_queue",
     "meterbridge_ops: EXECUTE ON FUNCTION usage_aggregation_lock_id()",
+    "meterbridge_ops: INSERT ON TABLE usage_actor_days",
+    "meterbridge_ops: INSERT ON TABLE usage_actor_periods",
     "meterbridge_ops: INSERT ON TABLE usage_aggregates",
     "meterbridge_ops: INSERT ON TABLE usage_aggregation_queue",
+    "meterbridge_ops: POLICY ops_all ALL ON usage_actor_days USING true WITH CHECK true",
+    "meterbridge_ops: POLICY ops_all ALL ON usage_actor_periods USING true WITH CHECK true",
     "meterbridge_ops: POLICY ops_all ALL ON usage_aggregates USING true WITH CHECK true",
     "meterbridge_ops: POLICY ops_all ALL ON usage_aggregation_queue USING true WITH CHECK true",
     "meterbridge_ops: POLICY ops_read_all SELECT ON outbox_events USING true",
@@ -161,6 +168,8 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: SELECT ON TABLE metrics",
     "meterbridge_ops: SELECT ON TABLE outbox_events",
     "meterbridge_ops: SELECT ON TABLE tenants",
+    "meterbridge_ops: SELECT ON TABLE usage_actor_days",
+    "meterbridge_ops: SELECT ON TABLE usage_actor_periods",
     "meterbridge_ops: SELECT ON TABLE usage_aggregates",
     "meterbridge_ops: SELECT ON TABLE usage_aggregation_queue",
     "meterbridge_ops: SELECT ON TABLE usage_aggregation_state",
@@ -173,6 +182,8 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: UPDATE ON COLUMN outbox_events.lease_until",
     "meterbridge_ops: UPDATE ON COLUMN outbox_events.next_attempt_at",
     "meterbridge_ops: UPDATE ON COLUMN outbox_events.status",
+    "meterbridge_ops: UPDATE ON TABLE usage_actor_days",
+    "meterbridge_ops: UPDATE ON TABLE usage_actor_periods",
     "meterbridge_ops: UPDATE ON TABLE usage_aggregates",
     "meterbridge_ops: UPDATE ON TABLE usage_aggregation_state",
     "meterbridge_ops: USAGE ON SCHEMA public",

@@ -137,7 +137,10 @@ fn log_run(job: &str, report: &meterbridge::aggregation::RunReport) {
     tracing::info!(
         job,
         outcome = %report.outcome,
-        queued = report.collected.queued,
+        chunks = report.collected.chunks,
+        changes = report.collected.changes,
+        cells_changed = report.collected.cells_changed,
+        cells_queued = report.collected.cells_queued,
         examined = report.cells_examined,
         written = report.cells_written,
         unchanged = report.cells_unchanged,

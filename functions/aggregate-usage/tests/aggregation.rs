@@ -67,8 +67,12 @@ async fn random_events_aggregate_exactly_and_a_rerun_writes_nothing(owner: PgPoo
         .unwrap();
         assert_eq!(mismatched, 0, "{period}");
     }
-    // (More when the voids were collected by a later run than the events.)
-    assert!(first.cells_written as usize >= want.len());
+    // Every cell written from its changes (new events reach no stored cell: no recompute).
+    assert!(
+        first.collected.cells_changed as usize >= want.len(),
+        "{first:?}"
+    );
+    assert_eq!(first.collected.cells_queued, 0, "{first:?}");
     assert_eq!(
         first.cells_examined,
         first.cells_written + first.cells_unchanged
@@ -184,8 +188,9 @@ async fn a_late_event_changes_only_its_day_week_and_month(owner: PgPool) {
     };
     insert(&owner, std::slice::from_ref(&late)).await;
     let report = run(&app, &owner, now()).await;
-    assert_eq!(report.collected.queued, 3);
-    assert_eq!((report.cells_examined, report.cells_written), (3, 3));
+    // Applied as a change to the three cells: no period recomputed from its events.
+    assert_eq!(report.collected.cells_changed, 3, "{report:?}");
+    assert_eq!(report.cells_examined, 0, "{report:?}");
 
     let after = computed_at(&owner).await;
     let changed: Vec<_> = after
@@ -208,7 +213,7 @@ async fn a_late_event_changes_only_its_day_week_and_month(owner: PgPool) {
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPool) {
+async fn an_ingestion_committing_late_is_counted_by_the_next_run(owner: PgPool) {
     let t = create_tenant(&owner, "race").await.id.0;
     create_partitions_around_now(&owner).await;
     let at_now = now();
@@ -226,25 +231,12 @@ async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPo
     let b = insert(&owner, &[ev(10)]).await[0];
     assert!(a < b);
 
-    // Hold the run inside its collection (a table lock, which takes no transaction id) ...
-    let mut hold = owner.begin().await.unwrap();
-    sqlx::query("LOCK TABLE usage_aggregation_queue IN EXCLUSIVE MODE")
-        .execute(&mut *hold)
-        .await
-        .unwrap();
-    let app = std::sync::Arc::new(app(&owner, &[]).await);
-    let runner = {
-        let app = app.clone();
-        tokio::spawn(async move { app.aggregator().aggregate(now(), later()).await })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    // ... and commit A while it is in progress.
-    slow.commit().await.unwrap();
-    hold.commit().await.unwrap();
-    let first = runner.await.unwrap().unwrap();
+    // A run while A is still open.
+    let app = app(&owner, &[]).await;
+    let first = app.aggregator().aggregate(now(), later()).await.unwrap();
     assert_eq!(first.outcome, "done");
     // "Everything after seq N" would now have counted B and moved past A for ever. The run
-    // took A's transaction as its bound instead: neither is counted yet, A is not skipped.
+    // stopped below A's transaction instead: neither is counted yet, A is not skipped.
     let total = |owner: PgPool| async move {
         sqlx::query_scalar::<_, Option<String>>(
             "SELECT total_quantity::text FROM usage_aggregates WHERE period_type = 'daily'",
@@ -255,9 +247,10 @@ async fn an_ingestion_committing_during_a_run_is_counted_by_the_next(owner: PgPo
         .flatten()
     };
     assert_eq!(total(owner.clone()).await, None, "{first:?}");
+    slow.commit().await.unwrap();
     assert!(first.collected.watermark <= a_xact(&owner, a).await);
     let second = run(&app, &owner, now()).await;
-    assert_eq!(second.cells_written, 3, "{second:?}");
+    assert_eq!(second.collected.cells_changed, 3, "{second:?}");
     assert_eq!(total(owner.clone()).await.as_deref(), Some("11"));
 }
 
@@ -289,7 +282,7 @@ async fn periods_become_final_after_the_grace_and_late_changes_are_revisions(own
     // Aggregated while the day is still open: not final.
     let end_of_day = (day + Duration::days(1)).and_time(NaiveTime::MIN).and_utc();
     let r = run(&app, &owner, end_of_day + Duration::minutes(30)).await;
-    assert_eq!(r.cells_written, 3);
+    assert_eq!(r.collected.cells_changed, 3, "{r:?}");
     let final_of = |owner: PgPool, p: &'static str| async move {
         sqlx::query_as::<_, (bool, i32)>(
             "SELECT final, revisions_after_final FROM usage_aggregates WHERE period_type = $1",
@@ -303,7 +296,11 @@ async fn periods_become_final_after_the_grace_and_late_changes_are_revisions(own
     // The grace passes: the day becomes final with nothing recomputed.
     let r = run(&app, &owner, end_of_day + Duration::minutes(61)).await;
     // (The week too, when the day is a Sunday.)
-    assert_eq!(r.cells_written, 0, "{r:?}");
+    assert_eq!(
+        (r.collected.cells_changed, r.cells_written),
+        (0, 0),
+        "{r:?}"
+    );
     assert!(r.finalized >= 1, "{r:?}");
     assert_eq!(final_of(owner.clone(), "daily").await, (true, 0));
     // A rerun finalizes nothing more.
@@ -352,72 +349,157 @@ async fn periods_become_final_after_the_grace_and_late_changes_are_revisions(own
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn a_second_run_skips_while_one_holds_the_lock(owner: PgPool) {
     let t = create_tenant(&owner, "lock").await.id.0;
-    insert(&owner, &random_events(&[t], 50, 3)).await;
-    let app = std::sync::Arc::new(app(&owner, &[]).await);
-    // The first run takes the lock, then waits on the watermark row the test holds.
-    let mut hold = owner.begin().await.unwrap();
-    sqlx::query("LOCK TABLE usage_aggregation_queue IN EXCLUSIVE MODE")
-        .execute(&mut *hold)
+    let events = random_events(&[t], 50, 3);
+    insert(&owner, &events).await;
+    let app = app(&owner, &[]).await;
+    // Another run holds the lock (as every chunk of a run does).
+    let mut other = owner.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(usage_aggregation_lock_id())")
+        .execute(&mut *other)
         .await
         .unwrap();
-    let first = {
-        let app = app.clone();
-        tokio::spawn(async move { app.aggregator().aggregate(now(), later()).await })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let second = app.aggregator().aggregate(now(), later()).await.unwrap();
     assert_eq!(second.outcome, "skipped: locked");
+    assert_eq!(second.collected.chunks, 0);
     assert_eq!((second.cells_examined, second.cells_written), (0, 0));
-    hold.commit().await.unwrap();
-    let first = first.await.unwrap().unwrap();
-    assert_eq!(first.outcome, "done");
-    let rest = run(&app, &owner, now()).await;
-    assert!(
-        first.cells_written + rest.cells_written > 0,
-        "{first:?} {rest:?}"
+    assert!(stored(&owner).await.is_empty());
+    other.commit().await.unwrap();
+    let after = run(&app, &owner, now()).await;
+    assert_eq!(after.outcome, "done");
+    assert_eq!(stored(&owner).await, expected(&events));
+}
+
+/// The cells as the events say they should be as of the stored watermark: what the committed
+/// chunks have applied, and nothing more.
+async fn expected_as_of_watermark(owner: &PgPool) -> Expected {
+    type Row = (
+        uuid::Uuid,
+        String,
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        Option<String>,
     );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT e.tenant_id, e.metric, e.quantity::int8, e.occurred_at, e.actor_id
+               FROM usage_events e, usage_aggregation_state w
+              WHERE coalesce(e.inserted_xact, 0) < w.watermark
+                AND (e.voided_at IS NULL OR e.xact_id >= w.watermark)",
+    )
+    .fetch_all(owner)
+    .await
+    .unwrap();
+    let metric = |m: &str| *METRICS.iter().find(|x| **x == m).unwrap();
+    let events: Vec<Ev> = rows
+        .into_iter()
+        .map(|(tenant, m, quantity, at, actor)| Ev {
+            tenant,
+            metric: metric(&m),
+            quantity,
+            at,
+            actor,
+        })
+        .collect();
+    expected(&events)
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn a_run_out_of_time_stops_and_the_next_continues(owner: PgPool) {
-    let t = create_tenant(&owner, "deadline").await.id.0;
-    let events = random_events(&[t], 300, 5);
-    insert(&owner, &events).await;
-    let app = app(
-        &owner,
-        &[
-            ("AGGREGATION_CHUNK_CELLS", "5"),
-            ("AGGREGATION_DEADLINE_MARGIN_MS", "0"),
-        ],
-    )
-    .await;
-    // The deadline has passed: each run collects, takes no chunk, and commits what it did
-    // (repeated until every event is collected: another test's open transaction may hold the
-    // watermark back).
-    let newest: i64 = sqlx::query_scalar("SELECT max(xact_id) FROM usage_events")
-        .fetch_one(&owner)
-        .await
-        .unwrap();
-    let stopped = loop {
-        let stopped = app
-            .aggregator()
-            .aggregate(now(), std::time::Instant::now())
+async fn a_run_cut_at_any_point_resumes_consistently(owner: PgPool) {
+    let t = create_tenant(&owner, "cut").await.id.0;
+    let u = create_tenant(&owner, "cut-too").await.id.0;
+    let events = random_events(&[t, u], 600, 5);
+    // Many transactions (so that a run takes many chunks), and voids in later ones.
+    let mut seqs = Vec::new();
+    for batch in events.chunks(20) {
+        seqs.extend(insert(&owner, batch).await);
+    }
+    for (i, batch) in seqs.chunks(20).enumerate().filter(|(i, _)| i % 3 == 0) {
+        void(&owner, &batch[i % 5..i % 5 + 3]).await;
+    }
+    let voided: std::collections::HashSet<usize> = seqs
+        .chunks(20)
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 0)
+        .flat_map(|(i, _)| (i * 20 + i % 5)..(i * 20 + i % 5 + 3))
+        .collect();
+    let live: Vec<Ev> = events
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !voided.contains(i))
+        .map(|(_, e)| e.clone())
+        .collect();
+    // The smallest chunks (100 groups of changes), so that a run has many places to be cut.
+    let app = app(&owner, &[("AGGREGATION_CHUNK_CHANGES", "100")]).await;
+
+    // Runs killed after 1, 2, 3, ... ms, wherever they are (between statements, in a chunk's
+    // transaction, before its commit): after each, the stored cells are exactly what the
+    // committed chunks applied, as of the watermark they moved.
+    let mut cut = 0;
+    for ms in (1..600u64).step_by(3) {
+        let aggregator = app.aggregator();
+        let run = aggregator.aggregate(now(), later());
+        if tokio::time::timeout(std::time::Duration::from_millis(ms), run)
+            .await
+            .is_err()
+        {
+            cut += 1;
+        }
+        // A connection dropped mid-transaction rolls back when the server notices.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            stored(&owner).await,
+            expected_as_of_watermark(&owner).await,
+            "after a run cut at {ms} ms"
+        );
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_aggregation_queue")
+            .fetch_one(&owner)
             .await
             .unwrap();
-        assert_eq!(stopped.outcome, "stopped");
-        assert_eq!(stopped.cells_examined, 0);
-        if stopped.collected.watermark > newest {
-            break stopped;
+        assert_eq!(queued, 0);
+        if stored(&owner).await == expected(&live) {
+            break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    assert!(stopped.queued_after > 5);
-    // The next run takes the queue in chunks of 5 and finishes it.
-    let next = run(&app, &owner, now()).await;
-    assert_eq!(next.outcome, "done");
-    assert_eq!(next.queued_after, 0);
-    assert_eq!(next.cells_examined as i64, stopped.queued_after);
-    assert_eq!(stored(&owner).await, expected(&events));
+    }
+    assert!(cut > 3, "only {cut} runs were cut");
+    // A whole run finishes the rest, exactly.
+    let last = run(&app, &owner, now()).await;
+    assert_eq!(last.outcome, "done");
+    assert_eq!(stored(&owner).await, expected(&live));
+    // The actor sets agree with the events: a recompute of everything changes nothing.
+    let sets_before = actor_sets(&owner).await;
+    assert!(!sets_before.is_empty());
+    let today = today();
+    let backfill = app
+        .aggregator()
+        .backfill(
+            &meterbridge::aggregation::Backfill {
+                from: today - Duration::days(35),
+                to: today,
+                tenant: None,
+                periods: PeriodType::ALL.to_vec(),
+            },
+            now(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(backfill.cells_written, 0, "{backfill:?}");
+    assert_eq!(actor_sets(&owner).await, sets_before);
+}
+
+/// Every row of the actor sets, as text (days and periods).
+async fn actor_sets(owner: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT format('%s %s %s %s %s', tenant_id, metric, day, actor, events)
+           FROM usage_actor_days
+         UNION ALL
+         SELECT format('%s %s %s %s %s %s', tenant_id, metric, period_type, period_start, actor,
+                       days)
+           FROM usage_actor_periods
+         ORDER BY 1",
+    )
+    .fetch_all(owner)
+    .await
+    .unwrap()
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
@@ -550,12 +632,39 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     }
     insert(&owner, &events).await;
     let app = app(&owner, &[]).await;
-    // No aggregate yet: every group of the period is computed, the cells' kept.
-    run(&app, &owner, now()).await;
+    // The first run writes every cell from its changes.
+    let first = run(&app, &owner, now()).await;
+    assert_eq!(first.collected.cells_changed, 3 * 150, "{first:?}");
     assert_eq!(stored(&owner).await, expected(&events));
 
-    // 66 of the 150 pairs change (more than the probe size, fewer than half of those known):
-    // the scan keeps the changed cells' rows by their keys.
+    // A backfill of the day recomputes its 150 cells of each period by one scan of the
+    // period, without a filter (they are every cell there is): wrong totals are put right.
+    sqlx::query("UPDATE usage_aggregates SET total_quantity = total_quantity + 1")
+        .execute(&owner)
+        .await
+        .unwrap();
+    let backfill = app
+        .aggregator()
+        .backfill(
+            &meterbridge::aggregation::Backfill::of(today(), today(), None, None),
+            now(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(backfill.cells_written, 3 * 150, "{backfill:?}");
+    assert_eq!(stored(&owner).await, expected(&events));
+
+    // Cells whose actor sets are not kept (as in a database upgraded from before them): their
+    // first change recomputes them. 66 of the 150 pairs change (more than the probe size,
+    // fewer than half of those known): the scan keeps the changed cells' rows by their keys.
+    sqlx::raw_sql(
+        "UPDATE usage_aggregates SET actors_tracked = false;
+         DELETE FROM usage_actor_days; DELETE FROM usage_actor_periods;",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
     let mut more = Vec::new();
     for t in &tenants[..22] {
         for metric in METRICS {
@@ -570,9 +679,16 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     }
     insert(&owner, &more).await;
     let report = run(&app, &owner, now()).await;
+    assert_eq!(report.collected.cells_queued, 3 * 66, "{report:?}");
     assert_eq!(report.cells_written, 3 * 66, "{report:?}");
     events.extend(more);
     assert_eq!(stored(&owner).await, expected(&events));
+    let untracked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_aggregates WHERE NOT actors_tracked")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert_eq!(untracked, 3 * (150 - 66));
 }
 
 /// A cell is classified as its events were when they were ingested, not by today's catalog: a

@@ -9,6 +9,7 @@ pub mod payment_audit;
 pub mod payments;
 pub mod tenants;
 pub mod usage_aggregates;
+pub mod usage_changes;
 pub mod usage_events;
 pub mod usage_storage;
 pub mod webhook_events;

@@ -1,9 +1,11 @@
 //! `usage_aggregates`, its work queue and watermark (migration 0007): the SQL of an aggregation
 //! run ([`crate::aggregation`]) and of the summary the API reads.
 //!
-//! A run, in one transaction under [`try_lock`]: [`collect`] queues the cells that every
-//! transaction finished since the last run touched, [`next_cells`] / [`compute`] /
-//! [`dequeue`] work the queue in chunks, [`finalize`] closes the periods past their grace.
+//! A run works in transactions of bounded size, each under [`try_lock`]: the changes since the
+//! watermark, chunk by chunk ([`bounds`], [`crate::repo::usage_changes`], [`set_watermark`]);
+//! then the recompute queue ([`next_cells`] / [`compute`] / [`rebuild_actor_sets`] /
+//! [`dequeue`]), which holds backfills and cells whose actor sets are not complete yet;
+//! [`finalize`] closes the periods past their grace.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
@@ -50,23 +52,27 @@ pub async fn try_lock(
     Ok(locked)
 }
 
-/// What [`collect`] found.
+/// What a run's change chunks did (see [`crate::repo::usage_changes`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Collected {
-    /// (tenant, metric, day) touched by the transactions collected.
-    pub changed_days: i64,
-    /// Cells added to the queue (those already queued are not counted again).
-    pub queued: i64,
-    /// Every transaction below this id has been collected.
+    /// Chunk transactions committed (each moved the watermark).
+    pub chunks: u64,
+    /// Groups of changed events applied: (tenant, metric, day, actor).
+    pub changes: u64,
+    /// Cells the changes wrote.
+    pub cells_changed: u64,
+    /// Cells the changes queued for a recompute from their events instead (their actor set
+    /// was not complete yet, or did not add up).
+    pub cells_queued: i64,
+    /// Every transaction below this id has been applied.
     pub watermark: i64,
 }
 
-/// Queues every cell touched by a transaction that finished since the last collection, and
-/// moves the watermark. The upper bound is the oldest transaction still running: everything
-/// below it has finished, so a transaction that commits late is collected by a later run,
-/// never skipped. Rows are found by the BRIN index on `xact_id`: the cost follows the change.
-pub async fn collect(conn: &mut PgConnection) -> Result<Collected, DbError> {
+/// The range a chunk may take, locking the watermark's row: from the watermark to the oldest
+/// transaction still running (everything below it has finished, so a transaction that commits
+/// late is applied by a later chunk, never skipped).
+pub async fn bounds(conn: &mut PgConnection) -> Result<(i64, i64), DbError> {
     let bounds = sqlx::query!(
         r#"SELECT watermark,
                   (pg_snapshot_xmin(pg_current_snapshot())::text)::bigint AS "upper!"
@@ -74,38 +80,27 @@ pub async fn collect(conn: &mut PgConnection) -> Result<Collected, DbError> {
     )
     .fetch_one(&mut *conn)
     .await?;
-    let upper = bounds.upper.max(bounds.watermark);
-    let found = sqlx::query!(
-        r#"WITH changed AS (
-               SELECT DISTINCT tenant_id, metric, date_trunc('day', occurred_at, 'UTC') AS day
-                 FROM usage_events
-                WHERE xact_id >= $1 AND xact_id < $2
-           ), queued AS (
-               INSERT INTO usage_aggregation_queue (period_type, period_start, tenant_id, metric,
-                                                    reason)
-               SELECT DISTINCT p.period_type, date_trunc(p.unit, c.day, 'UTC'), c.tenant_id,
-                      c.metric, 'change'
-                 FROM changed c
-                CROSS JOIN (VALUES ('daily', 'day'), ('weekly', 'week'), ('monthly', 'month'))
-                      AS p(period_type, unit)
-               ON CONFLICT DO NOTHING
-               RETURNING 1
-           )
-           SELECT (SELECT count(*) FROM changed) AS "changed!",
-                  (SELECT count(*) FROM queued) AS "queued!""#,
-        bounds.watermark,
-        upper
+    Ok((bounds.watermark, bounds.upper.max(bounds.watermark)))
+}
+
+/// Moves the watermark (in the chunk's transaction, with the changes it applied).
+pub async fn set_watermark(conn: &mut PgConnection, watermark: i64) -> Result<(), DbError> {
+    sqlx::query!(
+        "UPDATE usage_aggregation_state SET watermark = $1",
+        watermark
     )
-    .fetch_one(&mut *conn)
+    .execute(&mut *conn)
     .await?;
-    sqlx::query!("UPDATE usage_aggregation_state SET watermark = $1", upper)
-        .execute(&mut *conn)
-        .await?;
-    Ok(Collected {
-        changed_days: found.changed,
-        queued: found.queued,
-        watermark: upper,
-    })
+    Ok(())
+}
+
+/// The watermark as stored.
+pub async fn watermark(conn: &mut PgConnection) -> Result<i64, DbError> {
+    Ok(
+        sqlx::query_scalar!("SELECT watermark FROM usage_aggregation_state")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
 }
 
 /// How far the watermark trails what has been written: events committed but not collected yet,
@@ -154,7 +149,8 @@ pub async fn lag(conn: &mut PgConnection, watermark: i64) -> Result<Lag, DbError
     let waiting = sqlx::query!(
         r#"SELECT count(*) AS "count!",
                   coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS "seconds!"
-             FROM (SELECT created_at FROM usage_events WHERE xact_id >= $1 LIMIT $2) uncollected"#,
+             FROM (SELECT created_at FROM usage_events
+                    WHERE xact_id >= $1 OR inserted_xact >= $1 LIMIT $2) uncollected"#,
         watermark,
         LAG_COUNT_CAP
     )
@@ -329,7 +325,12 @@ pub const PROBE_CELLS: usize = 64;
 /// ingested, never today's catalog; a cell whose events disagree (a metric reclassified by a
 /// migration within the period) takes that of its event stored last. `now` and
 /// `grace` decide `final`; a change to a final cell counts a revision. Returns the cells
-/// written. Run with custom plans (see [`try_lock`]'s transaction): PostgreSQL then sees how
+/// written.
+///
+/// The cells are computed as of `watermark`: from the events inserted before it and not voided
+/// before it, exactly what the changes below the watermark have counted, so the changes above
+/// it apply to the result as deltas. Each cell records its seq XOR and becomes tracked; call
+/// [`rebuild_actor_sets`] with the same arguments in the same transaction. Run with custom plans (see [`try_lock`]'s transaction): PostgreSQL then sees how
 /// many cells there are and picks index probes for a few, one scan of the range for many.
 #[allow(clippy::too_many_arguments)]
 pub async fn compute(
@@ -340,6 +341,7 @@ pub async fn compute(
     cells: &[(Uuid, String)],
     now: DateTime<Utc>,
     grace_seconds: f64,
+    watermark: i64,
 ) -> Result<Vec<Written>, DbError> {
     if cells.is_empty() {
         return Ok(Vec::new());
@@ -368,26 +370,28 @@ pub async fn compute(
                                                                     WHEN 'NON_BILLABLE' THEN 1
                                                                     ELSE 2 END) AS latest
                          FROM usage_events e
-                        WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
+                        WHERE e.occurred_at >= $4 AND e.occurred_at < $5
+                          AND coalesce(e.inserted_xact, 0) < $8
+                          AND (e.voided_at IS NULL OR e.xact_id >= $8)
                           AND (e.tenant_id, e.metric) IN (SELECT tenant_id, metric FROM cells)
                         GROUP BY 1, 2, 3) by_actor
                 GROUP BY 1, 2
            ), computed AS (
                SELECT c.tenant_id, c.metric, s.classification,
                       coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
-                      coalesce(s.actors, 0) AS actors,
+                      coalesce(s.actors, 0) AS actors, s.seq_xor,
                       sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_xor),
                                         'UTF8')) AS source_hash
                  FROM cells c LEFT JOIN sums s USING (tenant_id, metric)
            )
            INSERT INTO usage_aggregates AS a
                   (tenant_id, period_type, period_start, period_end, metric, classification,
-                   total_quantity, event_count, distinct_actors, source_hash, computed_at,
-                   final, finalized_at)
+                   total_quantity, event_count, distinct_actors, seq_xor, source_hash,
+                   computed_at, final, finalized_at, actors_tracked)
            SELECT c.tenant_id, $1, $4, $5, c.metric, coalesce(c.classification, m.classification),
-                  c.total, c.events, c.actors, c.source_hash, $6,
+                  c.total, c.events, c.actors, c.seq_xor, c.source_hash, $6,
                   $5::timestamptz + make_interval(secs => $7) <= $6,
-                  CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END
+                  CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END, true
              FROM computed c
              JOIN metrics m ON m.name = c.metric
             WHERE c.events > 0
@@ -400,13 +404,16 @@ pub async fn compute(
                   total_quantity = EXCLUDED.total_quantity,
                   event_count = EXCLUDED.event_count,
                   distinct_actors = EXCLUDED.distinct_actors,
+                  seq_xor = EXCLUDED.seq_xor,
                   source_hash = EXCLUDED.source_hash,
                   computed_at = EXCLUDED.computed_at,
                   final = a.final OR EXCLUDED.final,
                   finalized_at = coalesce(a.finalized_at, EXCLUDED.finalized_at),
                   revisions_after_final = a.revisions_after_final + a.final::int,
-                  revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END
+                  revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END,
+                  actors_tracked = true
             WHERE a.source_hash IS DISTINCT FROM EXCLUDED.source_hash
+               OR NOT a.actors_tracked
                OR (a.total_quantity, a.event_count, a.distinct_actors)
                   IS DISTINCT FROM (EXCLUDED.total_quantity, EXCLUDED.event_count,
                                     EXCLUDED.distinct_actors)
@@ -420,7 +427,8 @@ pub async fn compute(
             start,
             end,
             now,
-            grace_seconds
+            grace_seconds,
+            watermark
         )
         .fetch_all(&mut *conn)
         .await?
@@ -457,7 +465,9 @@ pub async fn compute(
                                                                     WHEN 'NON_BILLABLE' THEN 1
                                                                     ELSE 2 END) AS latest
                          FROM usage_events e
-                        WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.voided_at IS NULL
+                        WHERE e.occurred_at >= $4 AND e.occurred_at < $5
+                          AND coalesce(e.inserted_xact, 0) < $9
+                          AND (e.voided_at IS NULL OR e.xact_id >= $9)
                           AND ($8::text[] IS NULL
                                OR e.tenant_id::text || '/' || e.metric = ANY($8::text[]))
                         GROUP BY 1, 2, 3) by_actor
@@ -465,19 +475,19 @@ pub async fn compute(
            ), computed AS (
                SELECT c.tenant_id, c.metric, s.classification,
                       coalesce(s.total, 0) AS total, coalesce(s.events, 0) AS events,
-                      coalesce(s.actors, 0) AS actors,
+                      coalesce(s.actors, 0) AS actors, s.seq_xor,
                       sha256(convert_to(concat_ws(':', coalesce(s.events, 0), s.seq_xor),
                                         'UTF8')) AS source_hash
                  FROM cells c LEFT JOIN sums s USING (tenant_id, metric)
            )
            INSERT INTO usage_aggregates AS a
                   (tenant_id, period_type, period_start, period_end, metric, classification,
-                   total_quantity, event_count, distinct_actors, source_hash, computed_at,
-                   final, finalized_at)
+                   total_quantity, event_count, distinct_actors, seq_xor, source_hash,
+                   computed_at, final, finalized_at, actors_tracked)
            SELECT c.tenant_id, $1, $4, $5, c.metric, coalesce(c.classification, m.classification),
-                  c.total, c.events, c.actors, c.source_hash, $6,
+                  c.total, c.events, c.actors, c.seq_xor, c.source_hash, $6,
                   $5::timestamptz + make_interval(secs => $7) <= $6,
-                  CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END
+                  CASE WHEN $5::timestamptz + make_interval(secs => $7) <= $6 THEN $6 END, true
              FROM computed c
              JOIN metrics m ON m.name = c.metric
             WHERE c.events > 0
@@ -490,13 +500,16 @@ pub async fn compute(
                   total_quantity = EXCLUDED.total_quantity,
                   event_count = EXCLUDED.event_count,
                   distinct_actors = EXCLUDED.distinct_actors,
+                  seq_xor = EXCLUDED.seq_xor,
                   source_hash = EXCLUDED.source_hash,
                   computed_at = EXCLUDED.computed_at,
                   final = a.final OR EXCLUDED.final,
                   finalized_at = coalesce(a.finalized_at, EXCLUDED.finalized_at),
                   revisions_after_final = a.revisions_after_final + a.final::int,
-                  revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END
+                  revised_at = CASE WHEN a.final THEN EXCLUDED.computed_at ELSE a.revised_at END,
+                  actors_tracked = true
             WHERE a.source_hash IS DISTINCT FROM EXCLUDED.source_hash
+               OR NOT a.actors_tracked
                OR (a.total_quantity, a.event_count, a.distinct_actors)
                   IS DISTINCT FROM (EXCLUDED.total_quantity, EXCLUDED.event_count,
                                     EXCLUDED.distinct_actors)
@@ -511,7 +524,8 @@ pub async fn compute(
             end,
             now,
             grace_seconds,
-            keys.as_deref() as Option<&[String]>
+            keys.as_deref() as Option<&[String]>,
+            watermark
         )
         .fetch_all(&mut *conn)
         .await?
@@ -528,6 +542,90 @@ pub async fn compute(
             revised,
         })
         .collect())
+}
+
+/// Rebuilds the actor sets of the cells of one period (`[start, end)`, one type) from their
+/// events as of `watermark` (see [`compute`]): per day each actor's live events, per week or
+/// month on how many days each actor has events.
+pub async fn rebuild_actor_sets(
+    conn: &mut PgConnection,
+    period: PeriodType,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    cells: &[(Uuid, String)],
+    watermark: i64,
+) -> Result<(), DbError> {
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let tenants: Vec<Uuid> = cells.iter().map(|c| c.0).collect();
+    let metrics: Vec<&str> = cells.iter().map(|c| c.1.as_str()).collect();
+    let first_day = start.date_naive();
+    if period == PeriodType::Daily {
+        sqlx::query!(
+            "DELETE FROM usage_actor_days a
+              USING UNNEST($1::uuid[], $2::text[]) AS c(tenant_id, metric)
+              WHERE a.tenant_id = c.tenant_id AND a.metric = c.metric AND a.day = $3",
+            &tenants,
+            &metrics as &[&str],
+            first_day
+        )
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query!(
+            "INSERT INTO usage_actor_days (tenant_id, metric, day, actor, events)
+             SELECT e.tenant_id, e.metric, $3, md5(e.actor_id)::uuid, count(*)
+               FROM usage_events e
+              WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.actor_id IS NOT NULL
+                AND (e.tenant_id, e.metric) IN (SELECT * FROM UNNEST($1::uuid[], $2::text[]))
+                AND coalesce(e.inserted_xact, 0) < $6
+                AND (e.voided_at IS NULL OR e.xact_id >= $6)
+              GROUP BY 1, 2, 4",
+            &tenants,
+            &metrics as &[&str],
+            first_day,
+            start,
+            end,
+            watermark
+        )
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        sqlx::query!(
+            "DELETE FROM usage_actor_periods a
+              USING UNNEST($1::uuid[], $2::text[]) AS c(tenant_id, metric)
+              WHERE a.tenant_id = c.tenant_id AND a.metric = c.metric
+                AND a.period_type = $3 AND a.period_start = $4",
+            &tenants,
+            &metrics as &[&str],
+            period.as_str(),
+            first_day
+        )
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query!(
+            "INSERT INTO usage_actor_periods (tenant_id, metric, period_type, period_start, actor,
+                                              days)
+             SELECT e.tenant_id, e.metric, $3, $4, md5(e.actor_id)::uuid,
+                    count(DISTINCT (e.occurred_at AT TIME ZONE 'UTC')::date)
+               FROM usage_events e
+              WHERE e.occurred_at >= $5 AND e.occurred_at < $6 AND e.actor_id IS NOT NULL
+                AND (e.tenant_id, e.metric) IN (SELECT * FROM UNNEST($1::uuid[], $2::text[]))
+                AND coalesce(e.inserted_xact, 0) < $7
+                AND (e.voided_at IS NULL OR e.xact_id >= $7)
+              GROUP BY 1, 2, 5",
+            &tenants,
+            &metrics as &[&str],
+            period.as_str(),
+            first_day,
+            start,
+            end,
+            watermark
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Marks final every cell whose period ended more than `grace_seconds` before `now` and that
@@ -620,7 +718,8 @@ pub async fn backlog(
         TenantBacklog,
         r#"WITH pending AS (
                SELECT tenant_id, count(*) AS events, min(created_at) AS oldest
-                 FROM usage_events WHERE xact_id >= $1 GROUP BY tenant_id
+                 FROM usage_events WHERE xact_id >= $1 OR inserted_xact >= $1
+                GROUP BY tenant_id
            ), queued AS (
                SELECT tenant_id, count(*) AS cells, min(enqueued_at) AS oldest
                  FROM usage_aggregation_queue GROUP BY tenant_id

@@ -190,8 +190,10 @@ pub async fn run(app: &App, owner: &PgPool, now: DateTime<Utc>) -> RunReport {
     for _ in 0..600 {
         let r = app.aggregator().aggregate(now, later()).await.unwrap();
         total.outcome = r.outcome.clone();
-        total.collected.changed_days += r.collected.changed_days;
-        total.collected.queued += r.collected.queued;
+        total.collected.chunks += r.collected.chunks;
+        total.collected.changes += r.collected.changes;
+        total.collected.cells_changed += r.collected.cells_changed;
+        total.collected.cells_queued += r.collected.cells_queued;
         total.collected.watermark = r.collected.watermark;
         total.cells_examined += r.cells_examined;
         total.cells_written += r.cells_written;
