@@ -20,17 +20,17 @@ const REVIEWED: &[&str] = &[
     // may write (never xact_id, aggregation's change marker: a forged low value would hide a
     // row; nor seq or created_at), voids them (the three void columns only), writes and probes
     // its own tenant's dedup keys (never updates or deletes one: expiry drops whole generations
-    // as the owner), reads which generation is open and the compacted partition's Bloom filter
-    // (bits no tenant reads back: every "maybe" is confirmed against the tenant-bound key
-    // table), reads the catalog and its own tenant's rollups. Nothing of payments, the outbox
+    // as the owner), reads which generation is open, where the closed ones are and their
+    // levels' Bloom filters (0015: bits no tenant reads back, every "maybe" is confirmed
+    // against the tenant-bound key table), reads the catalog and its own tenant's rollups. Nothing of payments, the outbox
     // or tenants.
     "meterbridge_ingest: CONNECT ON DATABASE",
     "meterbridge_ingest: EXECUTE ON FUNCTION authenticate_api_key(text)",
     "meterbridge_ingest: EXECUTE ON FUNCTION current_tenant_id()",
     "meterbridge_ingest: EXECUTE ON FUNCTION touch_api_key(uuid)",
-    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_bit(uuid,integer)",
-    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_block(uuid,integer)",
-    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_maybe(bit,uuid)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_level_bit(uuid,integer)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_level_block(uuid,integer)",
+    "meterbridge_ingest: EXECUTE ON FUNCTION usage_key_level_maybe(bit varying,integer,uuid)",
     "meterbridge_ingest: INSERT ON COLUMN usage_events.actor_id",
     "meterbridge_ingest: INSERT ON COLUMN usage_events.classification",
     "meterbridge_ingest: INSERT ON COLUMN usage_events.correlation_id",
@@ -53,8 +53,10 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ingest: SELECT ON TABLE usage_aggregates",
     "meterbridge_ingest: SELECT ON TABLE usage_event_keys",
     "meterbridge_ingest: SELECT ON TABLE usage_events",
-    "meterbridge_ingest: SELECT ON TABLE usage_key_filter_blocks",
+    "meterbridge_ingest: SELECT ON TABLE usage_key_filter_rows",
     "meterbridge_ingest: SELECT ON TABLE usage_key_generations",
+    "meterbridge_ingest: SELECT ON TABLE usage_key_levels",
+    "meterbridge_ingest: SELECT ON TABLE usage_key_parts",
     "meterbridge_ingest: SET idle_in_transaction_session_timeout=30s",
     "meterbridge_ingest: SET lock_timeout=5s",
     "meterbridge_ingest: SET statement_timeout=30s",

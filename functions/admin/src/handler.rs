@@ -12,6 +12,7 @@ use meterbridge::payment_transition::{self, Actor, Outcome, Request, Target};
 use meterbridge::relay::Relay;
 use meterbridge::repo::outbox;
 use meterbridge::repo::usage_storage::{self, StoragePolicy};
+
 use meterbridge::repo::{api_keys, tenants};
 use meterbridge::{Database, DbError};
 use serde_json::{json, Value};
@@ -20,6 +21,9 @@ use crate::command::Command;
 use crate::error::AdminError;
 
 const UNIQUE_VIOLATION: &str = "23505";
+/// The key maintenance's share of an hourly `usage.maintain` (the function has 300 s): what is
+/// left waits for the next hour, which has the same time again.
+const KEY_MAINTENANCE_TIME: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// What the admin actions act on: the database (as its owner), and the outbox relay when an
 /// event bus is configured.
@@ -127,14 +131,19 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             let mut tx = db.pool().begin().await.map_err(DbError::from)?;
             let mut done = usage_storage::maintain(&mut tx, now, &admin.storage).await?;
             tx.commit().await.map_err(DbError::from)?;
-            // In a transaction of its own: its build must not hold a rotation's lock.
-            let mut tx = db.pool().begin().await.map_err(DbError::from)?;
-            done.extend(usage_storage::compact(&mut tx, now, &admin.storage).await?);
-            tx.commit().await.map_err(DbError::from)?;
+            // Step by step, each in a transaction of its own, within the invocation's time.
+            let deadline = std::time::Instant::now() + KEY_MAINTENANCE_TIME;
+            let keys = usage_storage::compact(db.pool(), &admin.storage, deadline).await?;
+            done.extend(keys.actions);
             for step in &done {
                 tracing::info!(action = %step.action, object = %step.object, "usage storage");
             }
-            Ok(json!({"policy": admin.storage, "actions": done}))
+            Ok(json!({
+                "policy": admin.storage,
+                "actions": done,
+                "keySteps": keys.steps,
+                "keyWorkLeft": keys.more
+            }))
         }
         Command::UsageStatus => {
             let mut conn = db.pool().acquire().await.map_err(DbError::from)?;

@@ -195,8 +195,20 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
     );
     let out = ok(&db, "usage-maintain.json").await;
     assert_eq!(out["actions"], serde_json::json!([]));
+    assert_eq!(
+        (&out["keySteps"], &out["keyWorkLeft"]),
+        (&serde_json::json!(0), &serde_json::json!(false))
+    );
     let out = ok(&db, run("usage-status.json")).await;
     assert_eq!(out["storage"]["keyGenerations"], 1, "{out}");
+    let levels: Vec<i64> = out["storage"]["keyLevels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["level"].as_i64().unwrap())
+        .collect();
+    assert_eq!(levels, [1, 2, 3], "{out}");
+    assert_eq!(out["storage"]["keyMerge"], serde_json::Value::Null, "{out}");
     assert_eq!(out["storage"]["openGeneration"], 1, "{out}");
     assert!(
         out["storage"]["dayPartitions"].as_i64().unwrap() >= 36 + 14,

@@ -31,27 +31,36 @@ async fn maintain(
     done
 }
 
-/// A full compaction, now (as with `full_compaction_hours` 0).
+/// The key maintenance run to the end, as the admin function runs it after each maintenance.
 async fn compact(owner: &PgPool) -> Vec<StorageAction> {
-    compact_at(owner, meterbridge::testing::now(), &always_full()).await
+    let far = std::time::Instant::now() + Duration::from_secs(600);
+    let done = usage_storage::compact(owner, &StoragePolicy::default(), far)
+        .await
+        .unwrap();
+    assert!(!done.more, "{done:?}");
+    done.actions
 }
 
-async fn compact_at(
-    owner: &PgPool,
-    now: DateTime<Utc>,
-    policy: &StoragePolicy,
-) -> Vec<StorageAction> {
-    let mut tx = owner.begin().await.unwrap();
-    let done = usage_storage::compact(&mut tx, now, policy).await.unwrap();
-    tx.commit().await.unwrap();
-    done
+/// Levels 1 and 2 merge after `hours` hours and `days` days (24 and 7 by default): a test
+/// sees every level without waiting for a week of rotations.
+async fn merge_levels_at(owner: &PgPool, hours: i16, days: i16) {
+    sqlx::query(
+        "UPDATE usage_key_levels SET merge_at = CASE level WHEN 1 THEN $1 WHEN 2 THEN $2 END
+          WHERE level IN (1, 2)",
+    )
+    .bind(hours)
+    .bind(days)
+    .execute(owner)
+    .await
+    .unwrap();
 }
 
-fn always_full() -> StoragePolicy {
-    StoragePolicy {
-        full_compaction_hours: 0,
-        ..StoragePolicy::default()
-    }
+/// The filtered partitions an ingestion transaction holds: (level, first, last).
+fn filtered(g: &usage_events::KeyGenerations) -> Vec<(i16, i32, i32)> {
+    g.filtered
+        .iter()
+        .map(|f| (f.level, f.first, f.last))
+        .collect()
 }
 
 /// The partitions of usage_event_keys, by name.
@@ -195,11 +204,11 @@ async fn keys_are_remembered_for_the_window_then_forgotten(owner: PgPool) {
     );
 }
 
-/// Closed generations merge into one partition whose keys still count; an expired generation
-/// stops counting at once, though its keys wait in the compacted partition for the next
-/// compaction, which leaves them out.
+/// A closed generation joins level 1 with its filter, and its keys still count; an expired
+/// generation stops counting at once, and its partition goes whole once every generation in it
+/// has expired.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
+async fn closed_generations_join_a_level_and_are_still_remembered(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     let policy = StoragePolicy::default();
@@ -223,10 +232,9 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
         did(&maintain(&owner, t1, &policy).await, "rotated"),
         ["usage_event_keys_g2"]
     );
-    // A full compaction gives even a lone closed generation its filter.
     let done = compact(&owner).await;
-    assert_eq!(did(&done, "compacted"), ["usage_event_keys_c1_1"]);
-    assert_eq!(did(&done, "dropped"), ["usage_event_keys_g1"]);
+    assert_eq!(did(&done, "registered"), ["usage_event_keys_g1"]);
+    assert_eq!(did(&done, "filtered"), ["usage_event_keys_g1"]);
     let r = fx.submit(&app, json!({ "events": [second.clone()] })).await;
     assert_eq!(r.body["accepted"], 1, "{}", r.body);
     let t2 = t1 + day;
@@ -235,16 +243,21 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
         ["usage_event_keys_g3"]
     );
     let done = compact(&owner).await;
-    assert_eq!(did(&done, "compacted"), ["usage_event_keys_c1_2"]);
-    assert_eq!(
-        did(&done, "dropped"),
-        ["usage_event_keys_c1_1", "usage_event_keys_g2"]
-    );
+    assert_eq!(did(&done, "filtered"), ["usage_event_keys_g2"]);
     assert_eq!(
         key_partitions(&owner).await,
-        ["usage_event_keys_c1_2", "usage_event_keys_g3"]
+        [
+            "usage_event_keys_g1",
+            "usage_event_keys_g2",
+            "usage_event_keys_g3"
+        ]
     );
-    assert_eq!(compact(&owner).await, [], "compacted already");
+    assert_eq!(compact(&owner).await, [], "nothing left to do");
+    let g = held_generations(&fx, &app).await;
+    assert_eq!(
+        (g.open, g.unfiltered, filtered(&g)),
+        (3, None, vec![(1, 1, 1), (1, 2, 2)])
+    );
 
     // Every key still counts: duplicates, and conflicts for another payload.
     let r = fx
@@ -292,9 +305,9 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
         )
         .await;
     assert_eq!(statuses(&r.body), ["accepted", "conflict"], "{}", r.body);
-    // ...and the next compaction leaves them out.
+    // ...and the next maintenance drops its partition.
     let done = compact(&owner).await;
-    assert_eq!(did(&done, "compacted"), ["usage_event_keys_c2_3"]);
+    assert_eq!(did(&done, "dropped"), ["usage_event_keys_g1"]);
     let forgotten: i64 =
         sqlx::query_scalar("SELECT count(*) FROM usage_event_keys WHERE generation = 1")
             .fetch_one(&owner)
@@ -306,7 +319,7 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
     let r = fx.submit(&app, json!({ "events": [second] })).await;
     assert_eq!(statuses(&r.body), ["duplicate"], "{}", r.body);
 
-    // Once every generation in it has expired, the compacted partition goes whole.
+    // Once the rest has expired too, only the live generations' keys are left.
     let all_gone = gone + Days::days(policy.dedup_window_days.into()) + day;
     let done = maintain(&owner, all_gone, &policy).await;
     assert!(
@@ -314,13 +327,9 @@ async fn closed_generations_are_compacted_and_still_remembered(owner: PgPool) {
         "{done:?}"
     );
     let done = compact(&owner).await;
-    assert!(
-        did(&done, "dropped").contains(&"usage_event_keys_c2_3".to_owned()),
-        "{done:?}"
-    );
     assert_eq!(
-        did(&done, "compacted"),
-        ["usage_event_keys_c4_4"],
+        did(&done, "dropped"),
+        ["usage_event_keys_g2", "usage_event_keys_g3"],
         "{done:?}"
     );
     let left: Vec<i32> =
@@ -362,86 +371,59 @@ async fn held_generations(fx: &Fixture, app: &ingest_usage::App) -> usage_events
     held
 }
 
-/// Hour-long generations are compacted in two levels: each hour the generations closed since
-/// the last full compaction are merged into one partition of their own (probed by its index),
-/// and once the oldest of them has waited a day they all join the filtered partition. Every
-/// key counts all along.
+/// Closed hours merge into a day, days into a week (here after 2 of each), each merge written
+/// once with its level's filter: every key counts all along, and a key is rewritten twice in
+/// its life.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn recent_generations_are_merged_hourly_and_compacted_daily(owner: PgPool) {
+async fn hours_merge_into_days_and_days_into_weeks(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     let policy = StoragePolicy::default();
-    assert_eq!(
-        (policy.generation_hours, policy.full_compaction_hours),
-        (1, 24)
-    );
+    merge_levels_at(&owner, 2, 2).await;
     let hour = Days::hours(1) + Days::minutes(1);
     let events: Vec<Value> = (0..4).map(|n| fx.event(n, "api.requests", 1)).collect();
-    // An hour for each of the first three events: generations 1, 2 and 3.
+    // An hour for each event: generations 1 to 4.
     let mut now = meterbridge::testing::now();
-    let mut merged = Vec::new();
-    for (n, event) in events.iter().take(3).enumerate() {
+    let mut done = Vec::new();
+    for (n, event) in events.iter().enumerate() {
         let r = fx.submit(&app, json!({ "events": [event] })).await;
         assert_eq!(r.body["accepted"], 1, "{}", r.body);
         now += hour;
-        let done = maintain(&owner, now, &policy).await;
+        let rotated = maintain(&owner, now, &policy).await;
         assert_eq!(
-            did(&done, "rotated"),
+            did(&rotated, "rotated"),
             [format!("usage_event_keys_g{}", n + 2)]
         );
-        merged.push(compact_at(&owner, now, &policy).await);
+        done.push(compact(&owner).await);
+        if n == 1 {
+            // Two hours: merged into a day.
+            assert_eq!(did(&done[1], "merged"), ["usage_event_keys_l2_1_2"]);
+            assert_eq!(
+                did(&done[1], "dropped"),
+                ["usage_event_keys_g1", "usage_event_keys_g2"]
+            );
+            let g = held_generations(&fx, &app).await;
+            assert_eq!((g.open, filtered(&g)), (3, vec![(2, 1, 2)]));
+        }
     }
-    assert_eq!(merged[0], [], "one closed partition needs no merge");
-    assert_eq!(did(&merged[1], "merged"), ["usage_event_keys_r1_2"]);
+    assert_eq!(did(&done[0], "merged"), Vec::<String>::new());
+    // Two more hours: a second day, and the two days merged into a week.
     assert_eq!(
-        did(&merged[1], "dropped"),
-        ["usage_event_keys_g1", "usage_event_keys_g2"]
+        did(&done[3], "merged"),
+        ["usage_event_keys_l2_3_4", "usage_event_keys_l3_1_4"]
     );
-    assert_eq!(did(&merged[2], "merged"), ["usage_event_keys_r1_3"]);
     assert_eq!(
         key_partitions(&owner).await,
-        ["usage_event_keys_g4", "usage_event_keys_r1_3"]
+        ["usage_event_keys_g5", "usage_event_keys_l3_1_4"]
     );
     let g = held_generations(&fx, &app).await;
-    assert_eq!((g.open, g.unfiltered, g.filtered), (4, Some((1, 3)), None));
-    assert_eq!(compact_at(&owner, now, &policy).await, [], "merged already");
+    assert_eq!(
+        (g.open, g.unfiltered, filtered(&g)),
+        (5, None, vec![(3, 1, 4)])
+    );
+    assert_eq!(compact(&owner).await, [], "merged already");
 
     // The merged keys count: duplicates, and a conflict for another payload.
-    let r = fx
-        .submit(&app, json!({ "events": [events[0], events[1], events[2]] }))
-        .await;
-    assert_eq!(
-        statuses(&r.body),
-        ["duplicate", "duplicate", "duplicate"],
-        "{}",
-        r.body
-    );
-    let moved = with(&events[1], "quantity", json!(7));
-    let r = fx.submit(&app, json!({ "events": [moved] })).await;
-    assert_eq!(statuses(&r.body), ["conflict"], "{}", r.body);
-
-    // A day after generation 1 closed, every closed generation goes to the filtered partition.
-    let r = fx.submit(&app, json!({ "events": [events[3]] })).await;
-    assert_eq!(r.body["accepted"], 1, "{}", r.body);
-    let day_later = now - hour * 2 + Days::hours(24);
-    let done = maintain(&owner, day_later, &policy).await;
-    assert_eq!(did(&done, "rotated"), ["usage_event_keys_g5"]);
-    let done = compact_at(&owner, day_later, &policy).await;
-    assert_eq!(
-        did(&done, "compacted"),
-        ["usage_event_keys_c1_4"],
-        "{done:?}"
-    );
-    assert_eq!(
-        did(&done, "dropped"),
-        ["usage_event_keys_g4", "usage_event_keys_r1_3"]
-    );
-    let g = held_generations(&fx, &app).await;
-    let filtered = g.filtered.expect("a filter");
-    assert_eq!(
-        (g.open, g.unfiltered, filtered.first, filtered.last),
-        (5, None, 1, 4)
-    );
     let r = fx.submit(&app, json!({ "events": events })).await;
     assert_eq!(
         statuses(&r.body),
@@ -449,62 +431,61 @@ async fn recent_generations_are_merged_hourly_and_compacted_daily(owner: PgPool)
         "{}",
         r.body
     );
+    let moved = with(&events[1], "quantity", json!(7));
+    let r = fx.submit(&app, json!({ "events": [moved] })).await;
+    assert_eq!(statuses(&r.body), ["conflict"], "{}", r.body);
     assert_eq!(fx.stored_events().await, 4);
-
-    // The next hour's generation waits in a partition of its own for the next day's full
-    // compaction; a full compaction is never due more than a week on.
-    let next = day_later + hour;
-    maintain(&owner, next, &policy).await;
-    assert_eq!(compact_at(&owner, next, &policy).await, []);
-    let done = compact_at(&owner, next + Days::hours(24), &policy).await;
-    assert_eq!(
-        did(&done, "compacted"),
-        ["usage_event_keys_c1_5"],
-        "{done:?}"
-    );
-    let mut tx = owner.begin().await.unwrap();
-    let err = sqlx::query("SELECT * FROM usage_event_keys_compact(now(), interval '8 days')")
-        .execute(&mut *tx)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("within 0 to 7 days"), "{err}");
+    // Each level's filter holds its members' keys, sized for them (about 10 bits a key).
+    let levels: Vec<(i16, i64, i64)> = sqlx::query_as(
+        "SELECT level, count(name), coalesce(sum(keys), 0)::int8 FROM usage_key_parts
+          GROUP BY level ORDER BY level",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    assert_eq!(levels, [(3, 1, 4)], "4 events, a key each");
 }
 
-/// The compacted partition is probed through its Bloom filter: no stored key is ever missed
-/// (a filter has no false negatives), and a false positive costs a probe, never a wrong answer.
+/// Members are checked through their level's Bloom filter: no stored key is ever missed (a
+/// filter has no false negatives), and a false positive costs a probe, never a wrong answer.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn the_bloom_filter_never_hides_a_stored_key(owner: PgPool) {
+async fn the_bloom_filters_never_hide_a_stored_key(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     let policy = StoragePolicy::default();
-    let day = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
+    let hour = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
     let stored: Vec<Value> = (0..600).map(|n| fx.event(n, "api.requests", 1)).collect();
     for (i, batch) in stored.chunks(200).enumerate() {
         let r = fx.submit(&app, json!({ "events": batch })).await;
         assert_eq!(r.body["accepted"], 200, "{}", r.body);
-        // Spread over two generations, both compacted.
+        // Spread over two generations.
         if i == 1 {
-            maintain(&owner, meterbridge::testing::now() + day, &policy).await;
+            maintain(&owner, meterbridge::testing::now() + hour, &policy).await;
         }
     }
-    maintain(&owner, meterbridge::testing::now() + day + day, &policy).await;
+    maintain(&owner, meterbridge::testing::now() + hour + hour, &policy).await;
+    let check = |expected: Vec<(i16, i32, i32)>| {
+        let (fx, app, stored) = (&fx, &app, &stored);
+        async move {
+            let held = held_generations(fx, app).await;
+            assert_eq!((filtered(&held), held.unfiltered), (expected, None));
+            for batch in stored.chunks(300) {
+                let r = fx.submit(app, json!({ "events": batch })).await;
+                assert_eq!(r.body["duplicates"], 300, "{}", r.body);
+            }
+        }
+    };
+    // Two hours, each checked through level 1's filter.
+    compact(&owner).await;
+    check(vec![(1, 1, 1), (1, 2, 2)]).await;
+    // Merged into a day: through level 2's.
+    merge_levels_at(&owner, 2, 7).await;
     assert_eq!(
-        did(&compact(&owner).await, "compacted"),
-        ["usage_event_keys_c1_2"]
+        did(&compact(&owner).await, "merged"),
+        ["usage_event_keys_l2_1_2"]
     );
-    let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
-    let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
-    tx.rollback().await.unwrap();
-    let filtered = held.filtered.expect("the compacted partition has a filter");
-    assert_eq!(
-        (filtered.first, filtered.last, held.unfiltered),
-        (1, 2, None)
-    );
+    check(vec![(2, 1, 2)]).await;
 
-    for batch in stored.chunks(300) {
-        let r = fx.submit(&app, json!({ "events": batch })).await;
-        assert_eq!(r.body["duplicates"], 300, "{}", r.body);
-    }
     let fresh: Vec<Value> = (600..1200)
         .map(|n| fx.event(n, "api.requests", 1))
         .collect();
@@ -515,38 +496,156 @@ async fn the_bloom_filter_never_hides_a_stored_key(owner: PgPool) {
     assert_eq!(fx.stored_events().await, 1200);
 }
 
-/// A compaction builds without holding ingestion back, and its swap waits for the ingestion in
-/// flight like a rotation (and gives up at its lock timeout).
+/// A merge builds without holding ingestion back; only its swap waits for the ingestion in
+/// flight, like a rotation (and gives up at its lock timeout, to be retried by the next step).
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
-async fn a_compaction_waits_for_ingestion_in_flight(owner: PgPool) {
+async fn a_merge_swaps_in_behind_the_ingestion_in_flight(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
     let app = fx.app(&[]).await;
     let policy = StoragePolicy::default();
-    let day = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
-    maintain(&owner, meterbridge::testing::now() + day, &policy).await;
-    maintain(&owner, meterbridge::testing::now() + day + day, &policy).await;
+    let hour = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
+    let r = fx
+        .submit(&app, json!({ "events": [fx.event(1, "api.requests", 1)] }))
+        .await;
+    assert_eq!(r.body["accepted"], 1, "{}", r.body);
+    maintain(&owner, meterbridge::testing::now() + hour, &policy).await;
+    maintain(&owner, meterbridge::testing::now() + hour + hour, &policy).await;
+    merge_levels_at(&owner, 2, 7).await;
 
     let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
     let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
     assert_eq!(held.unfiltered, Some((1, 2)));
-    let mut compaction = owner.begin().await.unwrap();
-    sqlx::query("SET LOCAL lock_timeout = '300ms'")
-        .execute(&mut *compaction)
-        .await
-        .unwrap();
-    let err = usage_storage::compact(&mut compaction, meterbridge::testing::now(), &always_full())
-        .await
-        .unwrap_err();
+    // Step after step, each with a short lock timeout: registering, filters, the merge's copy
+    // all go through; the swap waits.
+    let mut before_swap = Vec::new();
+    let err = loop {
+        let mut step = owner.begin().await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '300ms'")
+            .execute(&mut *step)
+            .await
+            .unwrap();
+        match sqlx::query_scalar::<_, String>("SELECT action FROM usage_event_keys_step(1000000)")
+            .fetch_all(&mut *step)
+            .await
+        {
+            Ok(actions) => {
+                step.commit().await.unwrap();
+                assert!(
+                    !actions.is_empty(),
+                    "the swap never waited: {before_swap:?}"
+                );
+                before_swap.extend(actions);
+            }
+            Err(e) => break e,
+        }
+    };
+    let err = meterbridge::DbError::from(err);
     assert_eq!(err.sqlstate().as_deref(), Some("55P03"), "{err}");
-    drop(compaction);
+    assert!(
+        before_swap.contains(&"merging".to_owned()),
+        "{before_swap:?}"
+    );
+    assert_eq!(
+        key_partitions(&owner).await,
+        [
+            "usage_event_keys_g1",
+            "usage_event_keys_g2",
+            "usage_event_keys_g3"
+        ],
+        "the sources stay until the swap"
+    );
     tx.commit().await.unwrap();
     assert_eq!(
-        did(&compact(&owner).await, "compacted"),
-        ["usage_event_keys_c1_2"]
+        did(&compact(&owner).await, "merged"),
+        ["usage_event_keys_l2_1_2"]
     );
 }
 
-/// Batches of the same events race rotations, merges and compactions that a test clock forces
+/// Key maintenance cut anywhere (a step killed mid-copy, mid-filter, mid-swap, over and over)
+/// leaves a consistent state: every key of a live generation is where ingestion looks for it
+/// and found by its filter, and nothing is lost or doubled; the next run resumes and finishes.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn key_maintenance_cut_at_any_point_resumes_consistently(owner: PgPool) {
+    let tenant = create_tenant(&owner, "cut").await;
+    merge_levels_at(&owner, 3, 2).await;
+    let policy = StoragePolicy {
+        step_keys: 10_000,
+        ..StoragePolicy::default()
+    };
+    // 6 hours of 20,000 keys each, straight into the key table (as ingestion writes them).
+    let mut now = meterbridge::testing::now();
+    for _ in 0..6 {
+        sqlx::query(
+            "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+             SELECT g.generation, gen_random_uuid(), $1, now(), i
+               FROM usage_key_generations g, generate_series(1, 20000) AS i
+              WHERE g.closed_at IS NULL",
+        )
+        .bind(tenant.id.0)
+        .execute(&owner)
+        .await
+        .unwrap();
+        now += Days::hours(1) + Days::minutes(1);
+        maintain(&owner, now, &policy).await;
+    }
+    let fingerprint = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), sum(hashtext(key_hash::text || generation))::int8
+               FROM usage_event_keys",
+        )
+        .fetch_one(&owner)
+        .await
+        .unwrap()
+    };
+    let before = fingerprint().await;
+    assert_eq!(before.0, 120_000);
+    // Every key of a live generation sits in the partition its generation names, and one in a
+    // partition whose filter is complete is found by it.
+    let hidden = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM usage_event_keys k
+               JOIN usage_key_generations g ON g.generation = k.generation
+               LEFT JOIN usage_key_parts p ON p.name = g.stored_in
+               LEFT JOIN usage_key_levels l ON l.level = p.level
+               LEFT JOIN usage_key_filter_rows r
+                      ON r.level = p.level AND r.block = usage_key_level_block(k.key_hash, l.blocks)
+              WHERE k.tableoid::regclass::text <> g.stored_in
+                 OR (p.filter_next IS NULL AND p.name IS NOT NULL
+                     AND (r.bits IS NULL OR NOT usage_key_level_maybe(r.bits, p.slot, k.key_hash)))",
+        )
+        .fetch_one(&owner)
+        .await
+        .unwrap()
+    };
+    let mut cut = 0;
+    for ms in (5..3000u64).step_by(7) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        let run = usage_storage::compact(&owner, &policy, deadline);
+        match tokio::time::timeout(Duration::from_millis(ms), run).await {
+            Err(_) => cut += 1,
+            Ok(done) => {
+                if done.unwrap().steps == 0 {
+                    break;
+                }
+            }
+        }
+        // A connection dropped mid-step rolls back when the server notices.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(hidden().await, 0, "after a run cut at {ms} ms");
+        assert_eq!(fingerprint().await, before, "after a run cut at {ms} ms");
+    }
+    assert!(cut > 5, "only {cut} runs were cut");
+    assert_eq!(compact(&owner).await, []);
+    // 6 hours: two days of 3, merged into a week.
+    assert_eq!(
+        key_partitions(&owner).await,
+        ["usage_event_keys_g7", "usage_event_keys_l3_1_6"]
+    );
+    assert_eq!(fingerprint().await, before);
+    assert_eq!(hidden().await, 0);
+}
+
+/// Batches of the same events race rotations, filter builds and merges that a test clock forces
 /// one after another: each event is stored once, whichever generation or partition took its keys.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn no_duplicate_slips_between_generations(owner: PgPool) {
@@ -555,6 +654,8 @@ async fn no_duplicate_slips_between_generations(owner: PgPool) {
         generation_hours: 1,
         ..StoragePolicy::default()
     };
+    // Days of 3 hours and weeks of 2 days: every level is reached within the test's hours.
+    merge_levels_at(&owner, 3, 2).await;
     let pool: Vec<Value> = (0..200).map(|n| fx.event(n, "api.requests", 1)).collect();
     let mut senders = Vec::new();
     for s in 0..6 {
@@ -581,32 +682,28 @@ async fn no_duplicate_slips_between_generations(owner: PgPool) {
     let rotations = {
         let owner = owner.clone();
         tokio::spawn(async move {
-            let (mut rotated, mut merged, mut compacted) = (0, 0, 0);
+            let (mut rotated, mut merged, mut filtered) = (0, 0, 0);
             for hour in 1..=40 {
                 let now = meterbridge::testing::now() + Days::hours(hour);
                 let done = maintain(&owner, now, &policy).await;
                 rotated += did(&done, "rotated").len();
-                // As the admin function runs it (recent merges, a full compaction a day
-                // later), and a full one every third hour besides.
-                let done = compact_at(&owner, now, &policy).await;
+                // As the admin function runs it after each maintenance.
+                let done = compact(&owner).await;
                 merged += did(&done, "merged").len();
-                compacted += did(&done, "compacted").len();
-                if hour % 3 == 0 {
-                    compacted += did(&compact(&owner).await, "compacted").len();
-                }
+                filtered += did(&done, "filtered").len();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (rotated, merged, compacted)
+            (rotated, merged, filtered)
         })
     };
     let mut accepted = 0;
     for sender in senders {
         accepted += sender.await.unwrap();
     }
-    let (rotated, merged, compacted) = rotations.await.unwrap();
+    let (rotated, merged, filtered) = rotations.await.unwrap();
     assert!(
-        rotated >= 10 && merged >= 3 && compacted >= 3,
-        "{rotated} rotations, {merged} merges, {compacted} compactions"
+        rotated >= 10 && merged >= 3 && filtered >= 3,
+        "{rotated} rotations, {merged} merges, {filtered} filters built"
     );
     let stored = fx.stored_events().await;
     assert_eq!(
@@ -906,11 +1003,15 @@ async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
         "UPDATE usage_event_keys SET generation = 2",
         "UPDATE usage_key_generations SET closed_at = now()",
         "SELECT * FROM usage_storage_maintain(now(), 14, 90, 7, interval '36 days', interval '36 days')",
-        "SELECT * FROM usage_event_keys_compact()",
+        "SELECT * FROM usage_event_keys_step(1000000)",
+        "SELECT usage_key_level_grow(1::int2, 1024::int8)",
+        "SELECT usage_key_filter_write(1::int2, 1, 0::int2, 'usage_event_keys_g1', NULL, 0, 1)",
         "UPDATE usage_key_generations SET expired_at = now()",
-        "UPDATE usage_key_generations SET filter_id = NULL, filter_blocks = NULL",
-        "DELETE FROM usage_key_filter_blocks",
-        "INSERT INTO usage_key_filter_blocks (filter, block, bits) VALUES (1, 0, repeat('1', 4096)::bit(4096))",
+        "UPDATE usage_key_parts SET filter_next = NULL",
+        "UPDATE usage_key_levels SET blocks = 1",
+        "DELETE FROM usage_key_filter_rows",
+        "INSERT INTO usage_key_filter_rows (level, block, bits) VALUES (1, 0, repeat('1', 512)::varbit)",
+        "INSERT INTO usage_key_merges (target, level, slot, sources, gens, keys) VALUES ('x', 2, 0, '{}', '{}', 0)",
     ] {
         let mut sp = (&mut tx).begin().await.unwrap();
         let err = sqlx::query(statement).execute(&mut *sp).await.unwrap_err();

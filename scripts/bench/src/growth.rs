@@ -524,14 +524,20 @@ async fn load(
         .await
         .unwrap();
     if let Some(history) = history {
-        // The compaction the admin function runs after each rotation: this load's closed
-        // generation merged with the compacted partition, its Bloom filter built.
+        // The key maintenance the admin function runs after each rotation (migration 0015):
+        // this load's closed generation joins a level and gets its filter, step by step.
         drop_recent_generation(&mut conn).await;
         let started = Instant::now();
-        sqlx::query("SELECT count(*) FROM usage_event_keys_compact()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        loop {
+            let did: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM usage_event_keys_step(5000000)")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap();
+            if did == 0 {
+                break;
+            }
+        }
         eprintln!(
             "growth: compacted the closed key generations in {:.0} s",
             started.elapsed().as_secs_f64()
@@ -539,7 +545,7 @@ async fn load(
         recent_generation(&mut conn, history, first_seq).await;
         for statement in [
             "VACUUM ANALYZE usage_event_keys",
-            "VACUUM ANALYZE usage_key_filter_blocks",
+            "VACUUM ANALYZE usage_key_filter_rows",
         ] {
             sqlx::query(statement).execute(&mut *conn).await.unwrap();
         }

@@ -59,17 +59,18 @@ impl<'e> Columns<'e> {
     }
 }
 
-/// Holds the key generations for the rest of the transaction: the rotation and the
-/// compaction (which take the same advisory lock exclusively) wait for this transaction, so
-/// every key it writes lands in the generation it read, and every key committed before it is
-/// visible to its probes. Call it first, before any statement that reads or writes keys.
+/// Holds the key generations for the rest of the transaction: the rotation, the merges'
+/// swaps and a filter's growth (which take the same advisory lock exclusively) wait for this
+/// transaction, so every key it writes lands in the generation it read, every key committed
+/// before it is visible to its probes, and the filters it reads keep their geometry. Call it
+/// first, before any statement that reads or writes keys.
 ///
 /// The transaction's statements are also planned for their actual parameters and the tables'
 /// actual sizes: a plan cached while a new generation or day was still empty would read it
 /// through (a sequential scan per batch) long after it has grown.
 ///
-/// Returns the open generation and the closed ones whose keys still count, which stay so until
-/// this transaction ends.
+/// Returns the open generation and where the closed ones whose keys still count are (migration
+/// 0015), which stays so until this transaction ends.
 pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGenerations, DbError> {
     sqlx::query!(
         r#"SELECT pg_advisory_xact_lock_shared($1) AS "locked!: ()",
@@ -79,100 +80,139 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
     .fetch_one(&mut *conn)
     .await?;
     // A statement of its own: its snapshot is taken after the lock was granted. One row per
-    // group (the open generation, the compacted partition's, those closed since): the live
-    // generations of a group are consecutive, so its first and last stand for it.
-    let groups = sqlx::query!(
-        r#"SELECT min(generation) AS "first!", max(generation) AS "last!",
-                  closed_at IS NULL AS "open!", filter_id, filter_blocks
-             FROM usage_key_generations WHERE expired_at IS NULL
-            GROUP BY closed_at IS NULL, filter_id, filter_blocks"#
+    // partition: its live generations (consecutive numbers), and its place in a level when it
+    // is checked through the level's filter.
+    let parts = sqlx::query!(
+        r#"SELECT min(g.generation) AS "first!", max(g.generation) AS "last!",
+                  bool_or(g.closed_at IS NULL) AS "open!",
+                  p.level AS "level?", l.blocks AS "blocks?", p.slot AS "slot?",
+                  (p.name IS NOT NULL AND p.filter_next IS NULL) AS "filtered!"
+             FROM usage_key_generations g
+             LEFT JOIN usage_key_parts p ON p.name = g.stored_in
+             LEFT JOIN usage_key_levels l ON l.level = p.level
+            WHERE g.expired_at IS NULL
+            GROUP BY g.stored_in, p.name, p.level, l.blocks, p.slot, p.filter_next"#
     )
     .fetch_all(&mut *conn)
     .await?;
-    let open = groups
+    let open = parts
         .iter()
-        .find(|g| g.open)
-        .map(|g| g.last)
+        .find(|p| p.open)
+        .map(|p| p.last)
         .ok_or_else(|| DbError::Config("no key generation is open".into()))?;
-    // The compacted partition's filter (one at a time: a full compaction merges every closed
-    // generation).
-    let filter = groups
+    let held: Vec<HeldPart> = parts
         .iter()
-        .find_map(|g| Some((g.filter_id?, g.filter_blocks?)));
-    let closed: Vec<(i32, Option<i32>)> = groups
-        .iter()
-        .filter(|g| !g.open)
-        .flat_map(|g| [(g.first, g.filter_id), (g.last, g.filter_id)])
+        .filter(|p| !p.open)
+        .map(|p| HeldPart {
+            first: p.first,
+            last: p.last,
+            filter: match (p.filtered, p.level, p.blocks, p.slot) {
+                (true, Some(level), Some(blocks), Some(slot)) => Some((level, blocks, slot)),
+                _ => None,
+            },
+        })
         .collect();
-    Ok(KeyGenerations::of(open, &closed, filter))
+    Ok(KeyGenerations::of(open, &held))
+}
+
+/// A closed partition as [`hold_key_generation`] read it: its live generations, and its level,
+/// the level's blocks and its slot when its filter is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldPart {
+    pub first: i32,
+    pub last: i32,
+    pub filter: Option<(i16, i32, i16)>,
 }
 
 /// The key generations as held by [`hold_key_generation`]: the open one, which takes new keys,
 /// and the closed ones whose keys still count (expired ones are left out, even while their
-/// keys wait in a compacted partition for the next compaction). Live closed generations are
-/// consecutive numbers (they expire oldest first), so each group is probed as one range of
-/// the keys' index `(key_hash, generation)`: one descent per key, where a list of generations
-/// would cost a descent per key and generation.
+/// keys wait in a partition for it to go). A partition whose filter is complete is checked
+/// through its level's filter (one row read per level for every member) and its index probed
+/// only on a "maybe"; the others (hours closed since the last maintenance step, partitions
+/// whose filter is still being built) are probed by their index, as one range of generations
+/// `(key_hash, generation)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyGenerations {
     pub open: i32,
-    /// The closed generations outside the compacted partition (closed since the last full
-    /// compaction: the recent merge, and any closed since it), probed by their index: first
-    /// and last, `None` when there are none.
+    /// The closed generations probed by their index: first and last, `None` when there are
+    /// none.
     pub unfiltered: Option<(i32, i32)>,
-    /// The compacted partition's generations, probed through its Bloom filter.
-    pub filtered: Option<FilteredGenerations>,
+    /// The partitions checked through their level's filter.
+    pub filtered: Vec<FilteredPart>,
 }
 
-/// The generations of the compacted partition and its Bloom filter (migration 0008).
+/// A partition checked through its level's Bloom filter (migration 0015).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FilteredGenerations {
+pub struct FilteredPart {
+    pub level: i16,
+    /// The level's blocks (its filter's geometry).
+    pub blocks: i32,
+    /// Its member slot in the level's filter rows.
+    pub slot: i16,
     pub first: i32,
     pub last: i32,
-    pub filter_id: i32,
-    pub filter_blocks: i32,
 }
 
 impl KeyGenerations {
-    /// From the open generation, the live closed ones with their filter id (each group's
-    /// first and last suffice), and the filter in use (`(id, blocks)`).
-    fn of(open: i32, closed: &[(i32, Option<i32>)], filter: Option<(i32, i32)>) -> Self {
-        fn range(gens: impl Iterator<Item = i32>) -> Option<(i32, i32)> {
-            gens.fold(None, |r, g| {
-                Some(r.map_or((g, g), |(lo, hi): (i32, i32)| (lo.min(g), hi.max(g))))
-            })
-        }
-        let filtered = filter.and_then(|(id, blocks)| {
-            range(closed.iter().filter(|g| g.1 == Some(id)).map(|g| g.0)).map(|(first, last)| {
-                FilteredGenerations {
-                    first,
-                    last,
-                    filter_id: id,
-                    filter_blocks: blocks,
+    /// From the open generation and the closed partitions.
+    pub fn of(open: i32, parts: &[HeldPart]) -> Self {
+        let mut unfiltered: Option<(i32, i32)> = None;
+        let mut filtered = Vec::new();
+        for part in parts {
+            match part.filter {
+                Some((level, blocks, slot)) => filtered.push(FilteredPart {
+                    level,
+                    blocks,
+                    slot,
+                    first: part.first,
+                    last: part.last,
+                }),
+                None => {
+                    unfiltered = Some(unfiltered.map_or((part.first, part.last), |(lo, hi)| {
+                        (lo.min(part.first), hi.max(part.last))
+                    }))
                 }
-            })
-        });
-        let filter_id = filtered.map(|f| f.filter_id);
+            }
+        }
+        filtered.sort_by_key(|f| (f.level, f.first));
         KeyGenerations {
             open,
-            unfiltered: range(
-                closed
-                    .iter()
-                    .filter(|g| filter_id.is_none() || g.1 != filter_id)
-                    .map(|g| g.0),
-            ),
+            unfiltered,
             filtered,
         }
     }
 
     /// The first and last live generation, the open one included.
     pub fn live(&self) -> (i32, i32) {
-        let first = [self.unfiltered.map(|u| u.0), self.filtered.map(|f| f.first)]
-            .into_iter()
-            .flatten()
+        let first = self
+            .filtered
+            .iter()
+            .map(|f| f.first)
+            .chain(self.unfiltered.map(|u| u.0))
             .fold(self.open, i32::min);
         (first, self.open)
     }
+
+    /// The filtered partitions as the probe's parameter arrays.
+    fn filter_columns(&self) -> FilterColumns {
+        let f = &self.filtered;
+        FilterColumns {
+            levels: f.iter().map(|p| p.level).collect(),
+            blocks: f.iter().map(|p| p.blocks).collect(),
+            slots: f.iter().map(|p| p.slot).collect(),
+            firsts: f.iter().map(|p| p.first).collect(),
+            lasts: f.iter().map(|p| p.last).collect(),
+        }
+    }
+}
+
+/// [`KeyGenerations::filtered`] as column arrays, for `UNNEST`.
+struct FilterColumns {
+    levels: Vec<i16>,
+    blocks: Vec<i32>,
+    slots: Vec<i16>,
+    firsts: Vec<i32>,
+    lasts: Vec<i32>,
 }
 
 /// Queues this transaction behind the tenant's other batches that also collided with stored
@@ -207,11 +247,11 @@ pub enum Insert {
 /// statement. The unique indexes (the day partition's on the operation, the open generation's
 /// on the keys) refuse a key already there, after waiting for a concurrent writer to finish;
 /// the same statement counts the keys that the live closed generations already hold (the
-/// open one's unique index has just checked the same keys): those closed since the last full
-/// compaction by their index, those in the compacted partition only where its Bloom filter
-/// says "maybe" (about 1 % of new keys). Each unique index is written in its own order (the
-/// events by instant and operation key, the keys by hash), so two batches that share keys wait
-/// for each other rather than deadlock.
+/// open one's unique index has just checked the same keys): the partitions without a complete
+/// filter by their index, the others through their level's Bloom filter — one row per key and
+/// level, a member's index only where its bits say "maybe" (about 1 % of new keys). Each
+/// unique index is written in its own order (the events by instant and operation key, the keys
+/// by hash), so two batches that share keys wait for each other rather than deadlock.
 pub async fn insert(
     conn: &mut PgConnection,
     generations: &KeyGenerations,
@@ -221,9 +261,9 @@ pub async fn insert(
     keys: &[DedupKeys],
 ) -> Result<Insert, DbError> {
     let c = Columns::of(events, keys);
-    // An empty range (1, 0) for a group that does not exist.
+    // An empty range (1, 0) when there is none.
     let unfiltered = generations.unfiltered.unwrap_or((1, 0));
-    let filtered = generations.filtered;
+    let f = generations.filter_columns();
     let outcome = sqlx::query_scalar!(
         r#"WITH input AS (
                SELECT * FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::timestamptz[],
@@ -255,13 +295,18 @@ pub async fn insert(
                     WHERE generation BETWEEN $18 AND $19 AND tenant_id = $1
                       AND key_hash = ANY($16::uuid[]))
                 + (SELECT count(*) FROM UNNEST($16::uuid[]) AS p(key_hash)
-                    WHERE coalesce((SELECT usage_key_maybe(f.bits, p.key_hash)
-                                      FROM usage_key_filter_blocks f
-                                     WHERE f.filter = $20
-                                       AND f.block = usage_key_block(p.key_hash, $21)), false)
+                    CROSS JOIN (SELECT DISTINCT level, blocks
+                                  FROM UNNEST($20::int2[], $21::int4[]) AS l(level, blocks)) l
+                     JOIN usage_key_filter_rows f
+                       ON f.level = l.level
+                      AND f.block = usage_key_level_block(p.key_hash, l.blocks)
+                     JOIN UNNEST($20::int2[], $22::int2[], $23::int4[], $24::int4[])
+                          AS m(level, slot, first_gen, last_gen) ON m.level = l.level
+                    WHERE usage_key_level_maybe(f.bits, m.slot, p.key_hash)
                       AND EXISTS (SELECT FROM usage_event_keys k
-                                   WHERE k.generation BETWEEN $22 AND $23 AND k.tenant_id = $1
-                                     AND k.key_hash = p.key_hash)) AS "earlier!""#,
+                                   WHERE k.generation BETWEEN m.first_gen AND m.last_gen
+                                     AND k.tenant_id = $1 AND k.key_hash = p.key_hash))
+                  AS "earlier!""#,
         tenant.0,
         source.as_str(),
         &c.event_ids as &[&str],
@@ -281,10 +326,11 @@ pub async fn insert(
         generations.open,
         unfiltered.0,
         unfiltered.1,
-        filtered.map(|f| f.filter_id),
-        filtered.map_or(1, |f| f.filter_blocks),
-        filtered.map_or(1, |f| f.first),
-        filtered.map_or(0, |f| f.last)
+        &f.levels,
+        &f.blocks,
+        &f.slots,
+        &f.firsts,
+        &f.lasts
     )
     .fetch_one(&mut *conn)
     .await;
@@ -621,32 +667,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn closed_generations_split_into_the_filtered_partition_and_the_rest() {
-        // Generations 3-5 compacted (filter 7 of 40 blocks), 6 closed since, 7 open.
+    fn closed_partitions_split_into_the_filtered_ones_and_one_probed_range() {
+        let part = |first, last, filter| HeldPart {
+            first,
+            last,
+            filter,
+        };
+        // A week (3-9), a day (10-12), two hours filtered; hour 14 not yet; 15 open.
         let g = KeyGenerations::of(
-            7,
-            &[(3, Some(7)), (4, Some(7)), (5, Some(7)), (6, None)],
-            Some((7, 40)),
+            15,
+            &[
+                part(10, 12, Some((2, 64, 1))),
+                part(3, 9, Some((3, 256, 0))),
+                part(13, 13, Some((1, 8, 4))),
+                part(14, 14, None),
+            ],
         );
-        assert_eq!(g.unfiltered, Some((6, 6)));
+        assert_eq!(g.unfiltered, Some((14, 14)));
         assert_eq!(
-            g.filtered,
-            Some(FilteredGenerations {
-                first: 3,
-                last: 5,
-                filter_id: 7,
-                filter_blocks: 40
-            })
+            g.filtered
+                .iter()
+                .map(|f| (f.level, f.first, f.last))
+                .collect::<Vec<_>>(),
+            [(1, 13, 13), (2, 10, 12), (3, 3, 9)]
         );
-        assert_eq!(g.live(), (3, 7));
+        assert_eq!(g.live(), (3, 15));
+        let f = g.filter_columns();
+        assert_eq!(
+            (f.levels, f.blocks, f.slots),
+            (vec![1, 2, 3], vec![8, 64, 256], vec![4, 1, 0])
+        );
         // Nothing closed: only the open generation is live.
-        let g = KeyGenerations::of(1, &[], None);
-        assert_eq!((g.unfiltered, g.filtered, g.live()), (None, None, (1, 1)));
-        // Closed without a filter (before any compaction): all probed directly.
-        let g = KeyGenerations::of(4, &[(2, None), (3, None)], None);
+        let g = KeyGenerations::of(1, &[]);
         assert_eq!(
-            (g.unfiltered, g.filtered, g.live()),
-            (Some((2, 3)), None, (2, 4))
+            (g.unfiltered, g.filtered.len(), g.live()),
+            (None, 0, (1, 1))
         );
+        // Partitions whose filters are being built are probed as one range.
+        let g = KeyGenerations::of(9, &[part(2, 5, None), part(8, 8, None)]);
+        assert_eq!((g.unfiltered, g.live()), (Some((2, 8)), (2, 9)));
     }
 }

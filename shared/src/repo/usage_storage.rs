@@ -4,9 +4,11 @@
 //! idempotent, and a run that never comes only keeps data longer — a key is never forgotten
 //! early, and ingestion has two weeks of partitions ahead.
 
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 use crate::config::{ConfigError, Env};
 use crate::db::DbError;
@@ -23,13 +25,12 @@ pub struct StoragePolicy {
     pub archive_days: i32,
     /// How long a key generation stays open: an hour by default, so that the B-tree every key
     /// is inserted into holds an hour of keys (a few hundred pages, hot); the closed
-    /// generations are compacted (see [`compact`]), so a key costs one small insert and
-    /// read-only probes.
+    /// generations are merged in levels (see [`compact`]), so a key costs one small insert and
+    /// read-only checks.
     pub generation_hours: i32,
-    /// How long a closed generation waits before a full compaction merges it into the
-    /// partition with the Bloom filter (rewriting the window's keys); until then the recent
-    /// closed generations are merged into one partition of their own, at most this long.
-    pub full_compaction_hours: i32,
+    /// The most keys one step of the key maintenance reads or writes (a transaction of its
+    /// own; see [`compact`]).
+    pub step_keys: i64,
     /// The deduplication window: a key is remembered at least this long after its event was
     /// stored (at most one generation longer).
     pub dedup_window_days: i32,
@@ -42,7 +43,7 @@ impl Default for StoragePolicy {
             retention_days: 90,
             archive_days: 7,
             generation_hours: 1,
-            full_compaction_hours: 24,
+            step_keys: 1_000_000,
             dedup_window_days: 36,
         }
     }
@@ -50,7 +51,7 @@ impl Default for StoragePolicy {
 
 impl StoragePolicy {
     /// `USAGE_PARTITION_DAYS_AHEAD`, `USAGE_RETENTION_DAYS`, `USAGE_ARCHIVE_DAYS`,
-    /// `DEDUP_GENERATION_HOURS`, `DEDUP_FULL_COMPACTION_HOURS`, `DEDUP_WINDOW_DAYS`. The window
+    /// `DEDUP_GENERATION_HOURS`, `DEDUP_STEP_KEYS`, `DEDUP_WINDOW_DAYS`. The window
     /// covers ingestion's 35-day age limit (so an identical resend is always caught), and the
     /// retention covers the window plus a generation (so a remembered key always finds its
     /// event).
@@ -71,11 +72,8 @@ impl StoragePolicy {
                 d.generation_hours as u64,
                 1..=400 * 24,
             )? as i32,
-            full_compaction_hours: env.bounded_or(
-                "DEDUP_FULL_COMPACTION_HOURS",
-                d.full_compaction_hours as u64,
-                1..=7 * 24,
-            )? as i32,
+            step_keys: env.bounded_or("DEDUP_STEP_KEYS", d.step_keys as u64, 10_000..=50_000_000)?
+                as i64,
             dedup_window_days: env.bounded_or(
                 "DEDUP_WINDOW_DAYS",
                 d.dedup_window_days as u64,
@@ -104,8 +102,10 @@ impl StoragePolicy {
 }
 
 /// One thing a run did: `created`, `archived` or `dropped` a day partition; `rotated` to or
-/// `expired` a key generation; `compacted` closed generations into the filtered partition or
-/// `merged` the recent ones into one, `dropped` a merged partition.
+/// `expired` a key generation; of the key levels (see [`compact`]): `registered` a closed
+/// hour, `counted` a partition from before the levels, `filtering`/`filtered` a partition's
+/// filter, `merge started`, `merging`, `merged` (then `dropped` each source), `dropped` a
+/// partition whose generations all expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StorageAction {
     pub action: String,
@@ -135,43 +135,70 @@ pub async fn maintain(
     .await?)
 }
 
-/// Compacts the closed key generations as of `now` (migration 0010), in one of two ways:
-///
-/// - **full**, once a generation closed since the last full compaction has waited
-///   `policy.full_compaction_hours` (0: always): every closed generation merged into one
-///   partition built in key order, with its Bloom filter, leaving out the expired ones
-///   (`compacted`, then `dropped` for each merged partition);
-/// - otherwise **recent**: the generations closed since the last full compaction merged into
-///   one partition of their own, without a filter, when they sit in two or more (`merged`).
-///
-/// Nothing when there is nothing to merge. Run it after [`maintain`], in a transaction of its
-/// own: it builds without holding ingestion back, and only its swap does (briefly).
+/// The key maintenance (migration 0015), step by step, each step a transaction of its own that
+/// reads or writes at most `policy.step_keys` keys, until nothing is left or `deadline` comes:
+/// closed hours join level 1 and get their filter; 24 hours are merged into a day, 7 days into
+/// a week, each merge copied a range of keys per step and swapped in once complete; partitions
+/// whose generations have all expired are dropped. A step cut short (the deadline, a crash)
+/// rolls back alone; the next run resumes from the last committed one. Run it after
+/// [`maintain`]. Returns what it did (consecutive repeats folded) and whether work is left.
 pub async fn compact(
-    conn: &mut PgConnection,
-    now: DateTime<Utc>,
+    pool: &PgPool,
     policy: &StoragePolicy,
-) -> Result<Vec<StorageAction>, DbError> {
-    // It rewrites the window's keys: minutes, not the request-sized statement timeout. Bounded
-    // by the admin function's own timeout (300 s).
-    sqlx::query!(
-        "SELECT set_config('statement_timeout', $1, true)",
-        COMPACTION_TIMEOUT
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(sqlx::query_as!(
-        StorageAction,
-        r#"SELECT action AS "action!", object AS "object!"
-             FROM usage_event_keys_compact($1, make_interval(hours => $2))"#,
-        now,
-        policy.full_compaction_hours
-    )
-    .fetch_all(&mut *conn)
-    .await?)
+    deadline: Instant,
+) -> Result<Compaction, DbError> {
+    let mut done = Compaction::default();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < MIN_STEP_TIME {
+            done.more = true;
+            return Ok(done);
+        }
+        let mut tx = pool.begin().await?;
+        // A step may take the time left, and never longer than the admin function allows.
+        let timeout_ms = left.min(STEP_TIMEOUT).as_millis().to_string();
+        sqlx::query!(
+            "SELECT set_config('statement_timeout', $1, true)",
+            timeout_ms
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let step = sqlx::query_as!(
+            StorageAction,
+            r#"SELECT action AS "action!", object AS "object!"
+                 FROM usage_event_keys_step($1)"#,
+            policy.step_keys
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if step.is_empty() {
+            return Ok(done);
+        }
+        done.steps += 1;
+        for action in step {
+            if done.actions.last() != Some(&action) {
+                done.actions.push(action);
+            }
+        }
+    }
 }
 
-/// The compaction's statement timeout, inside the admin function's 300 s.
-const COMPACTION_TIMEOUT: &str = "270s";
+/// What [`compact`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Compaction {
+    pub actions: Vec<StorageAction>,
+    /// Steps committed.
+    pub steps: u64,
+    /// The deadline came with work left (the next run resumes it).
+    pub more: bool,
+}
+
+/// No step starts with less time than this left.
+const MIN_STEP_TIME: Duration = Duration::from_secs(5);
+/// A step's statement timeout at most, inside the admin function's 300 s.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What is stored: day partitions (attached and archived), key generations, and the first and
 /// last day covered.
@@ -183,11 +210,28 @@ pub struct StorageStatus {
     pub last_day: Option<String>,
     pub archived_days: i64,
     pub key_generations: i64,
-    /// Partitions of `usage_event_keys`: the open generation's, the compacted one (with its
-    /// filter), the recent merge, and those of generations closed since the last merge.
+    /// Partitions of `usage_event_keys`: the open generation's and those of the levels.
     pub key_partitions: i64,
+    /// The levels' members: (level, partitions, keys, partitions whose filter is not complete).
+    pub key_levels: Vec<KeyLevel>,
+    /// The merge in progress, if any.
+    pub key_merge: Option<String>,
     pub open_generation: Option<i32>,
     pub open_since: Option<DateTime<Utc>>,
+}
+
+/// One level of the dedup keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyLevel {
+    /// 1: closed hours, 2: days, 3: weeks.
+    pub level: i16,
+    /// Blocks of its filter.
+    pub blocks: i32,
+    pub partitions: i64,
+    pub keys: i64,
+    /// Partitions whose filter is still being built (probed by their index meanwhile).
+    pub filtering: i64,
 }
 
 pub async fn status(conn: &mut PgConnection) -> Result<StorageStatus, DbError> {
@@ -212,7 +256,22 @@ pub async fn status(conn: &mut PgConnection) -> Result<StorageStatus, DbError> {
     )
     .fetch_one(&mut *conn)
     .await?;
+    let key_levels = sqlx::query_as!(
+        KeyLevel,
+        r#"SELECT l.level AS "level!", l.blocks AS "blocks!", count(p.name) AS "partitions!",
+                  coalesce(sum(p.keys), 0)::int8 AS "keys!",
+                  count(p.name) FILTER (WHERE p.filter_next IS NOT NULL) AS "filtering!"
+             FROM usage_key_levels l LEFT JOIN usage_key_parts p ON p.level = l.level
+            GROUP BY l.level, l.blocks ORDER BY l.level"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let key_merge = sqlx::query_scalar!("SELECT target FROM usage_key_merges")
+        .fetch_optional(&mut *conn)
+        .await?;
     Ok(StorageStatus {
+        key_levels,
+        key_merge,
         day_partitions: row.day_partitions,
         first_day: row.first_day,
         last_day: row.last_day,
@@ -263,10 +322,10 @@ mod tests {
     }
 
     #[test]
-    fn a_full_compaction_comes_within_a_week() {
-        let hourly = StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "6")]));
-        assert_eq!(hourly.unwrap().full_compaction_hours, 6);
-        assert!(StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "0")])).is_err());
-        assert!(StoragePolicy::from_env(&env(&[("DEDUP_FULL_COMPACTION_HOURS", "169")])).is_err());
+    fn a_step_takes_between_ten_thousand_and_fifty_million_keys() {
+        let small = env(&[("DEDUP_STEP_KEYS", "250000")]);
+        assert_eq!(StoragePolicy::from_env(&small).unwrap().step_keys, 250_000);
+        assert!(StoragePolicy::from_env(&env(&[("DEDUP_STEP_KEYS", "9999")])).is_err());
+        assert!(StoragePolicy::from_env(&env(&[("DEDUP_STEP_KEYS", "50000001")])).is_err());
     }
 }
