@@ -546,7 +546,9 @@ pub async fn compute(
 
 /// Rebuilds the actor sets of the cells of one period (`[start, end)`, one type) from their
 /// events as of `watermark` (see [`compute`]): per day each actor's live events, per week or
-/// month on how many days each actor has events.
+/// month on how many days each actor has events. One statement per call, which writes only
+/// what differs (a recompute of sets that were right, as in most backfills, reads and writes
+/// nothing more): rows whose count changed, new rows, and rows no longer there.
 pub async fn rebuild_actor_sets(
     conn: &mut PgConnection,
     period: PeriodType,
@@ -563,24 +565,28 @@ pub async fn rebuild_actor_sets(
     let first_day = start.date_naive();
     if period == PeriodType::Daily {
         sqlx::query!(
-            "DELETE FROM usage_actor_days a
+            "WITH fresh AS MATERIALIZED (
+                 SELECT e.tenant_id, e.metric, md5(e.actor_id)::uuid AS actor,
+                        count(*)::int4 AS events
+                   FROM usage_events e
+                  WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.actor_id IS NOT NULL
+                    AND (e.tenant_id, e.metric) IN (SELECT * FROM UNNEST($1::uuid[], $2::text[]))
+                    AND coalesce(e.inserted_xact, 0) < $6
+                    AND (e.voided_at IS NULL OR e.xact_id >= $6)
+                  GROUP BY 1, 2, 3
+             ), written AS (
+                 INSERT INTO usage_actor_days AS a (tenant_id, metric, day, actor, events)
+                 SELECT tenant_id, metric, $3, actor, events FROM fresh
+                 ON CONFLICT (tenant_id, metric, day, actor) DO UPDATE
+                    SET events = EXCLUDED.events WHERE a.events <> EXCLUDED.events
+                 RETURNING 1
+             )
+             DELETE FROM usage_actor_days a
               USING UNNEST($1::uuid[], $2::text[]) AS c(tenant_id, metric)
-              WHERE a.tenant_id = c.tenant_id AND a.metric = c.metric AND a.day = $3",
-            &tenants,
-            &metrics as &[&str],
-            first_day
-        )
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query!(
-            "INSERT INTO usage_actor_days (tenant_id, metric, day, actor, events)
-             SELECT e.tenant_id, e.metric, $3, md5(e.actor_id)::uuid, count(*)
-               FROM usage_events e
-              WHERE e.occurred_at >= $4 AND e.occurred_at < $5 AND e.actor_id IS NOT NULL
-                AND (e.tenant_id, e.metric) IN (SELECT * FROM UNNEST($1::uuid[], $2::text[]))
-                AND coalesce(e.inserted_xact, 0) < $6
-                AND (e.voided_at IS NULL OR e.xact_id >= $6)
-              GROUP BY 1, 2, 4",
+              WHERE a.tenant_id = c.tenant_id AND a.metric = c.metric AND a.day = $3
+                AND NOT EXISTS (SELECT 1 FROM fresh f
+                                 WHERE f.tenant_id = a.tenant_id AND f.metric = a.metric
+                                   AND f.actor = a.actor)",
             &tenants,
             &metrics as &[&str],
             first_day,
@@ -592,28 +598,34 @@ pub async fn rebuild_actor_sets(
         .await?;
     } else {
         sqlx::query!(
-            "DELETE FROM usage_actor_periods a
+            "WITH fresh AS MATERIALIZED (
+                 SELECT tenant_id, metric, actor, count(*)::int4 AS days
+                   FROM (SELECT e.tenant_id, e.metric, md5(e.actor_id)::uuid AS actor,
+                                date_trunc('day', e.occurred_at, 'UTC') AS day
+                           FROM usage_events e
+                          WHERE e.occurred_at >= $5 AND e.occurred_at < $6
+                            AND e.actor_id IS NOT NULL
+                            AND (e.tenant_id, e.metric)
+                                IN (SELECT * FROM UNNEST($1::uuid[], $2::text[]))
+                            AND coalesce(e.inserted_xact, 0) < $7
+                            AND (e.voided_at IS NULL OR e.xact_id >= $7)
+                          GROUP BY 1, 2, 3, 4) actor_days
+                  GROUP BY 1, 2, 3
+             ), written AS (
+                 INSERT INTO usage_actor_periods AS a (tenant_id, metric, period_type,
+                                                       period_start, actor, days)
+                 SELECT tenant_id, metric, $3, $4, actor, days FROM fresh
+                 ON CONFLICT (tenant_id, metric, period_type, period_start, actor) DO UPDATE
+                    SET days = EXCLUDED.days WHERE a.days <> EXCLUDED.days
+                 RETURNING 1
+             )
+             DELETE FROM usage_actor_periods a
               USING UNNEST($1::uuid[], $2::text[]) AS c(tenant_id, metric)
               WHERE a.tenant_id = c.tenant_id AND a.metric = c.metric
-                AND a.period_type = $3 AND a.period_start = $4",
-            &tenants,
-            &metrics as &[&str],
-            period.as_str(),
-            first_day
-        )
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query!(
-            "INSERT INTO usage_actor_periods (tenant_id, metric, period_type, period_start, actor,
-                                              days)
-             SELECT e.tenant_id, e.metric, $3, $4, md5(e.actor_id)::uuid,
-                    count(DISTINCT (e.occurred_at AT TIME ZONE 'UTC')::date)
-               FROM usage_events e
-              WHERE e.occurred_at >= $5 AND e.occurred_at < $6 AND e.actor_id IS NOT NULL
-                AND (e.tenant_id, e.metric) IN (SELECT * FROM UNNEST($1::uuid[], $2::text[]))
-                AND coalesce(e.inserted_xact, 0) < $7
-                AND (e.voided_at IS NULL OR e.xact_id >= $7)
-              GROUP BY 1, 2, 5",
+                AND a.period_type = $3 AND a.period_start = $4
+                AND NOT EXISTS (SELECT 1 FROM fresh f
+                                 WHERE f.tenant_id = a.tenant_id AND f.metric = a.metric
+                                   AND f.actor = a.actor)",
             &tenants,
             &metrics as &[&str],
             period.as_str(),
