@@ -7,8 +7,8 @@ aggregate() { # PAYLOAD-FILE — one job through the Lambda invoke API; prints i
 show_run() {
   python3 -c 'import json,sys
 r=json.load(sys.stdin); c=r.get("counters") or {}
-print("  %s: collected %d cells, examined %d, written %d, unchanged %d, finalized %d; counters checked %d, drift %d, repaired %d" % (
-  r["outcome"], r["collected"]["queued"], r["cellsExamined"], r["cellsWritten"], r["cellsUnchanged"], r["finalized"],
+print("  %s: %d changes applied to %d cells in %d chunks; recomputed %d, written %d, unchanged %d; finalized %d; counters checked %d, drift %d, repaired %d" % (
+  r["outcome"], r["collected"]["changes"], r["collected"]["cellsChanged"], r["collected"]["chunks"], r["cellsExamined"], r["cellsWritten"], r["cellsUnchanged"], r["finalized"],
   c.get("checked", 0), c.get("driftFound", 0), c.get("repaired", 0)))
 sys.exit(r["outcome"] not in ("done", "skipped: locked") or bool(c.get("error")))'
 }
