@@ -406,7 +406,7 @@ async fn expected_as_of_watermark(owner: &PgPool) -> Expected {
 async fn a_run_cut_at_any_point_resumes_consistently(owner: PgPool) {
     let t = create_tenant(&owner, "cut").await.id.0;
     let u = create_tenant(&owner, "cut-too").await.id.0;
-    let events = random_events(&[t, u], 600, 5);
+    let events = random_events(&[t, u], 400, 5);
     // Many transactions (so that a run takes many chunks), and voids in later ones.
     let mut seqs = Vec::new();
     for batch in events.chunks(20) {
@@ -430,11 +430,12 @@ async fn a_run_cut_at_any_point_resumes_consistently(owner: PgPool) {
     // The smallest chunks (100 groups of changes), so that a run has many places to be cut.
     let app = app(&owner, &[("AGGREGATION_CHUNK_CHANGES", "100")]).await;
 
-    // Runs killed after 1, 2, 3, ... ms, wherever they are (between statements, in a chunk's
+    // Runs killed after 1, 4, 7, ... ms, wherever they are (between statements, in a chunk's
     // transaction, before its commit): after each, the stored cells are exactly what the
     // committed chunks applied, as of the watermark they moved.
     let mut cut = 0;
-    for ms in (1..600u64).step_by(3) {
+    // Cut points spread over the first run's whole length and beyond (each run resumes).
+    for ms in (0..80u64).map(|i| 1 + i * 3) {
         let aggregator = app.aggregator();
         let run = aggregator.aggregate(now(), later());
         if tokio::time::timeout(std::time::Duration::from_millis(ms), run)
