@@ -430,12 +430,12 @@ async fn a_run_cut_at_any_point_resumes_consistently(owner: PgPool) {
     // The smallest chunks (100 groups of changes), so that a run has many places to be cut.
     let app = app(&owner, &[("AGGREGATION_CHUNK_CHANGES", "100")]).await;
 
-    // Runs killed after 1, 4, 7, ... ms, wherever they are (between statements, in a chunk's
+    // Runs killed after 1, 7, 13, ... ms, wherever they are (between statements, in a chunk's
     // transaction, before its commit): after each, the stored cells are exactly what the
     // committed chunks applied, as of the watermark they moved.
     let mut cut = 0;
     // Cut points spread over the first run's whole length and beyond (each run resumes).
-    for ms in (0..80u64).map(|i| 1 + i * 3) {
+    for ms in (0..40u64).map(|i| 1 + i * 6) {
         let aggregator = app.aggregator();
         let run = aggregator.aggregate(now(), later());
         if tokio::time::timeout(std::time::Duration::from_millis(ms), run)
