@@ -638,8 +638,9 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     assert_eq!(first.collected.cells_changed, 3 * 150, "{first:?}");
     assert_eq!(stored(&owner).await, expected(&events));
 
-    // A backfill of the day recomputes its 150 cells of each period by one scan of the
-    // period, without a filter (they are every cell there is): wrong totals are put right.
+    // A backfill of the events' day (not "today": a run may cross midnight) recomputes its 150
+    // cells of each period by one scan of the period, without a filter (they are every cell
+    // there is): wrong totals are put right.
     sqlx::query("UPDATE usage_aggregates SET total_quantity = total_quantity + 1")
         .execute(&owner)
         .await
@@ -647,7 +648,12 @@ async fn many_cells_of_a_period_are_computed_by_one_scan_with_or_without_a_filte
     let backfill = app
         .aggregator()
         .backfill(
-            &meterbridge::aggregation::Backfill::of(today(), today(), None, None),
+            &meterbridge::aggregation::Backfill::of(
+                early.date_naive(),
+                early.date_naive(),
+                None,
+                None,
+            ),
             now(),
             later(),
         )
