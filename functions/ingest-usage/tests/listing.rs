@@ -280,3 +280,23 @@ async fn pages_fit_a_lambda_response_whatever_the_events_carry(owner: PgPool) {
     assert_eq!(seen.len(), 1000, "every event once");
     assert!(pages >= 3, "{pages} pages");
 }
+
+/// PostgreSQL prints a jsonb number in full (f64::MIN as 309 digits): a listing reads each back
+/// as the very number that was sent, never as a 500.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn extreme_numbers_in_metadata_list_back_exactly(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let metadata = json!({
+        "numbers": [f64::MIN, f64::MAX, f64::MIN_POSITIVE, 5e-324, -2.569587061155835e-63,
+                    i64::MIN, u64::MAX],
+        "nested": {"min": f64::MIN},
+    });
+    let mut event = fx.event(1, "api.requests", 1);
+    event["metadata"] = metadata.clone();
+    let r = fx.submit(&app, json!({ "events": [event] })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listed = send(&app, fx.get(&fx.internal.key, "/v1/usage/events", &[])).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.body["events"][0]["metadata"], metadata);
+}

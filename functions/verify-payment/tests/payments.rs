@@ -344,3 +344,68 @@ async fn hostile_bodies_are_4xx_and_write_nothing(owner: PgPool) {
     assert_eq!(fx.count("outbox_events").await, 0);
     assert_eq!(fx.count("payment_audit").await, 1, "only the creation");
 }
+
+/// PostgreSQL prints a jsonb number in full (f64::MIN as 309 digits): each reads back as the very
+/// number that was sent, never as a 500.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn extreme_numbers_in_metadata_read_back_exactly(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let numbers = json!([
+        f64::MIN,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        -1.1125369292536007e-308,
+        5e-324,
+        -2.569587061155835e-63,
+        2.635626519948063e30,
+        -87178291200i64,
+        i64::MIN,
+        u64::MAX
+    ]);
+    let body = json!({
+        "amountMinor": 100_000_000_000_000i64, "currency": "CLP", "provider": "zj",
+        "metadata": {"numbers": numbers, "nested": {"min": f64::MIN}},
+    });
+    let r = send(
+        &app,
+        fx.request(
+            "POST",
+            "/v1/payments",
+            Some(&fx.internal.key),
+            Some(&body.to_string()),
+            &[("idempotency-key", "extreme-1")],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["payment"]["metadata"], body["metadata"]);
+    let id = r.body["payment"]["id"].as_str().unwrap().to_owned();
+    let read = send(
+        &app,
+        fx.request(
+            "GET",
+            &format!("/v1/payments/{id}"),
+            Some(&fx.internal.key),
+            None,
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(read.body["payment"]["metadata"], body["metadata"]);
+    let replay = send(
+        &app,
+        fx.request(
+            "POST",
+            "/v1/payments",
+            Some(&fx.internal.key),
+            Some(&body.to_string()),
+            &[("idempotency-key", "extreme-1")],
+        ),
+    )
+    .await;
+    assert_eq!(replay.status, 201, "{}", replay.body);
+    assert_eq!(replay.body["payment"]["metadata"], body["metadata"]);
+    assert_eq!(fx.count("payments").await, 1);
+}
