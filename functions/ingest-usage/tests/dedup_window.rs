@@ -800,6 +800,22 @@ async fn old_days_are_archived_whole_then_dropped(owner: PgPool) {
         did(&done, "created").contains(&format!("usage_events_p{ahead}")),
         "{done:?}"
     );
+    // Every day's BRIN indexes (what the aggregation reads changes through) are summarized as
+    // they fill, the days created by the migration and by each run alike.
+    let unsummarized: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent IN ('usage_events_xact'::regclass, 'usage_events_inserted_xact'::regclass)
+            AND NOT coalesce('autosummarize=on' = ANY (c.reloptions), false)",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    assert!(unsummarized.is_empty(), "{unsummarized:?}");
+    assert_eq!(
+        did(&done, "autosummarized").len(),
+        2 * did(&done, "created").len(),
+        "{done:?}"
+    );
 
     // The archive days later, it is dropped; a run again does nothing.
     let done = maintain(&owner, past + Days::days(3), &policy).await;

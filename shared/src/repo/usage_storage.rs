@@ -119,7 +119,7 @@ pub async fn maintain(
     policy: &StoragePolicy,
 ) -> Result<Vec<StorageAction>, DbError> {
     policy.check().map_err(DbError::Config)?;
-    Ok(sqlx::query_as!(
+    let mut done = sqlx::query_as!(
         StorageAction,
         r#"SELECT action AS "action!", object AS "object!"
              FROM usage_storage_maintain($1, $2, $3, $4, make_interval(hours => $5),
@@ -132,7 +132,18 @@ pub async fn maintain(
         policy.dedup_window_days
     )
     .fetch_all(&mut *conn)
-    .await?)
+    .await?;
+    // The days just created: their BRIN indexes summarized as they fill (migration 0016).
+    done.extend(
+        sqlx::query_as!(
+            StorageAction,
+            r#"SELECT action AS "action!", object AS "object!"
+                 FROM usage_events_brin_autosummarize()"#
+        )
+        .fetch_all(&mut *conn)
+        .await?,
+    );
+    Ok(done)
 }
 
 /// The key maintenance (migration 0015), step by step, each step a transaction of its own that
