@@ -12,7 +12,11 @@
 //!   `aggregate.rs`;
 //! - `growth` (not in the default set): ingestion at batch 500 on an empty table and after
 //!   loading it to `BENCH_GROWTH_SIZES` rows (10 M, 30 M), for `BENCH_SCHEMA` `after` (this
-//!   design) or `before` (migration 0005's); see `growth.rs`.
+//!   design) or `before` (migration 0005's); see `growth.rs`;
+//! - `maintenance` (not in the default set): `BENCH_SIM_DAYS` (40) simulated days of ingestion
+//!   through the handler with the scheduled jobs (storage maintenance and key compaction
+//!   hourly, aggregation every 10 minutes) on the simulated clock, each job's run time per day,
+//!   and the dedup keys' write amplification; in a database of its own; see `maintenance.rs`.
 //!
 //! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_MIGRATIONS=N`
 //! measures the schema as of migration N (the before of a schema change). `BENCH_WORKLOADS`
@@ -25,6 +29,7 @@
 mod aggregate;
 mod growth;
 mod ingest;
+mod maintenance;
 mod measure;
 mod relay;
 mod verify;
@@ -73,6 +78,14 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
+
+    // The simulation runs in its own database (`meterbridge_sim`), before the others.
+    if workloads.contains("maintenance") {
+        maintenance::run(&admin_url).await;
+        if workloads.split(',').all(|w| w.trim() == "maintenance") {
+            return;
+        }
+    }
 
     // `BENCH_GROWTH_REUSE=1`: measure again on the database a growth run left (see growth.rs).
     let reuse = growth::reuse();

@@ -1,0 +1,1008 @@
+//! The scheduled work over simulated time (`BENCH_WORKLOADS=maintenance`): `BENCH_SIM_DAYS`
+//! (40) days of traffic from a fixed instant (`BENCH_SIM_START`, 2027-01-04T00:00:00Z; never
+//! the wall clock), `BENCH_SIM_EVENTS_PER_DAY` (1,000,000) events a day at a steady rate,
+//! ingested through the real handler, with the scheduled jobs run on the simulated clock:
+//!
+//! - **ingestion**: `ingest_usage::handle` as the growth workload drives it, each of
+//!   `BENCH_SIM_CALLERS` (4) callers its own `App` (container), batches of `BENCH_SIM_BATCH`
+//!   (500) of one of `BENCH_SIM_TENANTS` (10) tenants, ten metrics, 500 actors a tenant, random
+//!   (UUIDv4) event and correlation ids, and every fourth event an idempotency key (1.25
+//!   remembered dedup keys an event). The handler's clock ([`Services::with_clock`]) is the
+//!   simulated one; each 10-minute step's events occur evenly over it (up to 2 s earlier than
+//!   their place, a jitter), and are sent at its end, without waiting for wall-clock time;
+//! - **storage maintenance** every `BENCH_SIM_MAINTENANCE_MINUTES` (60: the template's
+//!   `StorageMaintenanceMinutes`) simulated minutes, as the admin function's `usage.maintain`
+//!   runs it: [`usage_storage::maintain`] in one transaction, then the key compaction as the
+//!   function calls it (see [`Jobs::compact`]), with [`StoragePolicy::default`], as the owner
+//!   with the admin function's connection settings (statement timeout 10 s, lock timeout 2 s);
+//!   a failed maintenance skips that run's compaction, as the function's `?` does;
+//! - **aggregation** every 10 simulated minutes, as `aggregate-usage` runs it:
+//!   [`Aggregator::aggregate`] as `meterbridge_ops`, with Redis (so with the counters' repair),
+//!   the function's configuration (a 20 s deadline margin) and a 300 s deadline.
+//!
+//! Ingestion and the jobs take turns (they never overlap), so each is timed alone, by the wall
+//! clock ([`Instant`]). Before the first event the empty database's key generation is made to
+//! open at the simulated start, as if deployed then. The run prints per simulated day the
+//! ingestion rate and each job's median and maximum run time, then the ratios and the
+//! write amplification of the dedup keys (see [`KeyBytes`]), each with its goal. It checks the
+//! free disk space of the PostgreSQL data directory first (about 0.5 KB an event, and 10 GB to
+//! spare), runs in a database of its own (`meterbridge_sim`), and drops it at the end unless
+//! `BENCH_SIM_KEEP=1`. `BENCH_MIGRATIONS=N` runs the schema as of migration N;
+//! `BENCH_SIM_MAX_MINUTES` stops it at the end of the first simulated day past that much wall
+//! clock. Autovacuum is on for the run, as in production (see [`set_autovacuum`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use ingest_usage::{App, IngestConfig};
+use meterbridge::aggregation::{AggregationConfig, Aggregator};
+use meterbridge::clock::Clock;
+use meterbridge::config::{Config, Env};
+use meterbridge::domain::Trust;
+use meterbridge::repo::usage_storage::{self, StorageAction, StoragePolicy};
+use meterbridge::testing::{create_api_key, create_tenant, database_url_as, INGEST_ROLE, OPS_ROLE};
+use meterbridge::Services;
+use serde_json::{json, Value};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+const DATABASE: &str = "meterbridge_sim";
+/// The projected size of the database per event, its keys and indexes included.
+const BYTES_PER_EVENT: u64 = 512;
+/// What must stay free on the data directory's file system beyond the projection.
+const SPARE_BYTES: u64 = 10_000_000_000;
+/// The aggregation's schedule; the maintenance runs every `BENCH_SIM_MAINTENANCE_MINUTES` (60).
+const STEP_MINUTES: i64 = 10;
+const STEPS_PER_DAY: usize = 144;
+/// The aggregate-usage function's timeout (template.yaml): a run's deadline.
+const FUNCTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// The key compaction's share of the admin function's `usage.maintain` (its handler's
+/// `KEY_MAINTENANCE_TIME`).
+const KEY_MAINTENANCE_TIME: Duration = Duration::from_secs(240);
+/// How the compaction is called, as printed.
+const COMPACTION: &str =
+    "usage_storage::compact step by step, each step its own transaction, within 240 s";
+
+const METRICS: [&str; 10] = [
+    "api.requests",
+    "api.requests.successful",
+    "api.requests.failed",
+    "leads.processed",
+    "leads.qualified",
+    "leads.routed",
+    "scoring.requests",
+    "voice.minutes.authorized",
+    "voice.calls.completed",
+    "integrations.api.calls",
+];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Settings {
+    days: usize,
+    per_day: usize,
+    callers: usize,
+    batch: usize,
+    tenants: usize,
+    empty_events: usize,
+    /// The maintenance schedule, in steps of 10 minutes (the template's
+    /// `StorageMaintenanceMinutes`: 60 by default).
+    maintenance_steps: usize,
+    keep: bool,
+    start: DateTime<Utc>,
+    /// `BENCH_SIM_MAX_MINUTES`: stop at the end of the first simulated day past this much wall
+    /// clock (a design whose jobs grow with the stored data would otherwise take days).
+    max_wall: Option<Duration>,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let per_day = env_usize("BENCH_SIM_EVENTS_PER_DAY", 1_000_000).max(STEPS_PER_DAY);
+        Settings {
+            days: env_usize("BENCH_SIM_DAYS", 40).max(1),
+            per_day,
+            callers: env_usize("BENCH_SIM_CALLERS", 4).max(1),
+            batch: env_usize("BENCH_SIM_BATCH", 500).clamp(1, 1000),
+            tenants: env_usize("BENCH_SIM_TENANTS", 10).max(1),
+            empty_events: env_usize("BENCH_SIM_EMPTY_EVENTS", 20_000).min(per_day),
+            maintenance_steps: match env_usize("BENCH_SIM_MAINTENANCE_MINUTES", 60) {
+                minutes @ (10 | 20 | 30 | 60) => minutes / STEP_MINUTES as usize,
+                other => panic!("BENCH_SIM_MAINTENANCE_MINUTES: 10, 20, 30 or 60, not {other}"),
+            },
+            keep: std::env::var("BENCH_SIM_KEEP").as_deref() == Ok("1"),
+            start: std::env::var("BENCH_SIM_START")
+                .ok()
+                .map(|v| v.parse().expect("BENCH_SIM_START: an RFC 3339 instant"))
+                .unwrap_or_else(|| "2027-01-04T00:00:00Z".parse().unwrap()),
+            max_wall: std::env::var("BENCH_SIM_MAX_MINUTES")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|m| Duration::from_secs(m * 60)),
+        }
+    }
+}
+
+/// The simulated clock: its wall time is set by the simulation; its monotonic time stands
+/// still, so the handler's caches expire by simulated time, as they would at this traffic.
+struct SimClock {
+    micros: AtomicI64,
+    monotonic: Instant,
+}
+
+impl SimClock {
+    fn at(at: DateTime<Utc>) -> Arc<SimClock> {
+        Arc::new(SimClock {
+            micros: AtomicI64::new(at.timestamp_micros()),
+            monotonic: Instant::now(),
+        })
+    }
+
+    fn set(&self, at: DateTime<Utc>) {
+        self.micros.store(at.timestamp_micros(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for SimClock {
+    fn monotonic(&self) -> Instant {
+        self.monotonic
+    }
+
+    fn wall(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(self.micros.load(Ordering::SeqCst).max(0) as u64)
+    }
+}
+
+/// A function's environment, as a lookup.
+fn env_of(vars: &[(&str, String)]) -> Env<impl Fn(&str) -> Option<String>> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    Env::from_lookup(move |k| vars.get(k).cloned())
+}
+
+/// One wall-clock timing of a job run.
+#[derive(Default)]
+struct Run {
+    millis: f64,
+    failed: bool,
+    /// A compaction that attached a merged partition (`merged`), or a full compaction
+    /// (`compacted`: today's design's daily merge of every closed generation).
+    merged: bool,
+    full: bool,
+    /// A compaction whose deadline came with work left, or an aggregation that did not finish
+    /// (`stopped` by its deadline, or `skipped: locked`).
+    left_work: bool,
+}
+
+#[derive(Default)]
+struct Day {
+    events: usize,
+    ingest: Duration,
+    maintenance: Vec<Run>,
+    compaction: Vec<Run>,
+    aggregation: Vec<Run>,
+    key_bytes: i64,
+    database_bytes: i64,
+    /// The machine's 1-minute load average, summed over the day's steps: other work on the
+    /// machine shows here (the simulation itself keeps about 2 busy).
+    load: f64,
+}
+
+/// The 1-minute load average (`/proc/loadavg`), 0 where there is none.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn summary(runs: &[Run]) -> (f64, f64) {
+    let mut ms: Vec<f64> = runs.iter().map(|r| r.millis).collect();
+    ms.sort_by(f64::total_cmp);
+    if ms.is_empty() {
+        return (0.0, 0.0);
+    }
+    (ms[ms.len() / 2], ms[ms.len() - 1])
+}
+
+/// The bytes written into the dedup keys' partitions, measured as each partition is complete:
+/// the size of every partition of `usage_event_keys` with its indexes
+/// (`pg_total_relation_size`) and its rows (`count(*)`), taken once it takes no more writes —
+/// an open generation's when the maintenance has closed it, any other (a merge, a compaction)
+/// when it first appears, attached by the compaction that built it — and the Bloom filter rows
+/// each maintenance or compaction wrote (rows of `usage_key_filter*` tables whose `xmin` is the
+/// job's: their tuple bytes, a 4-byte line pointer and a 20-byte index entry per index).
+#[derive(Default)]
+struct KeyBytes {
+    parts: HashMap<i64, Part>,
+    filter_bytes: i64,
+    filter_rows: i64,
+    /// The partitions the compaction said it built (`merged`, `compacted`): one created and
+    /// dropped within a single call is never seen, and is reported as unmeasured.
+    built: Vec<String>,
+}
+
+struct Part {
+    name: String,
+    /// Written by ingestion (it was the open generation's partition).
+    ingested: bool,
+    complete: bool,
+    bytes: i64,
+    rows: i64,
+}
+
+impl KeyBytes {
+    /// Looks at every partition of `usage_event_keys`, measures those complete since the last
+    /// look; `end` measures the open one too. Returns the current partitions' total size.
+    async fn observe(&mut self, owner: &PgPool, end: bool) -> i64 {
+        let rows: Vec<(i64, String, i64, bool)> = sqlx::query_as(
+            "SELECT c.oid::int8, c.relname::text, pg_total_relation_size(c.oid)::int8,
+                    c.relname::text IS NOT DISTINCT FROM
+                        (SELECT stored_in FROM usage_key_generations WHERE closed_at IS NULL)
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'public.usage_event_keys'::regclass",
+        )
+        .fetch_all(owner)
+        .await
+        .unwrap();
+        let mut total = 0;
+        for (oid, name, bytes, open) in rows {
+            total += bytes;
+            let part = self.parts.entry(oid).or_insert_with(|| Part {
+                name: name.clone(),
+                ingested: open,
+                complete: false,
+                bytes: 0,
+                rows: 0,
+            });
+            part.ingested |= open;
+            if part.complete || (open && !end) {
+                continue;
+            }
+            part.rows = sqlx::query_scalar(&format!("SELECT count(*) FROM public.\"{name}\""))
+                .fetch_one(owner)
+                .await
+                .unwrap();
+            part.bytes = bytes;
+            part.complete = true;
+        }
+        total
+    }
+
+    /// The next transaction id: rows of the filter tables written after it are a job's.
+    async fn marker(owner: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
+            .fetch_one(owner)
+            .await
+            .unwrap()
+    }
+
+    /// Adds the filter rows written since `marker`.
+    async fn filters_since(&mut self, owner: &PgPool, marker: i64) {
+        let tables: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT c.relname::text,
+                    (SELECT count(*) FROM pg_index x WHERE x.indrelid = c.oid)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'public' AND c.relkind = 'r'
+                AND c.relname LIKE 'usage\\_key\\_filter%'",
+        )
+        .fetch_all(owner)
+        .await
+        .unwrap();
+        for (table, indexes) in tables {
+            let (rows, bytes): (i64, i64) = sqlx::query_as(&format!(
+                "SELECT count(*), coalesce(sum(pg_column_size(t.*)), 0)::int8
+                   FROM public.\"{table}\" t
+                  WHERE (t.xmin::text::int8 - ($1::int8 & 4294967295)) & 4294967295 < 2147483648"
+            ))
+            .bind(marker)
+            .fetch_one(owner)
+            .await
+            .unwrap();
+            self.filter_rows += rows;
+            self.filter_bytes += bytes + rows * (4 + 20 * indexes);
+        }
+    }
+}
+
+/// Everything the jobs need: the admin function's database (the owner), the aggregation's
+/// services (ops role, Redis) and configuration.
+struct Jobs {
+    admin: meterbridge::Database,
+    ops: Services,
+    policy: StoragePolicy,
+    aggregation: AggregationConfig,
+}
+
+impl Jobs {
+    /// `maintain` in a transaction of its own, as the admin function's `usage.maintain`.
+    async fn maintain(&self, now: DateTime<Utc>) -> Result<Vec<String>, String> {
+        let mut tx = self.admin.pool().begin().await.map_err(|e| e.to_string())?;
+        let done = usage_storage::maintain(&mut tx, now, &self.policy)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        Ok(done.into_iter().map(|a| a.action).collect())
+    }
+
+    /// Then the key compaction, as the admin function calls it: [`usage_storage::compact`]
+    /// step by step, each step a transaction of its own, until its work is done or the
+    /// function's share of the invocation (240 s) is up. Returns its actions and whether it
+    /// left work for the next run.
+    async fn compact(&self, _now: DateTime<Utc>) -> Result<(Vec<StorageAction>, bool), String> {
+        let deadline = Instant::now() + KEY_MAINTENANCE_TIME;
+        let done = usage_storage::compact(self.admin.pool(), &self.policy, deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((done.actions, done.more))
+    }
+
+    async fn aggregate(&self, now: DateTime<Utc>) -> Result<String, String> {
+        let deadline = Instant::now() + FUNCTION_TIMEOUT;
+        Aggregator::new(&self.ops.db, self.ops.redis.as_ref(), self.aggregation)
+            .aggregate(now, deadline)
+            .await
+            .map(|report| report.outcome)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn timed<T>(started: Instant, outcome: &Result<T, String>, job: &str, at: DateTime<Utc>) -> Run {
+    let millis = started.elapsed().as_secs_f64() * 1000.0;
+    if let Err(e) = outcome {
+        eprintln!("maintenance: {job} at {at} failed after {millis:.0} ms: {e}");
+    }
+    Run {
+        millis,
+        failed: outcome.is_err(),
+        ..Run::default()
+    }
+}
+
+/// splitmix64: the simulation's deterministic choices per event.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The requests of one 10-minute step: its events, evenly over it, in batches of one tenant.
+fn step_requests(
+    template: &Value,
+    keys: &[String],
+    settings: &Settings,
+    day: usize,
+    step: usize,
+    next_tenant: &mut usize,
+) -> (Vec<lambda_http::Request>, usize) {
+    let day_start = settings.start + chrono::Duration::days(day as i64);
+    let per_day = settings.per_day;
+    let first = step * per_day / STEPS_PER_DAY;
+    let last = (step + 1) * per_day / STEPS_PER_DAY;
+    let spacing_us = 86_400_000_000.0 / per_day as f64;
+    let events: Vec<Value> = (first..last)
+        .map(|n| {
+            let h = mix(((day as u64) << 32) | n as u64);
+            let jitter = (h >> 40) % 2_000_000;
+            let at = day_start
+                + chrono::Duration::microseconds((n as f64 * spacing_us) as i64 - jitter as i64);
+            let mut event = json!({
+                "eventId": uuid::Uuid::new_v4().to_string(),
+                "metric": METRICS[(h % 10) as usize],
+                "quantity": 1 + (h >> 8) % 7,
+                "occurredAt": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "correlationId": uuid::Uuid::new_v4().to_string(),
+                "actorId": format!("user-{}", (h >> 16) % 500),
+                "metadata": {"endpoint": "/v1/leads", "region": "eu-west-1"},
+            });
+            if (h >> 24) % 4 == 0 {
+                event["idempotencyKey"] = json!(uuid::Uuid::new_v4().to_string());
+            }
+            event
+        })
+        .collect();
+    let count = events.len();
+    let requests = events
+        .chunks(settings.batch)
+        .map(|batch| {
+            let key = &keys[*next_tenant % keys.len()];
+            *next_tenant += 1;
+            let mut request = template.clone();
+            request["headers"]["authorization"] = json!(format!("Bearer {key}"));
+            request["body"] = json!(json!({ "events": batch }).to_string());
+            lambda_http::request::from_str(&request.to_string()).unwrap()
+        })
+        .collect();
+    (requests, count)
+}
+
+/// Sends the requests through the callers, each taking the next request when it is free.
+/// Returns the wall-clock time and the events the handler accepted.
+async fn ingest(apps: &[Arc<App>], requests: Vec<lambda_http::Request>) -> (Duration, usize) {
+    let queue = Arc::new(Mutex::new(VecDeque::from(requests)));
+    let started = Instant::now();
+    let tasks = apps.iter().map(|app| {
+        let app = Arc::clone(app);
+        let queue = Arc::clone(&queue);
+        tokio::spawn(async move {
+            let mut bodies = Vec::new();
+            loop {
+                let next = queue.lock().unwrap().pop_front();
+                let Some(request) = next else { break };
+                let response = ingest_usage::handle(&app, request).await;
+                assert_eq!(
+                    response.status(),
+                    200,
+                    "the handler failed: {:?}",
+                    response.body()
+                );
+                bodies.push(response.into_body());
+            }
+            bodies
+        })
+    });
+    let bodies: Vec<lambda_http::Body> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    let elapsed = started.elapsed();
+    let accepted = bodies
+        .iter()
+        .map(|b| {
+            let v: Value = serde_json::from_slice(b.as_ref()).unwrap();
+            v["accepted"].as_u64().unwrap() as usize
+        })
+        .sum();
+    (elapsed, accepted)
+}
+
+/// The PostgreSQL data directory's free bytes, by `df`.
+async fn free_bytes(admin: &PgPool) -> (String, u64) {
+    let dir: String = sqlx::query_scalar("SHOW data_directory")
+        .fetch_one(admin)
+        .await
+        .unwrap();
+    let out = std::process::Command::new("df")
+        .args(["-Pk", &dir])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .unwrap_or_else(|| {
+            eprintln!("maintenance: cannot check the free space of {dir} (df); refusing to start");
+            std::process::exit(2);
+        });
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let kib: u64 = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            eprintln!("maintenance: cannot read df's answer for {dir}: {text}");
+            std::process::exit(2);
+        });
+    (dir, kib * 1024)
+}
+
+/// Turns autovacuum on for the run, or back to the server's configuration files' setting.
+async fn set_autovacuum(admin: &PgPool, on: bool) {
+    let statement = if on {
+        "ALTER SYSTEM SET autovacuum = on"
+    } else {
+        "ALTER SYSTEM RESET autovacuum"
+    };
+    sqlx::query(statement).execute(admin).await.unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(admin)
+        .await
+        .unwrap();
+}
+
+fn sim_url(admin_url: &str) -> String {
+    match admin_url.rfind('/') {
+        Some(i) => format!("{}/{DATABASE}", &admin_url[..i]),
+        None => panic!("BENCH_DATABASE_URL must name a database"),
+    }
+}
+
+pub async fn run(admin_url: &str) {
+    let s = Settings::from_env();
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await
+        .expect("PostgreSQL");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let total_events = (s.days * s.per_day) as u64;
+    let projected = total_events * BYTES_PER_EVENT;
+    let (dir, free) = free_bytes(&admin).await;
+    println!(
+        "maintenance: {total_events} events projected at {:.1} GB (0.5 KB an event, keys and indexes included); {:.1} GB free on {dir}",
+        projected as f64 / 1e9,
+        free as f64 / 1e9
+    );
+    if free < projected + SPARE_BYTES {
+        eprintln!(
+            "maintenance: refusing to start: {:.1} GB projected + 10 GB to spare > {:.1} GB free on {dir}; lower BENCH_SIM_DAYS or BENCH_SIM_EVENTS_PER_DAY",
+            projected as f64 / 1e9,
+            free as f64 / 1e9
+        );
+        std::process::exit(2);
+    }
+    // Production runs with autovacuum (RDS: on by default), and the design counts on it: it
+    // summarizes the BRIN indexes the aggregation reads through and analyzes the new day
+    // partitions. A machine set up for tests may have it off: it is on for the run (the
+    // server's setting, ALTER SYSTEM), and put back as it was at the end.
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    if autovacuum != "on" {
+        set_autovacuum(&admin, true).await;
+        println!("maintenance: autovacuum was {autovacuum} on this server: on for the run (as on RDS), restored at the end");
+    }
+    sqlx::query(&format!("CREATE DATABASE {DATABASE}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let owner_url = sim_url(admin_url);
+    let owner = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&owner_url)
+        .await
+        .expect("the simulation database");
+    let migrations = std::env::var("BENCH_MIGRATIONS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok());
+    match migrations {
+        Some(version) => meterbridge::testing::migrate_up_to(&owner, version).await,
+        None => meterbridge::db::MIGRATOR.run(&owner).await.unwrap(),
+    }
+    let schema: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    // Deployed at the simulated start: the migration opened its key generation at the real
+    // now, which the simulated clock would otherwise never rotate (or rotate backwards).
+    sqlx::query("UPDATE usage_key_generations SET opened_at = $1 WHERE closed_at IS NULL")
+        .bind(s.start)
+        .execute(&owner)
+        .await
+        .unwrap();
+
+    let mut tenants = Vec::new();
+    let mut keys = Vec::new();
+    for _ in 0..s.tenants {
+        let tenant = create_tenant(&owner, "sim").await;
+        keys.push(
+            create_api_key(&owner, &tenant, "crm", Trust::Internal)
+                .await
+                .key,
+        );
+        tenants.push(tenant.id.0);
+    }
+    let clock = SimClock::at(s.start);
+    let ingest_url = database_url_as(&owner, INGEST_ROLE);
+    let mut apps = Vec::new();
+    for _ in 0..s.callers {
+        let env = env_of(&[
+            ("DATABASE_URL", ingest_url.clone()),
+            ("REDIS_URL", meterbridge::testing::redis_url()),
+        ]);
+        let services = Services::build_with_aws(Config::from(&env, "ingest-usage").unwrap(), None)
+            .await
+            .unwrap()
+            .with_clock(clock.clone());
+        apps.push(Arc::new(App::new(
+            services,
+            IngestConfig::from(&env).unwrap(),
+        )));
+    }
+    // The admin function's settings (template.yaml), as the owner.
+    let admin_env = env_of(&[
+        ("DATABASE_URL", owner_url.clone()),
+        ("DB_TRANSACTION_TIMEOUT_MS", "300000".into()),
+        ("DB_MAX_CONNECTIONS", "2".into()),
+    ]);
+    let admin_db = Services::build_with_aws(Config::from(&admin_env, "admin").unwrap(), None)
+        .await
+        .unwrap()
+        .db;
+    // aggregate-usage's, as meterbridge_ops, with Redis.
+    let ops_env = env_of(&[
+        ("DATABASE_URL", database_url_as(&owner, OPS_ROLE)),
+        ("REDIS_URL", meterbridge::testing::redis_url()),
+        ("DB_TRANSACTION_TIMEOUT_MS", "300000".into()),
+        ("DB_MAX_CONNECTIONS", "2".into()),
+        ("COUNTER_TTL_DAYS", "7".into()),
+        ("AGGREGATION_GRACE_SECONDS", "3600".into()),
+        ("USAGE_RETENTION_DAYS", "90".into()),
+        ("AGGREGATION_DEADLINE_MARGIN_MS", "20000".into()),
+    ]);
+    let ops = Services::build_with_aws(Config::from(&ops_env, "aggregate-usage").unwrap(), None)
+        .await
+        .unwrap()
+        .with_clock(clock.clone());
+    let jobs = Jobs {
+        admin: admin_db,
+        aggregation: AggregationConfig::from_env(&ops_env).unwrap(),
+        ops,
+        policy: StoragePolicy::default(),
+    };
+
+    let template: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../events/ingest-usage/post-events.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    // Warm each container with each tenant's key (the fixture's events are all rejected:
+    // nothing is stored), outside any measurement.
+    for app in &apps {
+        for key in &keys {
+            let warm = template
+                .to_string()
+                .replace("{{INTERNAL_KEY}}", key.as_str());
+            let _ = ingest_usage::handle(app, lambda_http::request::from_str(&warm).unwrap()).await;
+        }
+    }
+
+    println!(
+        "scheduled work over simulated time — {} days × {} events/day from {}, schema up to migration {schema}",
+        s.days,
+        s.per_day,
+        s.start.to_rfc3339()
+    );
+    println!(
+        "  ingestion: ingest_usage::handle on the simulated clock, {} callers (each its own App), batches of {}, {} tenants, 10 metrics, 500 actors, random UUID ids, every 4th event an idempotency key (1.25 dedup keys an event)",
+        s.callers, s.batch, s.tenants
+    );
+    println!(
+        "  jobs on the simulated clock, taking turns with ingestion: usage.maintain every {} minutes (maintain in its own transaction, then {COMPACTION}; StoragePolicy::default(); the admin function's statement timeout, 10 s); aggregation every 10 minutes (Aggregator::aggregate as meterbridge_ops, with Redis, deadline 300 s, margin 20 s); run times by the wall clock (Instant)",
+        s.maintenance_steps * STEP_MINUTES as usize
+    );
+    println!(
+        "  per day: events/s = the day's events / the wall-clock time of their requests; each job's median and maximum run; merged/full = compaction runs that attached a merged partition / that compacted fully; keys GB = the key partitions at the day's end; load = the machine's mean 1-minute load average (the simulation keeps about 2 busy: more is other work)"
+    );
+    println!();
+    println!(
+        "{:>4} {:>10} {:>21} {:>21} {:>11} {:>21} {:>8} {:>7} {:>5}",
+        "day",
+        "events/s",
+        "maintenance ms p50/max",
+        "compaction ms p50/max",
+        "merged/full",
+        "aggregation ms p50/max",
+        "keys GB",
+        "DB GB",
+        "load"
+    );
+
+    let mut bytes = KeyBytes::default();
+    bytes.observe(&owner, false).await;
+    let mut days: Vec<Day> = Vec::new();
+    let mut empty = (0usize, Duration::ZERO);
+    let mut next_tenant = 0usize;
+    let started = Instant::now();
+    for d in 0..s.days {
+        let mut day = Day::default();
+        for step in 0..STEPS_PER_DAY {
+            let at = s.start
+                + chrono::Duration::days(d as i64)
+                + chrono::Duration::minutes(STEP_MINUTES * step as i64);
+            clock.set(at);
+            if step % s.maintenance_steps == 0 {
+                // The scheduled usage.maintain: maintain, then compact unless it failed.
+                let marker = KeyBytes::marker(&owner).await;
+                let t = Instant::now();
+                let maintained = jobs.maintain(at).await;
+                day.maintenance.push(timed(t, &maintained, "maintain", at));
+                bytes.observe(&owner, false).await;
+                if maintained.is_ok() {
+                    let t = Instant::now();
+                    let compacted = jobs.compact(at).await;
+                    let mut run = timed(t, &compacted, "compact", at);
+                    let (actions, more) = compacted.unwrap_or_default();
+                    run.left_work = more;
+                    for a in &actions {
+                        run.merged |= a.action == "merged";
+                        run.full |= a.action == "compacted";
+                        if a.action == "merged" || a.action == "compacted" {
+                            bytes.built.push(a.object.clone());
+                        }
+                    }
+                    day.compaction.push(run);
+                    if !actions.is_empty() {
+                        bytes.observe(&owner, false).await;
+                    }
+                }
+                bytes.filters_since(&owner, marker).await;
+            }
+            let t = Instant::now();
+            let aggregated = jobs.aggregate(at).await;
+            let mut run = timed(t, &aggregated, "aggregate", at);
+            run.left_work = aggregated.as_deref().is_ok_and(|o| o != "done");
+            day.aggregation.push(run);
+
+            // The step's events, sent at its end.
+            let (requests, count) = step_requests(&template, &keys, &s, d, step, &mut next_tenant);
+            clock.set(at + chrono::Duration::minutes(STEP_MINUTES));
+            let (elapsed, accepted) = ingest(&apps, requests).await;
+            assert_eq!(accepted, count, "every event is new and valid");
+            day.events += count;
+            day.ingest += elapsed;
+            day.load += load_average();
+            if empty.0 < s.empty_events {
+                empty.0 += count;
+                empty.1 += elapsed;
+            }
+        }
+        day.key_bytes = bytes.observe(&owner, false).await;
+        day.database_bytes = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+        print_day(d + 1, &day);
+        days.push(day);
+        if s.max_wall.is_some_and(|limit| started.elapsed() > limit) {
+            println!(
+                "stopped after simulated day {} of {}: BENCH_SIM_MAX_MINUTES of wall clock reached",
+                d + 1,
+                s.days
+            );
+            break;
+        }
+    }
+    bytes.observe(&owner, true).await;
+    println!(
+        "\n(simulated {} days in {:.0} s of wall clock)",
+        days.len(),
+        started.elapsed().as_secs_f64()
+    );
+    report(&s, &days, empty, &bytes);
+
+    // Cleanup: the simulation's counters in Redis, and its database.
+    let client = redis::Client::open(meterbridge::testing::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for tenant in &tenants {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("usage:{{{tenant}}}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    owner.close().await;
+    drop(jobs);
+    drop(apps);
+    if autovacuum != "on" {
+        set_autovacuum(&admin, false).await;
+    }
+    if s.keep {
+        println!("BENCH_SIM_KEEP=1: the simulation database {DATABASE} is kept");
+    } else {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+}
+
+fn print_day(number: usize, day: &Day) {
+    let cell = |runs: &[Run]| {
+        let (p50, max) = summary(runs);
+        let failed = runs.iter().filter(|r| r.failed).count();
+        if failed > 0 {
+            format!("{p50:.0} / {max:.0} ({failed} failed)")
+        } else {
+            format!("{p50:.1} / {max:.1}")
+        }
+    };
+    let count = |runs: &[Run], f: fn(&Run) -> bool| runs.iter().filter(|r| f(r)).count();
+    let merges = format!(
+        "{}/{}",
+        count(&day.compaction, |r| r.merged),
+        count(&day.compaction, |r| r.full)
+    );
+    let mut notes = String::new();
+    let left = count(&day.compaction, |r| r.left_work);
+    if left > 0 {
+        notes.push_str(&format!(
+            "  ({left} compaction runs left work for the next hour)"
+        ));
+    }
+    let unfinished = count(&day.aggregation, |r| r.left_work);
+    if unfinished > 0 {
+        notes.push_str(&format!("  ({unfinished} aggregation runs did not finish)"));
+    }
+    println!(
+        "{:>4} {:>10.0} {:>21} {:>21} {:>11} {:>21} {:>8.2} {:>7.2} {:>5.1}{notes}",
+        number,
+        day.events as f64 / day.ingest.as_secs_f64(),
+        cell(&day.maintenance),
+        cell(&day.compaction),
+        merges,
+        cell(&day.aggregation),
+        day.key_bytes as f64 / 1e9,
+        day.database_bytes as f64 / 1e9,
+        day.load / STEPS_PER_DAY as f64,
+    );
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn report(s: &Settings, days: &[Day], empty: (usize, Duration), bytes: &KeyBytes) {
+    let rate = |days: &[Day]| {
+        let events: usize = days.iter().map(|d| d.events).sum();
+        let time: f64 = days.iter().map(|d| d.ingest.as_secs_f64()).sum();
+        events as f64 / time
+    };
+    let last = days.len();
+    let empty_rate = empty.0 as f64 / empty.1.as_secs_f64();
+    let first_two = rate(&days[..days.len().min(2)]);
+    let last_rate = rate(&days[last - 1..]);
+    println!();
+    println!(
+        "ingestion (events through the handler / wall-clock time of their requests, per 10-minute step):"
+    );
+    println!(
+        "  empty database (the first {} events): {empty_rate:.0} events/s",
+        empty.0
+    );
+    let first_days = if last >= 2 { "days 1-2" } else { "day 1" };
+    println!(
+        "  {first_days}: {first_two:.0} events/s ({:.0}% of empty); day {last}: {last_rate:.0} events/s ({:.0}% of {first_days}, {:.0}% of empty)",
+        first_two / empty_rate * 100.0,
+        last_rate / first_two * 100.0,
+        last_rate / empty_rate * 100.0
+    );
+
+    let early = 5.min(last);
+    println!();
+    println!("maximum run time, day {early} against day {last} (wall clock, Instant):");
+    let mut growth_ok = Vec::new();
+    for (job, runs) in [
+        (
+            "maintenance (maintain)",
+            days.iter().map(|d| &d.maintenance).collect::<Vec<_>>(),
+        ),
+        (
+            "compaction (compact)",
+            days.iter().map(|d| &d.compaction).collect(),
+        ),
+        (
+            "aggregation (aggregate)",
+            days.iter().map(|d| &d.aggregation).collect(),
+        ),
+    ] {
+        let (_, a) = summary(runs[early - 1]);
+        let (_, b) = summary(runs[last - 1]);
+        let ratio = b / a;
+        growth_ok.push(ratio <= 1.5);
+        println!(
+            "  {job:<24} {a:>10.1} ms -> {b:>10.1} ms = {ratio:.2}x (target: day {last} within 1.5x of day {early}: {}){}",
+            met(ratio <= 1.5),
+            if last < 6 {
+                " [fewer than 6 days: not meaningful]"
+            } else {
+                ""
+            }
+        );
+    }
+
+    // Write amplification of the dedup keys.
+    let mut kinds: BTreeMap<String, (usize, i64, i64, bool)> = BTreeMap::new();
+    for part in bytes.parts.values().filter(|p| p.complete) {
+        let kind = part
+            .name
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '_')
+            .to_owned();
+        let entry = kinds.entry(kind).or_insert((0, 0, 0, part.ingested));
+        entry.0 += 1;
+        entry.1 += part.rows;
+        entry.2 += part.bytes;
+    }
+    let (once_rows, once_bytes) = bytes
+        .parts
+        .values()
+        .filter(|p| p.complete && p.ingested)
+        .fold((0i64, 0i64), |(r, b), p| (r + p.rows, b + p.bytes));
+    let (all_rows, all_bytes) = bytes
+        .parts
+        .values()
+        .filter(|p| p.complete)
+        .fold((0i64, 0i64), |(r, b), p| (r + p.rows, b + p.bytes));
+    println!();
+    println!(
+        "dedup keys written (method: pg_total_relation_size and count(*) of each usage_event_keys partition once complete — an open generation's when the maintenance has closed it, a merge or compaction when it is attached — plus the Bloom filter rows each job wrote, found by xmin: tuple bytes + 4 B line pointer + 20 B per index entry):"
+    );
+    for (kind, (n, rows, b, ingested)) in &kinds {
+        println!(
+            "  {kind}*: {n} partitions, {rows} keys, {:.3} GB{}",
+            *b as f64 / 1e9,
+            if *ingested {
+                " (written by ingestion: the keys stored once)"
+            } else {
+                " (rewritten by the compaction)"
+            }
+        );
+    }
+    println!(
+        "  Bloom filter rows written: {}, {:.3} GB",
+        bytes.filter_rows,
+        bytes.filter_bytes as f64 / 1e9
+    );
+    let seen: std::collections::HashSet<&str> =
+        bytes.parts.values().map(|p| p.name.as_str()).collect();
+    let unmeasured: Vec<&String> = bytes
+        .built
+        .iter()
+        .filter(|n| !seen.contains(n.as_str()))
+        .collect();
+    if !unmeasured.is_empty() {
+        println!(
+            "  NOT measured: {} partitions built and dropped within one compaction call (the figures below are a lower bound): {}",
+            unmeasured.len(),
+            unmeasured.iter().take(5).map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let amplification = (all_bytes + bytes.filter_bytes) as f64 / once_bytes as f64;
+    let rewrites = all_rows as f64 / once_rows as f64;
+    println!(
+        "  write amplification = all bytes written / bytes of the keys stored once = {:.3} / {:.3} GB = {amplification:.1}x",
+        (all_bytes + bytes.filter_bytes) as f64 / 1e9,
+        once_bytes as f64 / 1e9
+    );
+    println!(
+        "  rewrites per key = keys written into partitions, merges included / keys inserted by ingestion = {all_rows} / {once_rows} = {rewrites:.1} (after {last} days; keys live {} days)",
+        StoragePolicy::default().dedup_window_days
+    );
+
+    println!();
+    println!("goals ({} days × {} events/day):", s.days, s.per_day);
+    for (job, ok) in ["maintenance", "compaction", "aggregation"]
+        .iter()
+        .zip(&growth_ok)
+    {
+        println!(
+            "  {job}: maximum run time on day {last} within 1.5x of day {early}: {}",
+            met(*ok)
+        );
+    }
+    println!(
+        "  write amplification <= 6 rewrites per key: {rewrites:.1}: {}",
+        met(rewrites <= 6.0)
+    );
+    let ratio = last_rate / empty_rate * 100.0;
+    println!(
+        "  ingestion on day {last} >= 80% of its empty-table rate: {ratio:.0}%: {}",
+        met(ratio >= 80.0)
+    );
+}
