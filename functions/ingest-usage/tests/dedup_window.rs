@@ -1034,3 +1034,69 @@ async fn the_key_table_is_tenant_bound_and_append_only(owner: PgPool) {
         assert!(err.to_string().contains("permission denied"), "{statement}: {err}");
     }
 }
+
+/// A new key is checked with one filter row per level it has members in — an index probe —
+/// whatever the filter table holds: the check once hashed the whole table for every batch,
+/// so ingestion slowed as the levels filled.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_key_check_reads_one_filter_row_per_level(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let policy = StoragePolicy::default();
+    let hour = Days::hours(policy.generation_hours.into()) + Days::minutes(1);
+    let first: Vec<Value> = (0..50).map(|n| fx.event(n, "api.requests", 1)).collect();
+    let r = fx.submit(&app, json!({ "events": first })).await;
+    assert_eq!(r.body["accepted"], 50, "{}", r.body);
+    maintain(&owner, meterbridge::testing::now() + hour, &policy).await;
+    compact(&owner).await;
+    // A large filter table: 50,000 rows of the (memberless) week level besides level 1's.
+    sqlx::query(
+        "INSERT INTO usage_key_filter_rows (level, block, bits)
+         SELECT 3, b, repeat('0', 512)::varbit FROM generate_series(1, 50000) AS b",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE usage_key_filter_rows")
+        .execute(&owner)
+        .await
+        .unwrap();
+
+    let catalog = app.catalog().await.unwrap();
+    let source = SourceService::parse("crm").unwrap();
+    let submitter = Submitter {
+        tenant_id: fx.tenant.id,
+        tenant_slug: &fx.tenant.slug,
+        source: &source,
+        trust: Trust::Internal,
+        catalog: &catalog,
+        now: meterbridge::testing::now(),
+        limits: EventLimits::default(),
+    };
+    let events: Vec<_> = (100..1100)
+        .map(|n| validate_event(fx.event(n, "api.requests", 1), &submitter).unwrap())
+        .collect();
+    let keys: Vec<_> = events
+        .iter()
+        .map(|e| meterbridge::domain::dedup::DedupKeys::of(fx.tenant.id, &source, e))
+        .collect();
+    let mut tx = app.services.db.tenant_tx(fx.tenant.id).await.unwrap();
+    let held = usage_events::hold_key_generation(&mut tx).await.unwrap();
+    assert_eq!(filtered(&held), [(1, 1, 1)]);
+    let refs: Vec<_> = events.iter().collect();
+    let outcome = usage_events::insert(&mut tx, &held, fx.tenant.id, &source, &refs, &keys)
+        .await
+        .unwrap();
+    assert_eq!(outcome, usage_events::Insert::Stored);
+    let (scanned, fetched): (i64, i64) = sqlx::query_as(
+        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0), coalesce(idx_tup_fetch, 0)
+           FROM pg_stat_xact_user_tables WHERE relname = 'usage_key_filter_rows'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    // 1,000 event keys, one level with members: at most a row each (and no sequential read).
+    assert_eq!(scanned, fetched, "no sequential scan of the filter table");
+    assert!(fetched <= 1000, "{fetched} filter rows read for 1,000 keys");
+}

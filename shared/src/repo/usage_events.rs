@@ -297,9 +297,13 @@ pub async fn insert(
                 + (SELECT count(*) FROM UNNEST($16::uuid[]) AS p(key_hash)
                     CROSS JOIN (SELECT DISTINCT level, blocks
                                   FROM UNNEST($20::int2[], $21::int4[]) AS l(level, blocks)) l
-                     JOIN usage_key_filter_rows f
-                       ON f.level = l.level
-                      AND f.block = usage_key_level_block(p.key_hash, l.blocks)
+                    CROSS JOIN LATERAL (
+                          -- One index probe per key and level, whatever the level holds (the
+                          -- LIMIT keeps the planner from hashing the level's whole table).
+                          SELECT r.bits FROM usage_key_filter_rows r
+                           WHERE r.level = l.level
+                             AND r.block = usage_key_level_block(p.key_hash, l.blocks)
+                           LIMIT 1) f
                      JOIN UNNEST($20::int2[], $22::int2[], $23::int4[], $24::int4[])
                           AS m(level, slot, first_gen, last_gen) ON m.level = l.level
                     WHERE usage_key_level_maybe(f.bits, m.slot, p.key_hash)
