@@ -1095,8 +1095,18 @@ async fn a_key_check_reads_one_filter_row_per_level(owner: PgPool) {
     .fetch_one(&mut *tx)
     .await
     .unwrap();
+    // The member (the closed hour) is read only for the keys its filter lets through.
+    let member: (i64, i64) = sqlx::query_as(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables
+          WHERE relname = 'usage_event_keys_g1'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
     tx.rollback().await.unwrap();
     // 1,000 event keys, one level with members: at most a row each (and no sequential read).
     assert_eq!(scanned, fetched, "no sequential scan of the filter table");
     assert!(fetched <= 1000, "{fetched} filter rows read for 1,000 keys");
+    assert_eq!(member.0, 0, "no sequential scan of a member");
+    assert!(member.1 <= 50, "{} probes of the member for 1,000 new keys", member.1);
 }

@@ -297,19 +297,28 @@ pub async fn insert(
                 + (SELECT count(*) FROM UNNEST($16::uuid[]) AS p(key_hash)
                     CROSS JOIN (SELECT DISTINCT level, blocks
                                   FROM UNNEST($20::int2[], $21::int4[]) AS l(level, blocks)) l
+                    -- Each step reads what the one before found, in this order (LIMIT and
+                    -- OFFSET keep the planner from reordering or flattening them): a filter
+                    -- row per key and level, one index probe whatever the level holds; the
+                    -- members whose filter says "maybe" (about 1 % each); for each of those,
+                    -- one probe of that member's partition alone.
                     CROSS JOIN LATERAL (
-                          -- One index probe per key and level, whatever the level holds (the
-                          -- LIMIT keeps the planner from hashing the level's whole table).
                           SELECT r.bits FROM usage_key_filter_rows r
                            WHERE r.level = l.level
                              AND r.block = usage_key_level_block(p.key_hash, l.blocks)
                            LIMIT 1) f
-                     JOIN UNNEST($20::int2[], $22::int2[], $23::int4[], $24::int4[])
-                          AS m(level, slot, first_gen, last_gen) ON m.level = l.level
-                    WHERE usage_key_level_maybe(f.bits, m.slot, p.key_hash)
-                      AND EXISTS (SELECT FROM usage_event_keys k
-                                   WHERE k.generation BETWEEN m.first_gen AND m.last_gen
-                                     AND k.tenant_id = $1 AND k.key_hash = p.key_hash))
+                    CROSS JOIN LATERAL (
+                          SELECT m.first_gen, m.last_gen
+                            FROM UNNEST($20::int2[], $22::int2[], $23::int4[], $24::int4[])
+                                 AS m(level, slot, first_gen, last_gen)
+                           WHERE m.level = l.level
+                             AND usage_key_level_maybe(f.bits, m.slot, p.key_hash)
+                          OFFSET 0) c
+                    CROSS JOIN LATERAL (
+                          SELECT FROM usage_event_keys k
+                           WHERE k.generation BETWEEN c.first_gen AND c.last_gen
+                             AND k.tenant_id = $1 AND k.key_hash = p.key_hash
+                           LIMIT 1) hit)
                   AS "earlier!""#,
         tenant.0,
         source.as_str(),
