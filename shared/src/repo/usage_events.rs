@@ -300,19 +300,34 @@ pub async fn insert(
                     -- Each step reads what the one before found, in this order (LIMIT and
                     -- OFFSET keep the planner from reordering or flattening them): a filter
                     -- row per key and level, one index probe whatever the level holds; the
-                    -- members whose filter says "maybe" (about 1 % each); for each of those,
-                    -- one probe of that member's partition alone.
+                    -- key's six bit positions, computed once (usage_key_level_maybe, unrolled:
+                    -- it computed them again for every member); the members whose six bits are
+                    -- set (about 1 % each); for each of those, one probe of that member's
+                    -- partition alone.
                     CROSS JOIN LATERAL (
-                          SELECT r.bits FROM usage_key_filter_rows r
+                          SELECT r.bits::"bit" AS bits FROM usage_key_filter_rows r
                            WHERE r.level = l.level
                              AND r.block = usage_key_level_block(p.key_hash, l.blocks)
                            LIMIT 1) f
+                    CROSS JOIN LATERAL (
+                          SELECT usage_key_level_bit(p.key_hash, 0) AS b0,
+                                 usage_key_level_bit(p.key_hash, 1) AS b1,
+                                 usage_key_level_bit(p.key_hash, 2) AS b2,
+                                 usage_key_level_bit(p.key_hash, 3) AS b3,
+                                 usage_key_level_bit(p.key_hash, 4) AS b4,
+                                 usage_key_level_bit(p.key_hash, 5) AS b5
+                          OFFSET 0) b
                     CROSS JOIN LATERAL (
                           SELECT m.first_gen, m.last_gen
                             FROM UNNEST($20::int2[], $22::int2[], $23::int4[], $24::int4[])
                                  AS m(level, slot, first_gen, last_gen)
                            WHERE m.level = l.level
-                             AND usage_key_level_maybe(f.bits, m.slot, p.key_hash)
+                             AND get_bit(f.bits, m.slot * 512 + b.b0) = 1
+                             AND get_bit(f.bits, m.slot * 512 + b.b1) = 1
+                             AND get_bit(f.bits, m.slot * 512 + b.b2) = 1
+                             AND get_bit(f.bits, m.slot * 512 + b.b3) = 1
+                             AND get_bit(f.bits, m.slot * 512 + b.b4) = 1
+                             AND get_bit(f.bits, m.slot * 512 + b.b5) = 1
                           OFFSET 0) c
                     CROSS JOIN LATERAL (
                           SELECT FROM usage_event_keys k
