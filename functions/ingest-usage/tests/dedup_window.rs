@@ -1108,5 +1108,9 @@ async fn a_key_check_reads_one_filter_row_per_level(owner: PgPool) {
     assert_eq!(scanned, fetched, "no sequential scan of the filter table");
     assert!(fetched <= 1000, "{fetched} filter rows read for 1,000 keys");
     assert_eq!(member.0, 0, "no sequential scan of a member");
-    assert!(member.1 <= 50, "{} probes of the member for 1,000 new keys", member.1);
+    assert!(
+        member.1 <= 50,
+        "{} probes of the member for 1,000 new keys",
+        member.1
+    );
 }
