@@ -19,7 +19,8 @@ use meterbridge::Database;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-const METRICS: [&str; 10] = [
+/// The ten metrics of the aggregation and maintenance workloads (all in the catalog).
+pub(crate) const METRICS: [&str; 10] = [
     "api.requests",
     "api.requests.successful",
     "api.requests.failed",
@@ -32,7 +33,7 @@ const METRICS: [&str; 10] = [
     "integrations.api.calls",
 ];
 
-fn env_usize(name: &str, default: usize) -> usize {
+pub(crate) fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())

@@ -48,6 +48,8 @@ use meterbridge::Services;
 use serde_json::{json, Value};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
+use crate::aggregate::{env_usize, METRICS};
+
 const DATABASE: &str = "meterbridge_sim";
 /// The projected size of the database per event, its keys and indexes included.
 const BYTES_PER_EVENT: u64 = 512;
@@ -64,26 +66,6 @@ const KEY_MAINTENANCE_TIME: Duration = Duration::from_secs(240);
 /// How the compaction is called, as printed.
 const COMPACTION: &str =
     "usage_storage::compact step by step, each step its own transaction, within 240 s";
-
-const METRICS: [&str; 10] = [
-    "api.requests",
-    "api.requests.successful",
-    "api.requests.failed",
-    "leads.processed",
-    "leads.qualified",
-    "leads.routed",
-    "scoring.requests",
-    "voice.minutes.authorized",
-    "voice.calls.completed",
-    "integrations.api.calls",
-];
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Settings {
     days: usize,
