@@ -19,6 +19,27 @@ use meterbridge::Database;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+/// Deletes every Redis counter of `tenants` (`usage:{tenant}:*`).
+pub(crate) async fn delete_counters<T: std::fmt::Display>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    tenants: &[T],
+) {
+    for tenant in tenants {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("usage:{{{tenant}}}:*"))
+            .query_async(conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
 /// The ten metrics of the aggregation and maintenance workloads (all in the catalog).
 pub(crate) const METRICS: [&str; 10] = [
     "api.requests",
@@ -273,20 +294,7 @@ pub async fn run(owner: &PgPool, repeat: usize) {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut repairs = Vec::new();
     for _ in 0..repeat {
-        for tenant in &tenants {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("usage:{{{tenant}}}:*"))
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if !keys.is_empty() {
-                let _: () = redis::cmd("DEL")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
-        }
+        delete_counters(&mut conn, &tenants).await;
         let aggregator = Aggregator::new(&ops, Some(&redis), config);
         let started = Instant::now();
         let repair = aggregator.repair_counters(Utc::now()).await;

@@ -48,7 +48,7 @@ use meterbridge::Services;
 use serde_json::{json, Value};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use crate::aggregate::{env_usize, METRICS};
+use crate::aggregate::{delete_counters, env_usize, METRICS};
 
 const DATABASE: &str = "meterbridge_sim";
 /// The projected size of the database per event, its keys and indexes included.
@@ -761,20 +761,7 @@ pub async fn run(admin_url: &str) {
     // Cleanup: the simulation's counters in Redis, and its database.
     let client = redis::Client::open(meterbridge::testing::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for tenant in &tenants {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("usage:{{{tenant}}}:*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-    }
+    delete_counters(&mut conn, &tenants).await;
     owner.close().await;
     drop(jobs);
     drop(apps);
