@@ -10,8 +10,9 @@ use rand::RngCore;
 
 use crate::clock::Clock;
 use crate::db::{Database, DbError};
+use crate::domain::rate_limit::Limits;
 use crate::domain::{Scope, Scopes, SourceService, TenantId, TenantStatus, Trust};
-use crate::repo::api_keys;
+use crate::repo::{api_keys, rate_limits};
 use crate::ttl_cache::TtlCache;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -90,6 +91,9 @@ pub struct Caller {
     pub source: SourceService,
     pub trust: Trust,
     pub scopes: Scopes,
+    /// The key's rate limits: its trust's defaults with its tenant's and its own overrides,
+    /// read with the key and cached with it.
+    pub limits: Limits,
 }
 
 impl Caller {
@@ -193,6 +197,8 @@ impl Authenticator {
         if let Err(e) = api_keys::touch(&mut *conn, candidate.key_id).await {
             tracing::warn!(error = %e, "could not record API key use");
         }
+        let (tenant_limits, key_limits) =
+            rate_limits::of_key(&mut *conn, candidate.key_id, &presented.hash).await?;
         Ok(Verdict::Valid(Caller {
             key_id: candidate.key_id,
             key_prefix: presented.prefix.clone(),
@@ -201,6 +207,7 @@ impl Authenticator {
             source: candidate.source_service,
             trust: candidate.trust,
             scopes: candidate.scopes,
+            limits: Limits::resolve(candidate.trust, &tenant_limits, &key_limits),
         }))
     }
 }

@@ -82,6 +82,14 @@ impl FrozenClock {
         })
     }
 
+    /// Stopped at `at`, by the wall clock.
+    pub fn at(at: DateTime<Utc>) -> Arc<Self> {
+        Arc::new(FrozenClock {
+            monotonic: Instant::now(),
+            wall: std::sync::Mutex::new(SystemTime::from(at)),
+        })
+    }
+
     pub fn advance_wall(&self, by: Duration) {
         if let Ok(mut wall) = self.wall.lock() {
             *wall += by;

@@ -13,7 +13,11 @@ use tracing::Instrument;
 use crate::auth::{Authenticator, Caller};
 use crate::db::Database;
 use crate::domain::Scope;
-use crate::http::{correlation_id, presented_api_key, ApiError, CORRELATION_HEADER};
+use crate::http::{
+    correlation_id, insert_rate_limit_headers, presented_api_key, ApiError, CORRELATION_HEADER,
+};
+use crate::rate_limit::{self, Ask, Decision, Lease, RateLimiter};
+use crate::redis::Redis;
 
 /// How a route proves who calls it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,19 @@ pub trait HttpApi: Sync {
 
     fn database(&self) -> &Database;
     fn authenticator(&self) -> &Authenticator;
+
+    /// The function's rate limiter (`None`: limits are off), and the Redis its budgets live in
+    /// (`None`: this container's budgets only).
+    fn rate_limiter(&self) -> Option<&RateLimiter>;
+    fn redis(&self) -> Option<&Redis>;
+
+    /// What a request of `route` weighs against the event budgets: the number of events it
+    /// carries (0: the route takes none, and no event budget is charged). Read before the body
+    /// is parsed for real, so it must be cheap and must not fail (a malformed body weighs 0,
+    /// and is refused later).
+    fn events_in(&self, _route: &Self::Route, _request: &Request) -> u32 {
+        0
+    }
 
     /// Matches a path (already stripped of any stage prefix, see [`api_path`]): 404 for no
     /// such path, 405 for a known path with another method.
@@ -104,12 +121,7 @@ pub async fn handle<A: HttpApi>(api: &A, request: Request) -> Response<Body> {
         let path = request.uri().path().to_owned();
         let mut response = match dispatch(api, &request, &correlation).await {
             Ok(response) => response,
-            Err(error) => {
-                if matches!(error, ApiError::Internal) {
-                    tracing::error!("request failed with an internal error");
-                }
-                error.into_response(Some(&path), Some(&correlation))
-            }
+            Err(error) => error_response(error, &path, &correlation),
         };
         if let Ok(value) = HeaderValue::from_str(&correlation) {
             response.headers_mut().insert(CORRELATION_HEADER, value);
@@ -125,14 +137,21 @@ pub async fn handle<A: HttpApi>(api: &A, request: Request) -> Response<Body> {
     .await
 }
 
+fn error_response(error: ApiError, path: &str, correlation: &str) -> Response<Body> {
+    if matches!(error, ApiError::Internal) {
+        tracing::error!("request failed with an internal error");
+    }
+    error.into_response(Some(path), Some(correlation))
+}
+
 async fn dispatch<A: HttpApi>(
     api: &A,
     request: &Request,
     correlation: &str,
 ) -> Result<Response<Body>, ApiError> {
     let (route, access) = api.route(request.method(), api_path(request.uri().path()))?;
-    let caller = match access {
-        Access::Public => None,
+    let (caller, admission) = match access {
+        Access::Public => (None, None),
         Access::ApiKey(scope) => {
             let caller = api
                 .authenticator()
@@ -140,7 +159,9 @@ async fn dispatch<A: HttpApi>(
                 .await?;
             record_tenant(&caller);
             caller.require(scope)?;
-            Some(caller)
+            let events = api.events_in(&route, request);
+            let admission = admit(api, &caller, events).await?;
+            (Some(caller), admission)
         }
     };
     let trace_header = request
@@ -153,7 +174,61 @@ async fn dispatch<A: HttpApi>(
         correlation_id: correlation.to_owned(),
         trace_header,
     };
-    api.call(route, call).await
+    let outcome = api.call(route, call).await;
+    let Some(admission) = admission else {
+        return outcome;
+    };
+    if let Some(lease) = admission.lease {
+        lease.release().await;
+    }
+    let mut response = match outcome {
+        Ok(response) => response,
+        Err(error) => error_response(error, request.uri().path(), correlation),
+    };
+    insert_rate_limit_headers(response.headers_mut(), &admission.policy, &admission.state);
+    Ok(response)
+}
+
+/// A request the rate limiter let through: its headers, and its in-flight slot.
+struct Admission {
+    policy: String,
+    state: String,
+    lease: Option<Lease>,
+}
+
+/// Charges the request against its key's and tenant's budgets, before any database work of the
+/// endpoint: over a limit, 429 and nothing read or written.
+async fn admit<A: HttpApi>(
+    api: &A,
+    caller: &Caller,
+    events: u32,
+) -> Result<Option<Admission>, ApiError> {
+    let Some(limiter) = api.rate_limiter() else {
+        return Ok(None);
+    };
+    let ask = Ask {
+        tenant: caller.tenant_id,
+        key_id: caller.key_id,
+        limits: caller.limits,
+        events,
+    };
+    match limiter.check(api.redis(), &ask).await {
+        Decision::Allowed { budgets, lease, .. } => Ok(Some(Admission {
+            policy: rate_limit::policy_header(&budgets),
+            state: rate_limit::state_header(&budgets),
+            lease,
+        })),
+        Decision::Limited(limited) => {
+            metrics::counter!("RateLimited").increment(1);
+            Err(ApiError::RateLimited {
+                detail: limited.detail(),
+                retry_after_secs: (!limited.never)
+                    .then(|| rate_limit::retry_after_secs(limited.retry_after)),
+                policy: rate_limit::policy_header(&limited.budgets),
+                state: rate_limit::state_header(&limited.budgets),
+            })
+        }
+    }
 }
 
 /// Puts the caller's tenant and key prefix on the request span (the key itself is never

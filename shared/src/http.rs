@@ -84,6 +84,16 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u32,
     },
+    /// A rate limit refused the request before anything was read or written.
+    #[error("{detail}")]
+    RateLimited {
+        detail: String,
+        /// `None` when no wait makes the request pass (it costs more than a burst).
+        retry_after_secs: Option<u64>,
+        /// The `RateLimit-Policy` and `RateLimit` header values.
+        policy: String,
+        state: String,
+    },
     #[error("internal error")]
     Internal,
 }
@@ -101,6 +111,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -120,6 +131,7 @@ impl ApiError {
             }
             ApiError::Unprocessable { .. } => ("validation_failed", "Validation failed"),
             ApiError::Unavailable { .. } => ("service_unavailable", "Service unavailable"),
+            ApiError::RateLimited { .. } => ("rate_limited", "Too many requests"),
             ApiError::Internal => ("internal_error", "Internal error"),
         }
     }
@@ -166,6 +178,17 @@ impl ApiError {
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
+            ApiError::RateLimited {
+                retry_after_secs,
+                policy,
+                state,
+                ..
+            } => {
+                if let Some(secs) = retry_after_secs {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+                }
+                insert_rate_limit_headers(headers, policy, state);
+            }
             ApiError::Unauthorized(_) => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
@@ -175,6 +198,21 @@ impl ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// The `RateLimit-Policy` and `RateLimit` headers (IETF draft-ietf-httpapi-ratelimit-headers).
+pub const RATE_LIMIT_POLICY_HEADER: &str = "ratelimit-policy";
+pub const RATE_LIMIT_HEADER: &str = "ratelimit";
+
+pub fn insert_rate_limit_headers(headers: &mut header::HeaderMap, policy: &str, state: &str) {
+    for (name, value) in [
+        (RATE_LIMIT_POLICY_HEADER, policy),
+        (RATE_LIMIT_HEADER, state),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(header::HeaderName::from_static(name), value);
+        }
     }
 }
 

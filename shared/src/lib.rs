@@ -13,6 +13,7 @@ pub mod edge;
 pub mod http;
 pub mod json;
 pub mod payment_transition;
+pub mod rate_limit;
 pub mod redis;
 pub mod relay;
 pub mod repo;

@@ -25,6 +25,7 @@ const REVIEWED: &[&str] = &[
     // against the tenant-bound key table), reads the catalog and its own tenant's rollups. Nothing of payments, the outbox
     // or tenants.
     "meterbridge_ingest: CONNECT ON DATABASE",
+    "meterbridge_ingest: EXECUTE ON FUNCTION api_key_rate_limits(uuid,bytea)",
     "meterbridge_ingest: EXECUTE ON FUNCTION authenticate_api_key(text)",
     "meterbridge_ingest: EXECUTE ON FUNCTION current_tenant_id()",
     "meterbridge_ingest: EXECUTE ON FUNCTION touch_api_key(uuid)",
@@ -73,6 +74,7 @@ const REVIEWED: &[&str] = &[
     // published_at, which the server stamps); reads the currencies. Nothing of usage, nothing
     // deleted, tenants and keys never read.
     "meterbridge_payments: CONNECT ON DATABASE",
+    "meterbridge_payments: EXECUTE ON FUNCTION api_key_rate_limits(uuid,bytea)",
     "meterbridge_payments: EXECUTE ON FUNCTION authenticate_api_key(text)",
     "meterbridge_payments: EXECUTE ON FUNCTION current_tenant_id()",
     "meterbridge_payments: EXECUTE ON FUNCTION touch_api_key(uuid)",
@@ -116,13 +118,16 @@ const REVIEWED: &[&str] = &[
     "meterbridge_payments: USAGE ON SCHEMA public",
     // The owner of the SECURITY DEFINER functions: cannot log in; reads the columns key lookup
     // needs and writes last_used_at, nothing else.
+    "meterbridge_definer: EXECUTE ON FUNCTION api_key_rate_limits(uuid,bytea)",
     "meterbridge_definer: EXECUTE ON FUNCTION authenticate_api_key(text)",
     "meterbridge_definer: EXECUTE ON FUNCTION touch_api_key(uuid)",
     "meterbridge_definer: EXECUTE ON FUNCTION webhook_tenant(text)",
+    "meterbridge_definer: OWNER OF FUNCTION api_key_rate_limits(uuid,bytea)",
     "meterbridge_definer: OWNER OF FUNCTION authenticate_api_key(text)",
     "meterbridge_definer: OWNER OF FUNCTION touch_api_key(uuid)",
     "meterbridge_definer: OWNER OF FUNCTION webhook_tenant(text)",
     "meterbridge_definer: POLICY definer_look_up SELECT ON api_keys USING true",
+    "meterbridge_definer: POLICY definer_look_up SELECT ON rate_limit_overrides USING true",
     "meterbridge_definer: POLICY definer_look_up SELECT ON tenants USING true",
     "meterbridge_definer: POLICY definer_touch UPDATE ON api_keys USING true WITH CHECK true",
     "meterbridge_definer: ROLE NOLOGIN",
@@ -138,6 +143,7 @@ const REVIEWED: &[&str] = &[
     "meterbridge_definer: SELECT ON COLUMN tenants.id",
     "meterbridge_definer: SELECT ON COLUMN tenants.slug",
     "meterbridge_definer: SELECT ON COLUMN tenants.status",
+    "meterbridge_definer: SELECT ON TABLE rate_limit_overrides",
     "meterbridge_definer: UPDATE ON COLUMN api_keys.last_used_at",
     "meterbridge_definer: USAGE ON SCHEMA public",
     // The scheduled functions' role. Reads across tenants what aggregation and the relay read
@@ -230,7 +236,17 @@ async fn security_definer_functions_are_pinned_and_powerless(owner: PgPool) {
     .fetch_all(&owner)
     .await
     .unwrap();
-    assert_eq!(functions.len(), 3, "{functions:?}");
+    let names: Vec<&str> = functions.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "api_key_rate_limits(uuid,bytea)",
+            "authenticate_api_key(text)",
+            "touch_api_key(uuid)",
+            "webhook_tenant(text)"
+        ],
+        "the reviewed SECURITY DEFINER functions"
+    );
     for (name, config, owner_role, superuser, login) in functions {
         assert_eq!(
             config,

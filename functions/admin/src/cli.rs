@@ -117,6 +117,51 @@ enum TenantAction {
     Disable { slug: String },
     /// List tenants
     List,
+    /// A tenant's rate limits: the defaults and its overrides
+    Limits {
+        #[command(subcommand)]
+        action: LimitsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitsAction {
+    /// Override a tenant's limits, or one of its keys' (--key); audited
+    Set {
+        tenant: String,
+        /// The key's prefix (its public id); absent: the tenant's own budgets
+        #[arg(long = "key")]
+        api_key_prefix: Option<String>,
+        #[arg(long)]
+        requests_per_second: Option<u32>,
+        /// Default: twice the rate
+        #[arg(long)]
+        request_burst: Option<u32>,
+        #[arg(long)]
+        events_per_second: Option<u32>,
+        /// Default: twice the rate, at least 1000
+        #[arg(long)]
+        event_burst: Option<u32>,
+        /// The tenant's requests in flight at once (not per key)
+        #[arg(long)]
+        max_in_flight: Option<u32>,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// The defaults by key trust and the tenant's overrides
+    Show { tenant: String },
+    /// Remove a tenant's (or one key's) overrides; audited
+    Clear {
+        tenant: String,
+        #[arg(long = "key")]
+        api_key_prefix: Option<String>,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        actor: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +196,41 @@ impl Cli {
                 TenantAction::Create { slug, name } => Command::TenantCreate { slug, name },
                 TenantAction::Disable { slug } => Command::TenantDisable { slug },
                 TenantAction::List => Command::TenantList,
+                TenantAction::Limits { action } => match action {
+                    LimitsAction::Set {
+                        tenant,
+                        api_key_prefix,
+                        requests_per_second,
+                        request_burst,
+                        events_per_second,
+                        event_burst,
+                        max_in_flight,
+                        reason,
+                        actor,
+                    } => Command::TenantLimitsSet {
+                        tenant,
+                        api_key_prefix,
+                        requests_per_second,
+                        request_burst,
+                        events_per_second,
+                        event_burst,
+                        max_in_flight,
+                        reason,
+                        actor,
+                    },
+                    LimitsAction::Show { tenant } => Command::TenantLimitsShow { tenant },
+                    LimitsAction::Clear {
+                        tenant,
+                        api_key_prefix,
+                        reason,
+                        actor,
+                    } => Command::TenantLimitsClear {
+                        tenant,
+                        api_key_prefix,
+                        reason,
+                        actor,
+                    },
+                },
             },
             Action::ApiKey { action } => match action {
                 ApiKeyAction::Create {
@@ -230,6 +310,31 @@ mod tests {
     #[test]
     fn cli_builds_the_same_commands_as_payloads() {
         assert_eq!(parse(&["migrate"]).unwrap(), Command::Migrate);
+        assert_eq!(
+            parse(&[
+                "tenant",
+                "limits",
+                "set",
+                "acme",
+                "--key",
+                "0123456789ab",
+                "--events-per-second",
+                "500",
+                "--reason",
+                "partner retry loop",
+            ])
+            .unwrap(),
+            serde_json::from_value::<Command>(serde_json::json!({
+                "action": "tenant.limits.set", "tenant": "acme", "apiKeyPrefix": "0123456789ab",
+                "eventsPerSecond": 500, "reason": "partner retry loop"}))
+            .unwrap()
+        );
+        assert_eq!(
+            parse(&["tenant", "limits", "show", "acme"]).unwrap(),
+            Command::TenantLimitsShow {
+                tenant: "acme".into()
+            }
+        );
         assert_eq!(
             parse(&[
                 "usage",

@@ -20,6 +20,43 @@ pub enum Command {
     TenantDisable { slug: String },
     #[serde(rename = "tenant.list")]
     TenantList,
+    /// Overrides a tenant's rate limits (no `apiKeyPrefix`: its budgets together and its
+    /// requests in flight) or one of its keys'; fields left out keep their current value.
+    /// Audited in rate_limit_audit; the API functions apply it within their key cache's 60 s.
+    #[serde(rename = "tenant.limits.set", rename_all = "camelCase")]
+    TenantLimitsSet {
+        tenant: String,
+        #[serde(default)]
+        api_key_prefix: Option<String>,
+        #[serde(default)]
+        requests_per_second: Option<u32>,
+        /// Defaults to twice the rate.
+        #[serde(default)]
+        request_burst: Option<u32>,
+        #[serde(default)]
+        events_per_second: Option<u32>,
+        /// Defaults to twice the rate, and at least a full batch (1,000).
+        #[serde(default)]
+        event_burst: Option<u32>,
+        #[serde(default)]
+        max_in_flight: Option<u32>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// The defaults by key trust and the tenant's overrides.
+    #[serde(rename = "tenant.limits.show")]
+    TenantLimitsShow { tenant: String },
+    /// Removes a tenant's (or one key's) overrides: the defaults apply again. Audited.
+    #[serde(rename = "tenant.limits.clear", rename_all = "camelCase")]
+    TenantLimitsClear {
+        tenant: String,
+        #[serde(default)]
+        api_key_prefix: Option<String>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
     /// Creates a key for a tenant's service; the key is returned once and never again.
     #[serde(rename = "api-key.create")]
     ApiKeyCreate {
@@ -107,6 +144,9 @@ impl Command {
             Command::TenantCreate { .. } => "tenant.create",
             Command::TenantDisable { .. } => "tenant.disable",
             Command::TenantList => "tenant.list",
+            Command::TenantLimitsSet { .. } => "tenant.limits.set",
+            Command::TenantLimitsShow { .. } => "tenant.limits.show",
+            Command::TenantLimitsClear { .. } => "tenant.limits.clear",
             Command::ApiKeyCreate { .. } => "api-key.create",
             Command::ApiKeyRevoke { .. } => "api-key.revoke",
             Command::ApiKeyList { .. } => "api-key.list",

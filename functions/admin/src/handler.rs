@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::command::Command;
 use crate::error::AdminError;
+use crate::limits;
 
 const UNIQUE_VIOLATION: &str = "23505";
 /// The key maintenance's share of an hourly `usage.maintain` (the function has 300 s): what is
@@ -210,6 +211,50 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             Ok(json!({"tenant": tenant}))
         }
         Command::TenantList => Ok(json!({"tenants": tenants::list(db.pool()).await?})),
+        Command::TenantLimitsSet {
+            tenant,
+            api_key_prefix,
+            requests_per_second,
+            request_burst,
+            events_per_second,
+            event_burst,
+            max_in_flight,
+            reason,
+            actor,
+        } => {
+            let requested = limits::Requested {
+                requests_per_second,
+                request_burst,
+                events_per_second,
+                event_burst,
+                max_in_flight,
+            };
+            Box::pin(limits::set(
+                db,
+                &tenant,
+                api_key_prefix.as_deref(),
+                &requested,
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
+        Command::TenantLimitsShow { tenant } => Box::pin(limits::show(db, &tenant)).await,
+        Command::TenantLimitsClear {
+            tenant,
+            api_key_prefix,
+            reason,
+            actor,
+        } => {
+            Box::pin(limits::clear(
+                db,
+                &tenant,
+                api_key_prefix.as_deref(),
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
         Command::ApiKeyCreate {
             tenant,
             source,

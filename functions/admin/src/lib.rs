@@ -6,6 +6,7 @@ pub mod cli;
 pub mod command;
 pub mod error;
 pub mod handler;
+pub mod limits;
 
 pub use command::Command;
 pub use error::AdminError;

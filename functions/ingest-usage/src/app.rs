@@ -6,6 +6,7 @@ use std::sync::Arc;
 use meterbridge::auth::Authenticator;
 use meterbridge::clock::{Stamp, SystemClock};
 use meterbridge::domain::MetricCatalog;
+use meterbridge::rate_limit::RateLimiter;
 use meterbridge::repo::metrics;
 use meterbridge::{DbError, Services, StartupError};
 use tokio::sync::RwLock;
@@ -16,6 +17,8 @@ pub struct App {
     pub services: Services,
     pub config: IngestConfig,
     pub auth: Authenticator,
+    /// Per-key and per-tenant budgets (`None`: limits are off).
+    pub limiter: Option<RateLimiter>,
     catalog: RwLock<Option<(Stamp, Arc<MetricCatalog>)>>,
 }
 
@@ -28,7 +31,10 @@ impl App {
 
     pub fn new(services: Services, config: IngestConfig) -> Self {
         App {
-            auth: Authenticator::new(config.auth_cache_ttl),
+            auth: Authenticator::with_clock(config.auth_cache_ttl, Arc::clone(&services.clock)),
+            limiter: config
+                .rate_limits
+                .limiter("usage", Arc::clone(&services.clock)),
             services,
             config,
             catalog: RwLock::new(None),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use meterbridge::config::{ConfigError, Env};
 use meterbridge::domain::usage::EventLimits;
+use meterbridge::rate_limit::RateLimitConfig;
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -26,6 +27,8 @@ pub struct IngestConfig {
     pub default_list_span: chrono::Duration,
     /// The widest window a listing may read.
     pub max_list_span: chrono::Duration,
+    /// Per-key and per-tenant rate limits and the tenant's requests in flight.
+    pub rate_limits: RateLimitConfig,
 }
 
 impl IngestConfig {
@@ -46,6 +49,10 @@ impl IngestConfig {
             max_page_bytes: 4_000_000,
             default_list_span: chrono::Duration::days(1),
             max_list_span: chrono::Duration::days(31),
+            rate_limits: RateLimitConfig {
+                enabled: true,
+                lease_for: Duration::from_secs(60),
+            },
         }
     }
 
@@ -107,6 +114,7 @@ impl IngestConfig {
                 d.max_list_span.num_days() as u64,
                 1..=366,
             )? as i64),
+            rate_limits: RateLimitConfig::from(env)?,
         })
     }
 }

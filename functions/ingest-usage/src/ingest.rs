@@ -53,6 +53,40 @@ pub async fn post_events(
     ))
 }
 
+/// The number of events in a batch body, counted without building them: what the batch weighs
+/// against the rate limiter's event budgets. 0 when the body is not a batch, which the parse
+/// proper then refuses with its reason (it reads the same JSON, stricter: duplicate keys too).
+pub fn count_events(body: &[u8]) -> u32 {
+    struct Count(u32);
+    impl<'de> serde::Deserialize<'de> for Count {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Items;
+            impl<'de> serde::de::Visitor<'de> for Items {
+                type Value = Count;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an array of events")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Count, A::Error> {
+                    let mut n = 0u32;
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                        n = n.saturating_add(1);
+                    }
+                    Ok(Count(n))
+                }
+            }
+            d.deserialize_seq(Items)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        events: Count,
+    }
+    serde_json::from_slice::<Batch>(body).map_or(0, |b| b.events.0)
+}
+
 /// The `events` array of `{"events": [...]}`, within the batch limit.
 pub fn take_events(body: Value, max_events: usize) -> Result<Vec<Value>, ApiError> {
     let Value::Object(mut top) = body else {
@@ -239,4 +273,27 @@ pub async fn ingest_batch(
         "batch ingested"
     );
     Ok((counts, results))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_weighs_its_events() {
+        assert_eq!(
+            count_events(br#"{"events": [{"a": 1}, {}, [1, {"x": [2]}]]}"#),
+            3
+        );
+        assert_eq!(count_events(br#"{"other": 1, "events": []}"#), 0);
+        for not_a_batch in [
+            &b"{}"[..],
+            b"[]",
+            br#"{"events": 5}"#,
+            br#"{"events": ["#,
+            b"",
+        ] {
+            assert_eq!(count_events(not_a_batch), 0);
+        }
+    }
 }

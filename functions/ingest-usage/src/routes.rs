@@ -7,6 +7,8 @@ use meterbridge::auth::Authenticator;
 use meterbridge::domain::Scope;
 use meterbridge::edge::{self, Access, Call, HttpApi};
 use meterbridge::http::ApiError;
+use meterbridge::rate_limit::RateLimiter;
+use meterbridge::redis::Redis;
 use meterbridge::Database;
 
 use crate::app::App;
@@ -107,6 +109,21 @@ impl HttpApi for App {
 
     fn authenticator(&self) -> &Authenticator {
         &self.auth
+    }
+
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.limiter.as_ref()
+    }
+
+    fn redis(&self) -> Option<&Redis> {
+        self.services.redis.as_ref()
+    }
+
+    fn events_in(&self, route: &Route, request: &Request) -> u32 {
+        match route {
+            Route::PostEvents => ingest::count_events(request.body().as_ref()),
+            _ => 0,
+        }
     }
 
     fn route(&self, method: &Method, path: &str) -> Result<(Route, Access), ApiError> {

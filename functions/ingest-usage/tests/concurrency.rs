@@ -25,6 +25,7 @@ const METRICS: [&str; 3] = ["api.requests", "leads.routed", "scoring.requests"];
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn overlapping_batches_in_shuffled_orders_store_each_event_once(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
+    fx.allow_in_flight(36).await;
     let mut apps = Vec::new();
     for _ in 0..12 {
         apps.push(Arc::new(fx.app(&[("DB_MAX_CONNECTIONS", "1")]).await));

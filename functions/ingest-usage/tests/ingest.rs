@@ -77,6 +77,7 @@ async fn twenty_concurrent_submissions_store_and_count_each_event_once(owner: Pg
         .map(|n| fx.event(n, "scoring.requests", 3))
         .collect();
     let body = json!({"events": batch});
+    fx.allow_in_flight(20).await;
     // Twenty containers, each with its own pool, submitting the same batch at once.
     let mut apps = Vec::new();
     for _ in 0..20 {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use meterbridge::auth::Authenticator;
 use meterbridge::clock::{Stamp, SystemClock};
 use meterbridge::domain::TenantId;
+use meterbridge::rate_limit::RateLimiter;
 use meterbridge::relay::Relay;
 use meterbridge::repo::payments;
 use meterbridge::ttl_cache::TtlCache;
@@ -27,6 +28,8 @@ pub struct App {
     pub services: Services,
     pub config: PaymentsConfig,
     pub auth: Authenticator,
+    /// Per-key and per-tenant budgets (`None`: limits are off).
+    pub limiter: Option<RateLimiter>,
     currencies: RwLock<Option<(Stamp, Arc<Currencies>)>>,
     /// Webhook endpoints' signing secrets, and the absence of any, per `<provider>/<slug>`:
     /// reused for the secrets' TTL, so a rotation bites within it.
@@ -44,7 +47,10 @@ impl App {
 
     pub fn new(services: Services, config: PaymentsConfig) -> Self {
         App {
-            auth: Authenticator::new(config.auth_cache_ttl),
+            auth: Authenticator::with_clock(config.auth_cache_ttl, Arc::clone(&services.clock)),
+            limiter: config
+                .rate_limits
+                .limiter("payments", Arc::clone(&services.clock)),
             webhook_secrets: TtlCache::new(
                 services.config.secrets_ttl,
                 WEBHOOK_ENDPOINTS_CACHED,

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use meterbridge::config::{ConfigError, Env};
+use meterbridge::rate_limit::RateLimitConfig;
 
 #[derive(Debug, Clone)]
 pub struct PaymentsConfig {
@@ -26,6 +27,8 @@ pub struct PaymentsConfig {
     pub fast_path: Option<meterbridge::relay::RelayConfig>,
     /// How long the fast path may add to a request before it leaves the event to the relay.
     pub fast_path_timeout: Duration,
+    /// Per-key and per-tenant request budgets and the tenant's requests in flight.
+    pub rate_limits: RateLimitConfig,
 }
 
 impl PaymentsConfig {
@@ -78,6 +81,7 @@ impl PaymentsConfig {
                 }
             },
             fast_path_timeout: env.millis_or("FAST_PATH_TIMEOUT_MS", 1000, 10..=10_000)?,
+            rate_limits: RateLimitConfig::from(env)?,
         })
     }
 }

@@ -7,6 +7,8 @@ use meterbridge::auth::Authenticator;
 use meterbridge::domain::Scope;
 use meterbridge::edge::{self, Access, Call, HttpApi};
 use meterbridge::http::ApiError;
+use meterbridge::rate_limit::RateLimiter;
+use meterbridge::redis::Redis;
 use meterbridge::Database;
 use uuid::Uuid;
 
@@ -106,6 +108,14 @@ impl HttpApi for App {
 
     fn authenticator(&self) -> &Authenticator {
         &self.auth
+    }
+
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.limiter.as_ref()
+    }
+
+    fn redis(&self) -> Option<&Redis> {
+        self.services.redis.as_ref()
     }
 
     fn route(&self, method: &Method, path: &str) -> Result<(Route, Access), ApiError> {

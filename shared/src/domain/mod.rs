@@ -7,6 +7,7 @@ pub mod metric;
 pub mod outbox;
 pub mod payment;
 pub mod period;
+pub mod rate_limit;
 pub mod rollup;
 pub mod tenant;
 pub mod time;

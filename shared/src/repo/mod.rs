@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod payment_audit;
 pub mod payments;
+pub mod rate_limits;
 pub mod tenants;
 pub mod usage_aggregates;
 pub mod usage_changes;
