@@ -30,7 +30,9 @@ use crate::redis::{Redis, RedisConnection, RedisError};
 /// tolerance (µs) and cost (units); then the in-flight limit (0: no lease), the lease's id and
 /// its expiry (µs).
 /// Returns `{allowed (0/1), leases held before this one, TAT of budget 1 before, …}` (a TAT of
-/// -1: none). The arithmetic is [`charge`]'s; a refusal writes nothing.
+/// -1: none). The arithmetic is [`charge`]'s; a refusal writes nothing. A budget's state is kept
+/// a minute past its TAT (a TAT in the past counts as none): a container whose clock runs a
+/// little behind still finds it.
 static CHECK: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -65,7 +67,7 @@ if max_in_flight > 0 then
 end
 if allowed == 1 then
   for i = 1, n do
-    local ttl = math.floor((next_tats[i] - now) / 1000) + 1
+    local ttl = math.floor((next_tats[i] - now) / 1000) + 60000
     redis.call('SET', KEYS[i], string.format('%.0f', next_tats[i]), 'PX', ttl)
   end
   if max_in_flight > 0 then

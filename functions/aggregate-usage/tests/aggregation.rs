@@ -824,3 +824,51 @@ async fn a_stalled_watermark_is_measured_and_its_holder_named(owner: PgPool) {
     .unwrap();
     assert_eq!(total, "15");
 }
+
+/// One tenant's backfill of a year (3,650 queued cells) does not hold another tenant's one cell
+/// back: a chunk interleaves the queued tenants, so it is in the first chunk of a run.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_tenants_backfill_never_starves_another_tenants_cells(owner: PgPool) {
+    let big = meterbridge::testing::create_tenant(&owner, "big").await;
+    let small = meterbridge::testing::create_tenant(&owner, "small").await;
+    // The big tenant's cells come first in time: before, the queue was worked in time order.
+    sqlx::query(
+        "INSERT INTO usage_aggregation_queue (period_type, period_start, tenant_id, metric, reason)
+         SELECT 'daily', timestamptz '2025-01-01 00:00:00+00' + d * interval '1 day', $1, m, 'backfill'
+           FROM generate_series(0, 364) d,
+                (SELECT name AS m FROM metrics ORDER BY name LIMIT 10) metrics",
+    )
+    .bind(big.id)
+    .execute(&owner)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_aggregation_queue (period_type, period_start, tenant_id, metric, reason)
+         VALUES ('daily', timestamptz '2026-06-01 00:00:00+00', $1, 'api.requests', 'change')",
+    )
+    .bind(small.id)
+    .execute(&owner)
+    .await
+    .unwrap();
+    let mut conn = owner.acquire().await.unwrap();
+    let chunk = meterbridge::repo::usage_aggregates::next_cells(&mut conn, 50)
+        .await
+        .unwrap();
+    assert_eq!(chunk.len(), 50);
+    assert_eq!(
+        chunk.iter().filter(|c| c.tenant_id == small.id.0).count(),
+        1,
+        "the small tenant's cell is in the first chunk"
+    );
+    // The big tenant's cells still come in time order, for short partition ranges.
+    let big_days: Vec<_> = chunk
+        .iter()
+        .filter(|c| c.tenant_id == big.id.0)
+        .map(|c| c.period_start)
+        .collect();
+    assert!(big_days.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(
+        big_days.first().map(|d| d.to_rfc3339()),
+        Some("2025-01-01T00:00:00+00:00".into())
+    );
+}

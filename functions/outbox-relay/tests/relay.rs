@@ -635,3 +635,49 @@ async fn every_fixture_runs_through_the_handler(owner: PgPool) {
     files.sort();
     assert_eq!(files, ["scheduled.json", "unknown-job.json"]);
 }
+
+/// A tenant's backlog of 100,000 due rows does not hold back another tenant's one row: the
+/// claim interleaves tenants, so the other row goes out in the first claim cycle.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_tenants_backlog_never_delays_another_tenants_event(owner: PgPool) {
+    let flooding = seed_events(&owner, 100_000, 1).await;
+    // Its rows have waited an hour: before, the claim took the oldest due rows of any tenant.
+    sqlx::query(
+        "UPDATE outbox_events SET next_attempt_at = now() - interval '1 hour' WHERE tenant_id = $1",
+    )
+    .bind(flooding.id)
+    .execute(&owner)
+    .await
+    .unwrap();
+    let paying = seed_events(&owner, 1, 1).await;
+    sqlx::query("VACUUM ANALYZE outbox_events")
+        .execute(&owner)
+        .await
+        .unwrap();
+    let ops = meterbridge::testing::pool_as(&owner, meterbridge::testing::OPS_ROLE).await;
+    let mut conn = ops.acquire().await.unwrap();
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+    let before = reads(&mut tx).await;
+    let claimed = outbox::claim_due(&mut tx, Uuid::new_v4(), 60.0, 100, chrono::Utc::now())
+        .await
+        .unwrap();
+    let after = reads(&mut tx).await;
+    tx.commit().await.unwrap();
+    assert_eq!(claimed.len(), 100);
+    let of = |tenant: meterbridge::domain::TenantId| {
+        claimed.iter().filter(|c| c.tenant_id == tenant.0).count()
+    };
+    assert_eq!(
+        of(paying.id),
+        1,
+        "the other tenant's event is in the first claim"
+    );
+    assert_eq!(of(flooding.id), 99);
+    // The claim walks its indexes for what it takes, never the backlog.
+    assert_eq!(after.0 - before.0, 0, "no sequential scan");
+    assert!(
+        after.1 - before.1 <= 1_000,
+        "read {} rows",
+        after.1 - before.1
+    );
+}

@@ -98,13 +98,16 @@ pub struct Claimed {
     pub previous_status: String,
 }
 
-/// Claims up to `limit` due rows of any tenant, oldest due first: PENDING or FAILED rows whose
-/// retry time has come, and PROCESSING rows whose lease has run out — but only a row whose
-/// aggregate has no earlier event still unpublished, so one aggregate's events go out in order.
-/// A row already attempted is taken only if it was due by `run_started`: a run never retries
-/// what it failed itself (its backoff may be shorter than the run). The claim commits at once
-/// (no row lock is held while publishing): the rows become PROCESSING under `token` until
-/// `lease` from now, with one more attempt counted.
+/// Claims up to `limit` due rows, fairly across tenants: PENDING or FAILED rows whose retry
+/// time has come, and PROCESSING rows whose lease has run out — but only a row whose aggregate
+/// has no earlier event still unpublished, so one aggregate's events go out in order. Each
+/// tenant with rows not yet final is found by one probe of `outbox_events_due_by_tenant_idx`
+/// (a skip scan), its oldest due rows are taken (at most `limit`), and the tenants' rows are
+/// interleaved — every tenant's first before any tenant's second — so one tenant's backlog never
+/// delays another's rows by more than a claim. A row already attempted is taken only if it was
+/// due by `run_started`: a run never retries what it failed itself (its backoff may be shorter
+/// than the run). The claim commits at once (no row lock is held while publishing): the rows
+/// become PROCESSING under `token` until `lease` from now, with one more attempt counted.
 pub async fn claim_due(
     conn: &mut PgConnection,
     token: Uuid,
@@ -114,31 +117,57 @@ pub async fn claim_due(
 ) -> Result<Vec<Claimed>, DbError> {
     Ok(sqlx::query_as!(
         Claimed,
-        r#"WITH due AS (
-               SELECT o.id, o.status AS previous_status
-                 FROM outbox_events o
-                WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED')
-                  AND o.next_attempt_at <= now()
-                  AND (o.attempts = 0 OR o.next_attempt_at <= $4)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM outbox_events e
-                       WHERE e.tenant_id = o.tenant_id AND e.aggregate_type = o.aggregate_type
-                         AND e.aggregate_id = o.aggregate_id
-                         AND e.aggregate_sequence < o.aggregate_sequence
-                         AND e.status NOT IN ('PUBLISHED', 'SKIPPED'))
-                ORDER BY o.next_attempt_at, o.id
+        r#"WITH RECURSIVE tenants AS (
+               (SELECT o.tenant_id FROM outbox_events o
+                 WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED')
+                 ORDER BY o.tenant_id LIMIT 1)
+               UNION ALL
+               SELECT (SELECT o.tenant_id FROM outbox_events o
+                        WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED')
+                          AND o.tenant_id > t.tenant_id
+                        ORDER BY o.tenant_id LIMIT 1)
+                 FROM tenants t
+                WHERE t.tenant_id IS NOT NULL
+           ), due AS (
+               SELECT d.id, d.previous_status, d.next_attempt_at,
+                      row_number() OVER (PARTITION BY t.tenant_id
+                                         ORDER BY d.next_attempt_at, d.id) AS turn
+                 FROM tenants t
+                CROSS JOIN LATERAL (
+                      SELECT o.id, o.status AS previous_status, o.next_attempt_at
+                        FROM outbox_events o
+                       WHERE o.tenant_id = t.tenant_id
+                         AND o.status IN ('PENDING', 'PROCESSING', 'FAILED')
+                         AND o.next_attempt_at <= now()
+                         AND (o.attempts = 0 OR o.next_attempt_at <= $4)
+                         -- A probe per candidate, never an anti join over the table (which
+                         -- a large backlog can make the planner choose).
+                         AND (SELECT 1 FROM outbox_events e
+                               WHERE e.tenant_id = o.tenant_id
+                                 AND e.aggregate_type = o.aggregate_type
+                                 AND e.aggregate_id = o.aggregate_id
+                                 AND e.aggregate_sequence < o.aggregate_sequence
+                                 AND e.status NOT IN ('PUBLISHED', 'SKIPPED')
+                               LIMIT 1) IS NULL
+                       ORDER BY o.next_attempt_at, o.id
+                       LIMIT $3
+                         FOR UPDATE OF o SKIP LOCKED) d
+                WHERE t.tenant_id IS NOT NULL
+           ), chosen AS (
+               SELECT id, previous_status FROM due
+                ORDER BY turn, next_attempt_at, id
                 LIMIT $3
-                  FOR UPDATE OF o SKIP LOCKED)
+           )
            UPDATE outbox_events o
               SET status = 'PROCESSING', claim_token = $1,
                   lease_until = now() + make_interval(secs => $2),
                   next_attempt_at = now() + make_interval(secs => $2),
                   attempts = o.attempts + 1
-             FROM due
-            WHERE o.id = due.id
+             FROM chosen
+            WHERE o.id = chosen.id
         RETURNING o.id, o.tenant_id, o.event_id, o.event_type, o.payload, o.trace_header,
                   o.attempts, o.aggregate_id, o.aggregate_sequence, o.created_at,
-                  due.previous_status AS "previous_status!""#,
+                  chosen.previous_status AS "previous_status!""#,
         token,
         lease_secs,
         limit,

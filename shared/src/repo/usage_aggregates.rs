@@ -224,13 +224,34 @@ pub async fn enqueue_range(
     Ok(queued)
 }
 
-/// The next cells of the queue, grouped by period type and in time order (so a chunk's events
-/// lie in a short range of partitions).
+/// The next cells of the queue, fairly across tenants: each queued tenant's next cells (by
+/// period type and time, so its events lie in a short range of partitions), interleaved —
+/// every tenant's first cell before any tenant's second — so one tenant's backfill never holds
+/// another's cells back past the first chunk. The tenants are found by a skip scan of
+/// `usage_aggregation_queue_by_tenant`, one probe each.
 pub async fn next_cells(conn: &mut PgConnection, limit: i64) -> Result<Vec<Cell>, DbError> {
     let rows = sqlx::query!(
-        r#"SELECT period_type, period_start, tenant_id, metric
-             FROM usage_aggregation_queue
-            ORDER BY period_type, period_start, tenant_id, metric
+        r#"WITH RECURSIVE tenants AS (
+               (SELECT tenant_id FROM usage_aggregation_queue ORDER BY tenant_id LIMIT 1)
+               UNION ALL
+               SELECT (SELECT q.tenant_id FROM usage_aggregation_queue q
+                        WHERE q.tenant_id > t.tenant_id ORDER BY q.tenant_id LIMIT 1)
+                 FROM tenants t
+                WHERE t.tenant_id IS NOT NULL
+           )
+           SELECT c.period_type AS "period_type!", c.period_start AS "period_start!",
+                  t.tenant_id AS "tenant_id!", c.metric AS "metric!"
+             FROM tenants t
+            CROSS JOIN LATERAL (
+                  SELECT q.period_type, q.period_start, q.metric,
+                         row_number() OVER (ORDER BY q.period_type, q.period_start, q.metric)
+                             AS turn
+                    FROM usage_aggregation_queue q
+                   WHERE q.tenant_id = t.tenant_id
+                   ORDER BY q.period_type, q.period_start, q.metric
+                   LIMIT $1) c
+            WHERE t.tenant_id IS NOT NULL
+            ORDER BY c.turn, c.period_type, c.period_start, t.tenant_id, c.metric
             LIMIT $1"#,
         limit
     )
