@@ -33,13 +33,20 @@ const METRICS: [&str; 4] = [
     "voice.calls.completed",
 ];
 
-/// One App per caller, as separate Lambda containers would have.
+/// One App per caller, as separate Lambda containers would have, without rate limits: these
+/// workloads measure the handler's own work (the neighbours workload measures the limits).
 pub async fn build_apps(api_url: &str, callers: usize) -> Vec<Arc<App>> {
+    build_apps_with(api_url, callers, false).await
+}
+
+/// One App per caller, with the per-key and per-tenant rate limits on or off.
+pub async fn build_apps_with(api_url: &str, callers: usize, limits: bool) -> Vec<Arc<App>> {
     let mut apps = Vec::new();
     for _ in 0..callers {
         let vars: HashMap<String, String> = [
             ("DATABASE_URL".to_owned(), api_url.to_owned()),
             ("REDIS_URL".to_owned(), meterbridge::testing::redis_url()),
+            ("RATE_LIMITS_ENABLED".to_owned(), limits.to_string()),
         ]
         .into_iter()
         .collect();

@@ -16,7 +16,9 @@
 //! - `maintenance` (not in the default set): `BENCH_SIM_DAYS` (40) simulated days of ingestion
 //!   through the handler with the scheduled jobs (storage maintenance and key compaction
 //!   hourly, aggregation every 10 minutes) on the simulated clock, each job's run time per day,
-//!   and the dedup keys' write amplification; in a database of its own; see `maintenance.rs`.
+//!   and the dedup keys' write amplification; in a database of its own; see `maintenance.rs`;
+//! - `neighbours` (not in the default set): a tenant's steady traffic alone and while another
+//!   floods far over its rate limit, and the limiter's own cost; see `neighbours.rs`.
 //!
 //! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_MIGRATIONS=N`
 //! measures the schema as of migration N (the before of a schema change). `BENCH_WORKLOADS`
@@ -31,6 +33,7 @@ mod growth;
 mod ingest;
 mod maintenance;
 mod measure;
+mod neighbours;
 mod relay;
 mod verify;
 
@@ -220,6 +223,9 @@ async fn main() {
     measure::report(&rows);
     if workloads.contains("aggregate") {
         aggregate::run(&owner, repeat).await;
+    }
+    if workloads.contains("neighbours") {
+        neighbours::run(&owner, &api_url).await;
     }
     if workloads.contains("growth") {
         let sizes = list("BENCH_GROWTH_SIZES", &[10_000_000, 30_000_000]);
