@@ -117,6 +117,25 @@ async fn target(
     Ok((tenant.id, Some(key.id)))
 }
 
+/// The audited change a request names: its reason and actor checked, its tenant and key found.
+async fn change<'a>(
+    db: &Database,
+    slug: &str,
+    prefix: Option<&str>,
+    reason: &'a str,
+    actor: Option<&'a str>,
+) -> Result<Change<'a>, AdminError> {
+    let reason = checked_text(reason, "reason", 500)?;
+    let actor = checked_text(actor.unwrap_or("admin"), "actor", 128)?;
+    let (tenant, key) = target(db, slug, prefix).await?;
+    Ok(Change {
+        tenant,
+        key,
+        actor,
+        reason,
+    })
+}
+
 pub async fn set(
     db: &Database,
     slug: &str,
@@ -126,15 +145,7 @@ pub async fn set(
     actor: Option<&str>,
 ) -> Result<Value, AdminError> {
     let overrides = requested.overrides(prefix.is_some())?;
-    let reason = checked_text(reason, "reason", 500)?;
-    let actor = checked_text(actor.unwrap_or("admin"), "actor", 128)?;
-    let (tenant, key) = target(db, slug, prefix).await?;
-    let change = Change {
-        tenant,
-        key,
-        actor,
-        reason,
-    };
+    let change = change(db, slug, prefix, reason, actor).await?;
     let mut tx = db.begin().await?;
     let row = rate_limits::set(&mut tx, &change, &overrides).await?;
     tx.commit().await.map_err(DbError::from)?;
@@ -148,15 +159,7 @@ pub async fn clear(
     reason: &str,
     actor: Option<&str>,
 ) -> Result<Value, AdminError> {
-    let reason = checked_text(reason, "reason", 500)?;
-    let actor = checked_text(actor.unwrap_or("admin"), "actor", 128)?;
-    let (tenant, key) = target(db, slug, prefix).await?;
-    let change = Change {
-        tenant,
-        key,
-        actor,
-        reason,
-    };
+    let change = change(db, slug, prefix, reason, actor).await?;
     let mut tx = db.begin().await?;
     let cleared = rate_limits::clear(&mut tx, &change).await?;
     tx.commit().await.map_err(DbError::from)?;

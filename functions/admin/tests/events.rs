@@ -351,3 +351,116 @@ async fn missing_things_and_bad_arguments_have_clear_errors(owner: PgPool) {
         assert_eq!(diagnostic.error_type, error_type);
     }
 }
+
+/// `tenant.limits.*`: set per tenant and per key, shown, cleared, each change audited; a key of
+/// another tenant, a tenant-only limit on a key and a burst without its rate are refused.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn tenant_limits_are_set_shown_cleared_and_audited(owner: PgPool) {
+    use serde_json::json;
+    let db = Admin::new(Database::from_pool(owner.clone()));
+    let run = |payload: Value| handle_event(&db, payload);
+    for slug in ["acme", "other"] {
+        run(json!({"action": "tenant.create", "slug": slug}))
+            .await
+            .unwrap();
+    }
+    let key = |tenant: &'static str| {
+        run(
+            json!({"action": "api-key.create", "tenant": tenant, "source": "crm",
+                   "trust": "internal"}),
+        )
+    };
+    let acme_key = key("acme").await.unwrap();
+    let other_key = key("other").await.unwrap();
+    let prefix = |k: &Value| k["apiKey"]["prefix"].as_str().unwrap().to_owned();
+
+    let out = run(json!({"action": "tenant.limits.set", "tenant": "acme",
+                         "requestsPerSecond": 50, "maxInFlight": 3, "reason": "big customer"}))
+    .await
+    .unwrap();
+    assert_eq!(out["override"]["requestBurst"], 100, "twice the rate");
+    assert_eq!(out["override"]["maxInFlight"], 3);
+    let out = run(json!({"action": "tenant.limits.set", "tenant": "acme",
+                         "apiKeyPrefix": prefix(&acme_key), "eventsPerSecond": 300,
+                         "reason": "partner loop", "actor": "oncall"}))
+    .await
+    .unwrap();
+    assert_eq!(out["override"]["eventBurst"], 1000, "at least a full batch");
+
+    for (bad, kind) in [
+        (
+            json!({"action": "tenant.limits.set", "tenant": "acme", "apiKeyPrefix": prefix(&other_key),
+                "eventsPerSecond": 1, "reason": "x"}),
+            "NotFound",
+        ),
+        (
+            json!({"action": "tenant.limits.set", "tenant": "acme", "apiKeyPrefix": prefix(&acme_key),
+                "maxInFlight": 2, "reason": "x"}),
+            "BadRequest",
+        ),
+        (
+            json!({"action": "tenant.limits.set", "tenant": "acme", "requestBurst": 5,
+                "reason": "x"}),
+            "BadRequest",
+        ),
+        (
+            json!({"action": "tenant.limits.set", "tenant": "acme", "eventsPerSecond": 10,
+                "eventBurst": 999, "reason": "x"}),
+            "BadRequest",
+        ),
+        (
+            json!({"action": "tenant.limits.set", "tenant": "nobody", "eventsPerSecond": 10,
+                "reason": "x"}),
+            "NotFound",
+        ),
+        (
+            json!({"action": "tenant.limits.set", "tenant": "acme", "eventsPerSecond": 10,
+                "reason": " "}),
+            "BadRequest",
+        ),
+    ] {
+        let e = run(bad.clone()).await.unwrap_err();
+        assert_eq!(e.error_type(), kind, "{bad}: {e}");
+    }
+
+    let shown = run(json!({"action": "tenant.limits.show", "tenant": "acme"}))
+        .await
+        .unwrap();
+    assert_eq!(shown["overrides"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        shown["defaults"]["external"]["keyRequests"]["perSecond"],
+        10
+    );
+    let other = run(json!({"action": "tenant.limits.show", "tenant": "other"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        other["overrides"],
+        json!([]),
+        "another tenant's overrides are its own"
+    );
+
+    let clear = json!({"action": "tenant.limits.clear", "tenant": "acme",
+                       "apiKeyPrefix": prefix(&acme_key), "reason": "loop fixed"});
+    assert_eq!(run(clear.clone()).await.unwrap()["cleared"], true);
+    assert_eq!(
+        run(clear).await.unwrap()["cleared"],
+        false,
+        "a replay changes nothing"
+    );
+
+    let audit: Vec<(String, String, bool, bool)> = sqlx::query_as(
+        "SELECT actor, reason, before IS NULL, after IS NULL FROM rate_limit_audit ORDER BY id",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        audit,
+        [
+            ("admin".to_owned(), "big customer".to_owned(), true, false),
+            ("oncall".to_owned(), "partner loop".to_owned(), true, false),
+            ("admin".to_owned(), "loop fixed".to_owned(), false, true),
+        ]
+    );
+}
