@@ -872,3 +872,124 @@ async fn a_tenants_backfill_never_starves_another_tenants_cells(owner: PgPool) {
         Some("2025-01-01T00:00:00+00:00".into())
     );
 }
+
+/// The heap pages a search for transactions at or past `xact` reads in `usage_events` (the
+/// bitmap heap scans' exact and lossy blocks), as a run's search for new events reads them.
+async fn heap_blocks_searched(owner: &PgPool, xact: i64) -> i64 {
+    fn sum(node: &serde_json::Value) -> i64 {
+        let own = ["Exact Heap Blocks", "Lossy Heap Blocks"]
+            .iter()
+            .filter_map(|k| node[*k].as_i64())
+            .sum::<i64>();
+        own + node["Plans"]
+            .as_array()
+            .map_or(0, |plans| plans.iter().map(sum).sum())
+    }
+    let mut conn = owner.acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON)
+         SELECT count(*) FROM usage_events WHERE inserted_xact >= {xact} OR xact_id >= {xact}"
+    ))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sum(&plan[0]["Plan"])
+}
+
+/// The storage maintenance summarizes the BRIN ranges a day has filled since its last run
+/// (whether or not autovacuum got to them: it is off here), so a run's search for new events
+/// reads none of the pages written before; a second maintenance has nothing to summarize.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn maintenance_summarizes_new_page_ranges_so_a_run_reads_only_new_pages(owner: PgPool) {
+    use meterbridge::repo::usage_storage::{self, StoragePolicy};
+    let t = create_tenant(&owner, "brin").await.id.0;
+    let at_noon = at("2026-06-01T12:00:00Z");
+    meterbridge::testing::create_day_partitions(&owner, day("2026-06-01"), day("2026-06-01")).await;
+    // Many ranges of 128 pages.
+    sqlx::query(
+        "INSERT INTO usage_events (tenant_id, event_id, metric, quantity, occurred_at, actor_id,
+                                   source_service, correlation_id, classification, payload_hash,
+                                   operation_key)
+         SELECT $1, gen_random_uuid()::text, 'api.requests', 1, $2, 'actor-' || (i % 100), 'crm',
+                gen_random_uuid()::text, 'BILLABLE', sha256('x'), gen_random_uuid()
+           FROM generate_series(1, 60000) i",
+    )
+    .bind(t)
+    .bind(at_noon)
+    .execute(&owner)
+    .await
+    .unwrap();
+    let next: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    let before = heap_blocks_searched(&owner, next).await;
+    assert!(before > 256, "unsummarized, every page matches: {before}");
+
+    let maintain = |now| {
+        let owner = owner.clone();
+        async move {
+            let mut tx = owner.begin().await.unwrap();
+            let done = usage_storage::maintain(&mut tx, now, &StoragePolicy::default())
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            done
+        }
+    };
+    let done = maintain(at_noon).await;
+    let summarized: Vec<&str> = done
+        .iter()
+        .filter(|a| a.action == "summarized")
+        .map(|a| a.object.as_str())
+        .collect();
+    assert_eq!(
+        summarized.len(),
+        2,
+        "both BRIN indexes of the day: {done:?}"
+    );
+    assert!(
+        summarized
+            .iter()
+            .all(|o| o.starts_with("public.usage_events_p20260601_")),
+        "{summarized:?}"
+    );
+    assert_eq!(heap_blocks_searched(&owner, next).await, 0);
+    // The events are all still found by a search from before them.
+    let first: i64 = sqlx::query_scalar("SELECT min(inserted_xact) FROM usage_events")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    let found: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM usage_events WHERE inserted_xact >= $1 OR xact_id >= $1",
+    )
+    .bind(first)
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(found, 60_000);
+
+    // Nothing grew: nothing to summarize. A day outside ingestion's window is left alone.
+    let again = maintain(at_noon).await;
+    assert!(again.iter().all(|a| a.action != "summarized"), "{again:?}");
+    insert(
+        &owner,
+        &[Ev {
+            tenant: t,
+            metric: "api.requests",
+            quantity: 1,
+            at: at_noon,
+            actor: None,
+        }],
+    )
+    .await;
+    let much_later = maintain(at_noon + Duration::days(60)).await;
+    assert!(
+        much_later.iter().all(|a| a.action != "summarized"),
+        "{much_later:?}"
+    );
+}

@@ -252,7 +252,9 @@ pub async fn enqueue(conn: &mut PgConnection, keys: &[&CellKey]) -> Result<i64, 
     Ok(queued)
 }
 
-/// The stored live-event counts of these actor-days.
+/// The stored live-event counts of these actor-days: one primary-key probe per key (the
+/// `LIMIT 1` keeps the lateral subquery a parameterized index scan; joined, the planner hashes
+/// the whole table once it outgrows the keys, and the run's cost grows with the days stored).
 pub async fn actor_day_counts(
     conn: &mut PgConnection,
     keys: &[&ActorDay],
@@ -262,12 +264,14 @@ pub async fn actor_day_counts(
     let days: Vec<NaiveDate> = keys.iter().map(|k| k.2).collect();
     let actors: Vec<Uuid> = keys.iter().map(|k| k.3).collect();
     let rows = sqlx::query!(
-        r#"SELECT a.tenant_id, a.metric, a.day, a.actor, a.events
+        r#"SELECT k.tenant_id AS "tenant_id!", k.metric AS "metric!", k.day AS "day!",
+                  k.actor AS "actor!", a.events
              FROM UNNEST($1::uuid[], $2::text[], $3::date[], $4::uuid[])
                   AS k(tenant_id, metric, day, actor)
-             JOIN usage_actor_days a
-               ON a.tenant_id = k.tenant_id AND a.metric = k.metric AND a.day = k.day
-              AND a.actor = k.actor"#,
+            CROSS JOIN LATERAL (
+                  SELECT a.events FROM usage_actor_days a
+                   WHERE a.tenant_id = k.tenant_id AND a.metric = k.metric AND a.day = k.day
+                     AND a.actor = k.actor LIMIT 1) a"#,
         &tenants,
         &metrics as &[&str],
         &days,
@@ -336,7 +340,8 @@ pub async fn write_actor_days(
     Ok(())
 }
 
-/// The stored day counts of these actors in their weeks and months.
+/// The stored day counts of these actors in their weeks and months: one primary-key probe per
+/// key, as [`actor_day_counts`].
 pub async fn actor_period_counts(
     conn: &mut PgConnection,
     keys: &[&ActorPeriod],
@@ -347,13 +352,16 @@ pub async fn actor_period_counts(
     let starts: Vec<NaiveDate> = keys.iter().map(|k| k.3).collect();
     let actors: Vec<Uuid> = keys.iter().map(|k| k.4).collect();
     let rows = sqlx::query!(
-        r#"SELECT a.tenant_id, a.metric, a.period_type, a.period_start, a.actor, a.days
+        r#"SELECT k.tenant_id AS "tenant_id!", k.metric AS "metric!",
+                  k.period_type AS "period_type!", k.period_start AS "period_start!",
+                  k.actor AS "actor!", a.days
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::date[], $5::uuid[])
                   AS k(tenant_id, metric, period_type, period_start, actor)
-             JOIN usage_actor_periods a
-               ON a.tenant_id = k.tenant_id AND a.metric = k.metric
-              AND a.period_type = k.period_type AND a.period_start = k.period_start
-              AND a.actor = k.actor"#,
+            CROSS JOIN LATERAL (
+                  SELECT a.days FROM usage_actor_periods a
+                   WHERE a.tenant_id = k.tenant_id AND a.metric = k.metric
+                     AND a.period_type = k.period_type AND a.period_start = k.period_start
+                     AND a.actor = k.actor LIMIT 1) a"#,
         &tenants,
         &metrics as &[&str],
         &types as &[&str],
