@@ -944,6 +944,18 @@ async fn maintenance_summarizes_new_page_ranges_so_a_run_reads_only_new_pages(ow
         .unwrap();
     let before = heap_blocks_searched(&owner, next).await;
     assert!(before > 256, "unsummarized, every page matches: {before}");
+    // Out of time budget at once: nothing summarized, the work left reported (and resumed).
+    let out_of_time: Vec<(String, String)> =
+        sqlx::query_as("SELECT * FROM usage_events_brin_summarize('2026-05-01', '0 seconds')")
+            .fetch_all(&owner)
+            .await
+            .unwrap();
+    assert_eq!(out_of_time.len(), 2, "{out_of_time:?}");
+    assert!(
+        out_of_time.iter().all(|(a, _)| a == "summary left work"),
+        "{out_of_time:?}"
+    );
+    assert_eq!(heap_blocks_searched(&owner, next).await, before);
 
     let maintain = |now| {
         let owner = owner.clone();

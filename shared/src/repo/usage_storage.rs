@@ -105,7 +105,9 @@ impl StoragePolicy {
 /// `expired` a key generation; of the key levels (see [`compact`]): `registered` a closed
 /// hour, `counted` a partition from before the levels, `filtering`/`filtered` a partition's
 /// filter, `merge started`, `merging`, `merged` (then `dropped` each source), `dropped` a
-/// partition whose generations all expired.
+/// partition whose generations all expired; of the BRIN indexes the aggregation reads
+/// (migration 0020): `summarized` new page ranges, `summary left work` (its time budget ran
+/// out: the next run resumes), `summary skipped (locked)` (a VACUUM held the partition).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StorageAction {
     pub action: String,
