@@ -11,6 +11,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use crate::auth::{generate_api_key, NewApiKey};
 use crate::clock::{Clock, ShiftedClock};
 use crate::domain::{Scopes, SourceService, Tenant, TenantSlug, Trust};
+use crate::repo::usage_storage::{self, StorageAction, StoragePolicy};
 use crate::repo::{api_keys, tenants};
 
 /// The role ingest-usage connects as.
@@ -78,6 +79,28 @@ pub async fn create_partitions_around_now(owner: &PgPool) {
         today + chrono::Duration::days(14),
     )
     .await;
+}
+
+/// The storage maintenance as of `now`, as the admin function's `usage.maintain` runs it
+/// before the key steps: [`usage_storage::maintain`] in a transaction of its own, then the
+/// BRIN summaries to the end. Returns what both did.
+pub async fn maintain_storage(
+    owner: &PgPool,
+    now: DateTime<Utc>,
+    policy: &StoragePolicy,
+) -> Vec<StorageAction> {
+    let mut tx = owner.begin().await.expect("a transaction");
+    let mut done = usage_storage::maintain(&mut tx, now, policy)
+        .await
+        .expect("the storage maintenance");
+    tx.commit().await.expect("commit the storage maintenance");
+    let far = std::time::Instant::now() + Duration::from_secs(600);
+    let summaries = usage_storage::summarize(owner, now, policy, far)
+        .await
+        .expect("the BRIN summaries");
+    assert!(!summaries.more, "{summaries:?}");
+    done.extend(summaries.actions);
+    done
 }
 
 /// The storage as if the migrations had run at [`now`]: the day partitions around it (and none

@@ -22,9 +22,6 @@ use crate::error::AdminError;
 use crate::limits;
 
 const UNIQUE_VIOLATION: &str = "23505";
-/// The key maintenance's share of an hourly `usage.maintain` (the function has 300 s): what is
-/// left waits for the next hour, which has the same time again.
-const KEY_MAINTENANCE_TIME: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// What the admin actions act on: the database (as its owner), and the outbox relay when an
 /// event bus is configured.
@@ -133,7 +130,16 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             let mut done = usage_storage::maintain(&mut tx, now, &admin.storage).await?;
             tx.commit().await.map_err(DbError::from)?;
             // Step by step, each in a transaction of its own, within the invocation's time.
-            let deadline = std::time::Instant::now() + KEY_MAINTENANCE_TIME;
+            let started = std::time::Instant::now();
+            let deadline = started + usage_storage::SCHEDULED_STEPS_TIME;
+            let summaries = usage_storage::summarize(
+                db.pool(),
+                now,
+                &admin.storage,
+                started + usage_storage::SCHEDULED_SUMMARY_TIME,
+            )
+            .await?;
+            done.extend(summaries.actions);
             let keys = usage_storage::compact(db.pool(), &admin.storage, deadline).await?;
             done.extend(keys.actions);
             for step in &done {
@@ -142,6 +148,7 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             Ok(json!({
                 "policy": admin.storage,
                 "actions": done,
+                "summaryWorkLeft": summaries.more,
                 "keySteps": keys.steps,
                 "keyWorkLeft": keys.more
             }))

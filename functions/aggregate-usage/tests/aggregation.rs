@@ -920,7 +920,7 @@ async fn heap_blocks_searched(owner: &PgPool, xact: i64) -> i64 {
 /// reads none of the pages written before; a second maintenance has nothing to summarize.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn maintenance_summarizes_new_page_ranges_so_a_run_reads_only_new_pages(owner: PgPool) {
-    use meterbridge::repo::usage_storage::{self, StoragePolicy};
+    use meterbridge::repo::usage_storage::StoragePolicy;
     let t = create_tenant(&owner, "brin").await.id.0;
     let at_noon = at("2026-06-01T12:00:00Z");
     meterbridge::testing::create_day_partitions(&owner, day("2026-06-01"), day("2026-06-01")).await;
@@ -956,18 +956,54 @@ async fn maintenance_summarizes_new_page_ranges_so_a_run_reads_only_new_pages(ow
         "{out_of_time:?}"
     );
     assert_eq!(heap_blocks_searched(&owner, next).await, before);
-
-    let maintain = |now| {
+    // Extreme inputs: a negative budget is no budget; a window starting in the far future
+    // holds no day; neither summarizes or records anything.
+    let summarize = |from: &'static str, budget: &'static str| {
         let owner = owner.clone();
         async move {
-            let mut tx = owner.begin().await.unwrap();
-            let done = usage_storage::maintain(&mut tx, now, &StoragePolicy::default())
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-            done
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT * FROM usage_events_brin_summarize($1::date, $2::interval)",
+            )
+            .bind(from)
+            .bind(budget)
+            .fetch_all(&owner)
+            .await
+            .unwrap()
         }
     };
+    let negative = summarize("2026-05-01", "-1 hour").await;
+    assert!(
+        negative.len() == 2 && negative.iter().all(|(a, _)| a == "summary left work"),
+        "{negative:?}"
+    );
+    assert!(summarize("9999-12-31", "1 hour").await.is_empty());
+    let progress: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events_brin_progress")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    assert_eq!(progress, 0);
+    // A VACUUM of the day (its lock, held here) is not waited for: the day is skipped at once.
+    let mut vacuum = owner.begin().await.unwrap();
+    sqlx::query("LOCK TABLE usage_events_p20260601 IN SHARE UPDATE EXCLUSIVE MODE")
+        .execute(&mut *vacuum)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let locked = summarize("2026-05-01", "1 hour").await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        locked.len() == 2 && locked.iter().all(|(a, _)| a == "summary skipped (locked)"),
+        "{locked:?}"
+    );
+    vacuum.rollback().await.unwrap();
+    assert_eq!(heap_blocks_searched(&owner, next).await, before);
+
+    let policy = StoragePolicy::default();
+    let maintain = |now| meterbridge::testing::maintain_storage(&owner, now, &policy);
     let done = maintain(at_noon).await;
     let summarized: Vec<&str> = done
         .iter()

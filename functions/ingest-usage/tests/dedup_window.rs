@@ -15,21 +15,12 @@ use meterbridge::domain::usage::{validate_event, EventLimits, Submitter};
 use meterbridge::domain::{SourceService, Trust};
 use meterbridge::repo::usage_events;
 use meterbridge::repo::usage_storage::{self, StorageAction, StoragePolicy};
-use meterbridge::testing::{create_tenant, migrate_up_to, pool_as, INGEST_ROLE};
+use meterbridge::testing::{
+    create_tenant, maintain_storage as maintain, migrate_up_to, pool_as, INGEST_ROLE,
+};
 use meterbridge::Database;
 use serde_json::{json, Value};
 use sqlx::{Acquire, PgPool};
-
-async fn maintain(
-    owner: &PgPool,
-    now: DateTime<Utc>,
-    policy: &StoragePolicy,
-) -> Vec<StorageAction> {
-    let mut tx = owner.begin().await.unwrap();
-    let done = usage_storage::maintain(&mut tx, now, policy).await.unwrap();
-    tx.commit().await.unwrap();
-    done
-}
 
 /// The key maintenance run to the end, as the admin function runs it after each maintenance.
 async fn compact(owner: &PgPool) -> Vec<StorageAction> {

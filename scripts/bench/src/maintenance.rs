@@ -62,12 +62,9 @@ const STEP_MINUTES: i64 = 10;
 const STEPS_PER_DAY: usize = 144;
 /// The aggregate-usage function's timeout (template.yaml): a run's deadline.
 const FUNCTION_TIMEOUT: Duration = Duration::from_secs(300);
-/// The key compaction's share of the admin function's `usage.maintain` (its handler's
-/// `KEY_MAINTENANCE_TIME`).
-const KEY_MAINTENANCE_TIME: Duration = Duration::from_secs(240);
 /// How the compaction is called, as printed.
-const COMPACTION: &str =
-    "usage_storage::compact step by step, each step its own transaction, within 240 s";
+const COMPACTION: &str = "usage_storage::compact step by step, each step its own transaction, \
+     within 240 s (usage_storage::SCHEDULED_STEPS_TIME) of the summaries' start";
 
 struct Settings {
     days: usize,
@@ -307,22 +304,29 @@ struct Jobs {
 }
 
 impl Jobs {
-    /// `maintain` in a transaction of its own, as the admin function's `usage.maintain`.
-    async fn maintain(&self, now: DateTime<Utc>) -> Result<Vec<String>, String> {
+    /// `maintain` in a transaction of its own, then the BRIN summaries step by step, as the
+    /// admin function's `usage.maintain`. Returns the actions and when the steps started.
+    async fn maintain(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Instant), String> {
         let mut tx = self.admin.pool().begin().await.map_err(|e| e.to_string())?;
-        let done = usage_storage::maintain(&mut tx, now, &self.policy)
+        let mut done = usage_storage::maintain(&mut tx, now, &self.policy)
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
-        Ok(done.into_iter().map(|a| a.action).collect())
+        let started = Instant::now();
+        let deadline = started + usage_storage::SCHEDULED_SUMMARY_TIME;
+        let summaries = usage_storage::summarize(self.admin.pool(), now, &self.policy, deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        done.extend(summaries.actions);
+        Ok((done.into_iter().map(|a| a.action).collect(), started))
     }
 
     /// Then the key compaction, as the admin function calls it: [`usage_storage::compact`]
     /// step by step, each step a transaction of its own, until its work is done or the
-    /// function's share of the invocation (240 s) is up. Returns its actions and whether it
-    /// left work for the next run.
-    async fn compact(&self, _now: DateTime<Utc>) -> Result<(Vec<StorageAction>, bool), String> {
-        let deadline = Instant::now() + KEY_MAINTENANCE_TIME;
+    /// function's share of the invocation (240 s from the summaries' start) is up. Returns its
+    /// actions and whether it left work for the next run.
+    async fn compact(&self, steps_started: Instant) -> Result<(Vec<StorageAction>, bool), String> {
+        let deadline = steps_started + usage_storage::SCHEDULED_STEPS_TIME;
         let done = usage_storage::compact(self.admin.pool(), &self.policy, deadline)
             .await
             .map_err(|e| e.to_string())?;
@@ -706,9 +710,9 @@ pub async fn run(admin_url: &str) {
                 let maintained = jobs.maintain(at).await;
                 day.maintenance.push(timed(t, &maintained, "maintain", at));
                 bytes.observe(&owner, false).await;
-                if maintained.is_ok() {
+                if let Ok((_, steps_started)) = maintained {
                     let t = Instant::now();
-                    let compacted = jobs.compact(at).await;
+                    let compacted = jobs.compact(steps_started).await;
                     let mut run = timed(t, &compacted, "compact", at);
                     let (actions, more) = compacted.unwrap_or_default();
                     run.left_work = more;

@@ -105,8 +105,8 @@ impl StoragePolicy {
 /// `expired` a key generation; of the key levels (see [`compact`]): `registered` a closed
 /// hour, `counted` a partition from before the levels, `filtering`/`filtered` a partition's
 /// filter, `merge started`, `merging`, `merged` (then `dropped` each source), `dropped` a
-/// partition whose generations all expired; of the BRIN indexes the aggregation reads
-/// (migration 0020): `summarized` new page ranges, `summary left work` (its time budget ran
+/// partition whose generations all expired; of the BRIN indexes the aggregation reads (see
+/// [`summarize`]): `summarized` new page ranges, `summary left work` (its time budget ran
 /// out: the next run resumes), `summary skipped (locked)` (a VACUUM held the partition).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StorageAction {
@@ -145,22 +145,72 @@ pub async fn maintain(
         .fetch_all(&mut *conn)
         .await?,
     );
-    // The new page ranges of the days ingestion still writes to, summarized whatever
-    // autovacuum kept up with (migration 0020): a run cut short by a lock takes them next time.
-    let window_from =
-        (now - chrono::Duration::days(i64::from(policy.dedup_window_days) + 1)).date_naive();
-    done.extend(
-        sqlx::query_as!(
-            StorageAction,
-            r#"SELECT action AS "action!", object AS "object!"
-                 FROM usage_events_brin_summarize($1)"#,
-            window_from
-        )
-        .fetch_all(&mut *conn)
-        .await?,
-    );
     Ok(done)
 }
+
+/// The BRIN summaries of the days ingestion still writes to (migration 0020, 0021), after
+/// [`maintain`]: the page ranges filled since the last run, whatever autovacuum kept up with,
+/// in steps of at most [`SUMMARY_STEP`], each a transaction of its own (a step holds each
+/// partition it summarizes against VACUUM until it commits), until nothing is left or
+/// `deadline` comes. A partition a VACUUM holds is skipped without waiting; what is left, the
+/// next run resumes. Its cost follows what was written since the last run, not what is stored.
+pub async fn summarize(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    policy: &StoragePolicy,
+    deadline: Instant,
+) -> Result<Summaries, DbError> {
+    let window_from =
+        (now - chrono::Duration::days(i64::from(policy.dedup_window_days) + 1)).date_naive();
+    let mut done = Summaries::default();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < MIN_SUMMARY_TIME {
+            done.more = true;
+            return Ok(done);
+        }
+        let budget_ms = i64::try_from(left.min(SUMMARY_STEP).as_millis()).unwrap_or(i64::MAX);
+        let mut tx = pool.begin().await?;
+        let step = sqlx::query_as!(
+            StorageAction,
+            r#"SELECT action AS "action!", object AS "object!"
+                 FROM usage_events_brin_summarize($1, make_interval(secs => $2::int8 / 1000.0))"#,
+            window_from,
+            budget_ms
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        done.steps += 1;
+        let more = step.iter().any(|a| a.action == "summary left work");
+        done.actions.extend(step);
+        if !more {
+            return Ok(done);
+        }
+    }
+}
+
+/// What [`summarize`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summaries {
+    pub actions: Vec<StorageAction>,
+    /// Steps committed.
+    pub steps: u64,
+    /// The deadline came with ranges left (the next run resumes them).
+    pub more: bool,
+}
+
+/// The share of a scheduled `usage.maintain` (the admin function has 300 s) of its steps after
+/// [`maintain`], the [`summarize`] steps then the [`compact`] steps: what is left waits for the
+/// next run, which has the same time again.
+pub const SCHEDULED_STEPS_TIME: Duration = Duration::from_secs(240);
+/// The summaries' part of it, at most (at 10 k events/s an hour's new ranges take about 36 s).
+pub const SCHEDULED_SUMMARY_TIME: Duration = Duration::from_secs(40);
+/// A summary step's time budget: well inside the admin function's 10 s statement timeout.
+pub const SUMMARY_STEP: Duration = Duration::from_secs(5);
+/// No summary step starts with less time than this left.
+const MIN_SUMMARY_TIME: Duration = Duration::from_millis(500);
 
 /// The key maintenance (migration 0015), step by step, each step a transaction of its own that
 /// reads or writes at most `policy.step_keys` keys, until nothing is left or `deadline` comes:
