@@ -179,7 +179,7 @@ async fn dispatch<A: HttpApi>(
         return outcome;
     };
     if let Some(lease) = admission.lease {
-        lease.release().await;
+        lease.release();
     }
     let mut response = match outcome {
         Ok(response) => response,

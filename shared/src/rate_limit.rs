@@ -228,14 +228,13 @@ impl Limited {
     }
 }
 
-/// A request's in-flight slot. Give it back with [`Lease::release`]; one dropped without (a
-/// panic, a cancelled request) is given back by a task of its own, and one never given back (a
-/// container that died) expires with the function's timeout.
+/// A request's in-flight slot. Give it back with [`Lease::release`] (or drop it: a panic, a
+/// cancelled request); one never given back (a container that died) expires with its lease,
+/// past the function's timeout.
 pub struct Lease {
     conn: RedisConnection,
     set: String,
     id: String,
-    released: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -247,39 +246,28 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    fn remove(
-        conn: &RedisConnection,
-        set: &str,
-        id: &str,
-    ) -> impl std::future::Future<Output = Result<(), redis::RedisError>> + Send + 'static {
-        let mut conn = conn.clone();
-        let mut command = redis::cmd("ZREM");
-        command.arg(set).arg(id);
-        async move { command.query_async::<()>(&mut conn).await }
-    }
-
-    /// Gives the slot back. A failure only delays it: the slot expires with the lease.
-    pub async fn release(mut self) {
-        self.released = true;
-        if let Err(e) = Self::remove(&self.conn, &self.set, &self.id).await {
-            tracing::warn!(error = %e, "rate limiter: an in-flight slot was not released; it expires with its lease");
-        }
+    /// Gives the slot back, off the request's path: the removal is sent by a task of its own,
+    /// so a request waits for one Redis round trip (its check), not two. The task runs while the
+    /// response is handed to the Lambda runtime, before the container asks for its next event;
+    /// a removal that fails only delays the slot's return to its lease's expiry.
+    pub fn release(self) {
+        drop(self);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let remove = Self::remove(&self.conn, &self.set, &self.id);
-            runtime.spawn(async move {
-                if let Err(e) = remove.await {
-                    tracing::warn!(error = %e, "rate limiter: an abandoned in-flight slot was not released; it expires with its lease");
-                }
-            });
-        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime left to send it: the slot expires with its lease
+        };
+        let mut conn = self.conn.clone();
+        let mut command = redis::cmd("ZREM");
+        command.arg(&self.set).arg(&self.id);
+        runtime.spawn(async move {
+            if let Err(e) = command.query_async::<()>(&mut conn).await {
+                tracing::warn!(error = %e, "rate limiter: an in-flight slot was not released; it expires with its lease");
+            }
+        });
     }
 }
 
@@ -450,7 +438,6 @@ impl RateLimiter {
                     conn,
                     set,
                     id: lease_id,
-                    released: false,
                 }),
                 source: Source::Redis,
             });

@@ -10,9 +10,10 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::auth::{generate_api_key, NewApiKey};
 use crate::clock::{Clock, ShiftedClock};
+use crate::domain::rate_limit::Overrides;
 use crate::domain::{Scopes, SourceService, Tenant, TenantSlug, Trust};
 use crate::repo::usage_storage::{self, StorageAction, StoragePolicy};
-use crate::repo::{api_keys, tenants};
+use crate::repo::{api_keys, rate_limits, tenants};
 
 /// The role ingest-usage connects as.
 pub const INGEST_ROLE: &str = "meterbridge_ingest";
@@ -79,6 +80,35 @@ pub async fn create_partitions_around_now(owner: &PgPool) {
         today + chrono::Duration::days(14),
     )
     .await;
+}
+
+/// The id of the API key with `prefix`.
+pub async fn api_key_id(owner: &PgPool, prefix: &str) -> uuid::Uuid {
+    sqlx::query_scalar("SELECT id FROM api_keys WHERE prefix = $1")
+        .bind(prefix)
+        .fetch_one(owner)
+        .await
+        .expect("the API key")
+}
+
+/// Overrides the rate limits of `tenant` (or of its key `key`), as the admin action does.
+pub async fn set_limits(
+    owner: &PgPool,
+    tenant: &Tenant,
+    key: Option<uuid::Uuid>,
+    overrides: &Overrides,
+) {
+    let mut tx = owner.begin().await.expect("a transaction");
+    let change = rate_limits::Change {
+        tenant: tenant.id,
+        key,
+        actor: "test",
+        reason: "a test's limits",
+    };
+    rate_limits::set(&mut tx, &change, overrides)
+        .await
+        .expect("set the limits");
+    tx.commit().await.expect("commit the limits");
 }
 
 /// The storage maintenance as of `now`, as the admin function's `usage.maintain` runs it

@@ -14,32 +14,17 @@ use common::{send, Fixture};
 use meterbridge::clock::FrozenClock;
 use meterbridge::domain::rate_limit::{Overrides, Rate, EXTERNAL_KEY_REQUESTS};
 use meterbridge::domain::Trust;
-use meterbridge::repo::rate_limits::{self, Change};
-use meterbridge::testing::{create_api_key, create_tenant};
+use meterbridge::testing::{api_key_id, create_api_key, create_tenant, set_limits};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 async fn override_limits(fx: &Fixture, key: Option<Uuid>, overrides: Overrides) {
-    let mut tx = fx.owner.begin().await.unwrap();
-    let change = Change {
-        tenant: fx.tenant.id,
-        key,
-        actor: "test",
-        reason: "rate limit test",
-    };
-    rate_limits::set(&mut tx, &change, &overrides)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    set_limits(&fx.owner, &fx.tenant, key, &overrides).await;
 }
 
 async fn key_id(fx: &Fixture, prefix: &str) -> Uuid {
-    sqlx::query_scalar("SELECT id FROM api_keys WHERE prefix = $1")
-        .bind(prefix)
-        .fetch_one(&fx.owner)
-        .await
-        .unwrap()
+    api_key_id(&fx.owner, prefix).await
 }
 
 fn batch(fx: &Fixture, from: usize, n: usize) -> Value {

@@ -145,21 +145,11 @@ impl Fixture {
     /// Lets the tenant hold `n` requests in flight (the default is 10): for tests of many
     /// containers sending at once, which are about what happens to the events, not the limits.
     pub async fn allow_in_flight(&self, n: u32) {
-        let mut tx = self.owner.begin().await.unwrap();
-        let change = meterbridge::repo::rate_limits::Change {
-            tenant: self.tenant.id,
-            key: None,
-            actor: "test",
-            reason: "many containers at once",
-        };
         let overrides = meterbridge::domain::rate_limit::Overrides {
             max_in_flight: Some(n),
             ..Default::default()
         };
-        meterbridge::repo::rate_limits::set(&mut tx, &change, &overrides)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        meterbridge::testing::set_limits(&self.owner, &self.tenant, None, &overrides).await;
     }
 
     pub async fn stored_events(&self) -> i64 {
