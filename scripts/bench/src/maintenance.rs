@@ -12,7 +12,8 @@
 //!   their place, a jitter), and are sent at its end, without waiting for wall-clock time;
 //! - **storage maintenance** every `BENCH_SIM_MAINTENANCE_MINUTES` (60: the template's
 //!   `StorageMaintenanceMinutes`) simulated minutes, as the admin function's `usage.maintain`
-//!   runs it: [`usage_storage::maintain`] in one transaction, then the key compaction as the
+//!   runs it: [`usage_storage::maintain`] in one transaction, then the BRIN summaries
+//!   ([`usage_storage::summarize`], timed with it), then the key compaction as the
 //!   function calls it (see [`Jobs::compact`]), with [`StoragePolicy::default`], as the owner
 //!   with the admin function's connection settings (statement timeout 10 s, lock timeout 2 s);
 //!   a failed maintenance skips that run's compaction, as the function's `?` does;
@@ -670,7 +671,7 @@ pub async fn run(admin_url: &str) {
         s.callers, s.batch, s.tenants
     );
     println!(
-        "  jobs on the simulated clock, taking turns with ingestion: usage.maintain every {} minutes (maintain in its own transaction, then {COMPACTION}; StoragePolicy::default(); the admin function's statement timeout, 10 s); aggregation every 10 minutes (Aggregator::aggregate as meterbridge_ops, with Redis, deadline 300 s, margin 20 s); run times by the wall clock (Instant)",
+        "  jobs on the simulated clock, taking turns with ingestion: usage.maintain every {} minutes (maintain in its own transaction, then usage_storage::summarize in steps of its own, then {COMPACTION}; StoragePolicy::default(); the admin function's statement timeout, 10 s); aggregation every 10 minutes (Aggregator::aggregate as meterbridge_ops, with Redis, deadline 300 s, margin 20 s); run times by the wall clock (Instant)",
         s.maintenance_steps * STEP_MINUTES as usize
     );
     println!(
