@@ -91,17 +91,34 @@ pub enum LogTarget {
 /// except those [`log_filter`] pins.
 pub fn init_tracing(target: LogTarget) {
     let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let builder = tracing_subscriber::fmt()
+    let _ = match target {
+        LogTarget::Stdout => json_logs(filter, std::io::stdout).try_init(),
+        LogTarget::Stderr => json_logs(filter, std::io::stderr).try_init(),
+    };
+}
+
+/// The JSON log lines' format, written to `writer` (tests capture what the functions log with
+/// it).
+pub fn json_logs<W>(
+    filter: EnvFilter,
+    writer: W,
+) -> tracing_subscriber::fmt::SubscriberBuilder<
+    tracing_subscriber::fmt::format::JsonFields,
+    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
+    EnvFilter,
+    W,
+>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
         .with_target(false)
         .with_current_span(true)
         .with_span_list(false)
-        .flatten_event(true);
-    let _ = match target {
-        LogTarget::Stdout => builder.try_init(),
-        LogTarget::Stderr => builder.with_writer(std::io::stderr).try_init(),
-    };
+        .flatten_event(true)
+        .with_writer(writer)
 }
 
 /// The EMF collector for this process, with the function as its dimension.

@@ -542,3 +542,41 @@ impl Bus {
 }
 
 pub mod contract;
+
+/// What the process logs from now on, as the functions format it, at the levels `rust_log`
+/// asks for (the pinned crates' levels kept, see [`crate::telemetry::log_filter`]). Installs the
+/// process's global subscriber: once per test process (nextest runs each test in its own).
+pub fn capture_logs(rust_log: &str) -> CapturedLogs {
+    let captured = CapturedLogs::default();
+    let writer = captured.clone();
+    crate::telemetry::json_logs(crate::telemetry::log_filter(Some(rust_log)), move || {
+        writer.clone()
+    })
+    .try_init()
+    .expect("the first log subscriber of this test process");
+    captured
+}
+
+/// The log lines captured by [`capture_logs`].
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
