@@ -42,6 +42,32 @@ enum Action {
         #[command(subcommand)]
         action: UsageCommand,
     },
+    /// A tenant's data subjects (end users): erasure
+    Subject {
+        #[command(subcommand)]
+        action: SubjectCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubjectCommand {
+    /// Erase a data subject: their actor id replaced by a random token on every event, their
+    /// events' metadata emptied; totals and distinct-actor counts unchanged. Run the same
+    /// --request again to resume, or to read its receipt
+    Erase {
+        #[arg(long)]
+        tenant: String,
+        /// The actor id exactly as the events carry it
+        #[arg(long)]
+        actor_id: String,
+        /// Your id for the request (a ticket number)
+        #[arg(long)]
+        request: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        requested_by: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +308,21 @@ impl Cli {
                     periods: (!periods.is_empty()).then_some(periods),
                 },
                 UsageCommand::AggregationStatus => Command::UsageAggregationStatus,
+            },
+            Action::Subject { action } => match action {
+                SubjectCommand::Erase {
+                    tenant,
+                    actor_id,
+                    request,
+                    reason,
+                    requested_by,
+                } => Command::SubjectErase {
+                    tenant,
+                    actor_id,
+                    request_id: request,
+                    reason,
+                    requested_by,
+                },
             },
             Action::Payment { action } => match action {
                 PaymentCommand::Refund {

@@ -135,6 +135,19 @@ pub enum Command {
     /// Per tenant: last aggregation, backlog, oldest unaggregated work.
     #[serde(rename = "usage.aggregation-status")]
     UsageAggregationStatus,
+    /// Erases a data subject of a tenant: their actor id replaced on every event by a random
+    /// token, their events' metadata emptied; totals and distinct-actor counts unchanged. In
+    /// steps; the same `requestId` again resumes it, or returns its receipt once finished.
+    #[serde(rename = "subject.erase", rename_all = "camelCase")]
+    SubjectErase {
+        tenant: String,
+        actor_id: String,
+        /// The caller's id for the request (a ticket number).
+        request_id: String,
+        reason: String,
+        #[serde(default)]
+        requested_by: Option<String>,
+    },
 }
 
 impl Command {
@@ -160,6 +173,7 @@ impl Command {
             Command::UsageAggregate => "usage.aggregate",
             Command::UsageBackfill { .. } => "usage.backfill",
             Command::UsageAggregationStatus => "usage.aggregation-status",
+            Command::SubjectErase { .. } => "subject.erase",
         }
     }
 }

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use crate::command::Command;
 use crate::error::AdminError;
 use crate::limits;
+use crate::subject;
 
 const UNIQUE_VIOLATION: &str = "23505";
 
@@ -178,6 +179,22 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
                 .await
                 .map_err(aggregation_error)?;
             Ok(json!({ "backfill": report }))
+        }
+        Command::SubjectErase {
+            tenant,
+            actor_id,
+            request_id,
+            reason,
+            requested_by,
+        } => {
+            let asked = subject::Asked {
+                tenant: &tenant,
+                actor_id: &actor_id,
+                request_id: &request_id,
+                reason: &reason,
+                requested_by: requested_by.as_deref(),
+            };
+            Box::pin(subject::erase(db, &asked)).await
         }
         Command::UsageAggregationStatus => {
             let aggregator = admin.aggregator();

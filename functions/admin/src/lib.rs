@@ -7,6 +7,7 @@ pub mod command;
 pub mod error;
 pub mod handler;
 pub mod limits;
+pub mod subject;
 
 pub use command::Command;
 pub use error::AdminError;

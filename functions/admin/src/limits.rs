@@ -83,7 +83,11 @@ impl Requested {
     }
 }
 
-fn checked_text<'a>(value: &'a str, field: &str, max: usize) -> Result<&'a str, AdminError> {
+pub(crate) fn checked_text<'a>(
+    value: &'a str,
+    field: &str,
+    max: usize,
+) -> Result<&'a str, AdminError> {
     let value = value.trim();
     if value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control) {
         return Err(AdminError::BadRequest(format!(

@@ -233,6 +233,15 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
         "{out}"
     );
 
+    // A subject with no events: the erasure finishes at once, and again returns its receipt.
+    let out = ok(&db, run("subject-erase.json")).await;
+    assert_eq!(out["finished"], true, "{out}");
+    assert_eq!(out["erasure"]["requestId"], "DSAR-2026-0042", "{out}");
+    assert_eq!(out["erasure"]["eventsErased"], 0, "{out}");
+    assert!(!out.to_string().contains("user-42"), "{out}");
+    let again = ok(&db, "subject-erase.json").await;
+    assert_eq!(again["erasure"], out["erasure"]);
+
     let out = ok(&db, run("tenant-disable.json")).await;
     assert_eq!(out["tenant"]["status"], "disabled");
     assert!(out["tenant"]["disabledAt"].is_string());

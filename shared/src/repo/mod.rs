@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod payment_audit;
 pub mod payments;
 pub mod rate_limits;
+pub mod subject_erasures;
 pub mod tenants;
 pub mod usage_aggregates;
 pub mod usage_changes;

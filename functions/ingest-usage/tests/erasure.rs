@@ -1,0 +1,64 @@
+//! An erased subject through the API: the listing shows the token where the actor id was, with
+//! empty metadata; a replay of an erased event is still a duplicate (its dedup key and payload
+//! hash stay), and the same event changed is still a conflict, not a new event; a new event of
+//! the subject after the erasure is stored as any other.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{send, statuses, Fixture};
+use meterbridge::repo::subject_erasures::{self, Request};
+use serde_json::json;
+use sqlx::PgPool;
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn an_erased_event_lists_its_token_and_a_replay_is_still_a_duplicate(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let actor = "subject-erased-in-api";
+    let mut event = fx.event(1, "api.requests", 3);
+    event["actorId"] = json!(actor);
+    event["metadata"] = json!({"email": "someone@example.com"});
+    let stored = fx.submit(&app, json!({"events": [event.clone()]})).await;
+    assert_eq!(statuses(&stored.body), ["accepted"], "{}", stored.body);
+
+    let request = Request {
+        tenant: fx.tenant.id,
+        request_id: "DSAR-API-1",
+        actor_id: actor,
+        reason: "the subject asked",
+        requested_by: "test",
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let receipt = subject_erasures::erase(&owner, &request, 100, deadline)
+        .await
+        .unwrap();
+    assert_eq!(receipt.events_erased, 1);
+
+    let listed = send(&app, fx.get(&fx.internal.key, "/v1/usage/events", &[])).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let item = &listed.body["events"][0];
+    assert!(
+        item["actorId"].as_str().unwrap().starts_with("erased:"),
+        "{item}"
+    );
+    assert_eq!(item["metadata"], json!({}), "{item}");
+    assert!(!listed.body.to_string().contains(actor), "{}", listed.body);
+
+    // The same event again: a duplicate, as before the erasure; changed: a conflict.
+    let replay = fx.submit(&app, json!({"events": [event.clone()]})).await;
+    assert_eq!(statuses(&replay.body), ["duplicate"], "{}", replay.body);
+    let mut changed = event.clone();
+    changed["quantity"] = json!(4);
+    let conflict = fx.submit(&app, json!({"events": [changed]})).await;
+    assert_eq!(statuses(&conflict.body), ["conflict"], "{}", conflict.body);
+    assert_eq!(fx.stored_events().await, 1);
+
+    // A new event of the subject afterwards is stored as any other: the tenant decides.
+    let mut later = fx.event(2, "api.requests", 1);
+    later["actorId"] = json!(actor);
+    let after = fx.submit(&app, json!({"events": [later]})).await;
+    assert_eq!(statuses(&after.body), ["accepted"], "{}", after.body);
+}
