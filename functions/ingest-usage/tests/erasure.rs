@@ -8,10 +8,76 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{send, statuses, Fixture};
+use common::{fixture_text, request_from_json, send, statuses, Fixture};
 use meterbridge::repo::subject_erasures::{self, Request};
-use serde_json::json;
+use meterbridge::testing::percent_encode;
+use serde_json::{json, Value};
 use sqlx::PgPool;
+
+fn void(fx: &Fixture, event_id: &str) -> lambda_http::Request {
+    let mut request: Value = serde_json::from_str(&fixture_text("void-event.json")).unwrap();
+    let path = format!("/v1/usage/events/{}/void", percent_encode(event_id));
+    request["headers"]["authorization"] = json!(format!("Bearer {}", fx.internal.key));
+    request["rawPath"] = json!(path.clone());
+    request["requestContext"]["http"]["path"] = json!(path);
+    request["body"] = json!(json!({"reason": "sent twice"}).to_string());
+    request_from_json(&request.to_string())
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_void_through_the_api_waits_while_its_subject_is_erased(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    let actor = "subject-void-during-erasure";
+    let events: Vec<Value> = (1..=2)
+        .map(|n| {
+            let mut e = fx.event(n, "api.requests", 1);
+            e["actorId"] = json!(actor);
+            e
+        })
+        .collect();
+    let stored = fx.submit(&app, json!({ "events": events })).await;
+    assert_eq!(statuses(&stored.body), ["accepted", "accepted"]);
+    // As if aggregated, so a step erases them; one step of one row.
+    sqlx::query("UPDATE usage_aggregation_state SET watermark = pg_current_xact_id()::text::int8")
+        .execute(&owner)
+        .await
+        .unwrap();
+    let request = Request {
+        tenant: fx.tenant.id,
+        request_id: "DSAR-API-2",
+        actor_id: actor,
+        reason: "the subject asked",
+        requested_by: "test",
+    };
+    let mut tx = owner.begin().await.unwrap();
+    let first = subject_erasures::step(&mut tx, &request, 1).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(first.events_erased, 1);
+    let erased: String = sqlx::query_scalar(
+        "SELECT event_id FROM usage_events WHERE tenant_id = $1 AND actor_id LIKE 'erased:%'",
+    )
+    .bind(fx.tenant.id.0)
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    // Busy: retry shortly, nothing changed.
+    let busy = send(&app, void(&fx, &erased)).await;
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(busy.headers.contains_key("retry-after"));
+    let voided: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE voided_at IS NOT NULL")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert_eq!(voided, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    subject_erasures::erase(&owner, &request, 1, deadline)
+        .await
+        .unwrap();
+    let done = send(&app, void(&fx, &erased)).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+}
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn an_erased_event_lists_its_token_and_a_replay_is_still_a_duplicate(owner: PgPool) {
