@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use meterbridge::repo::subject_erasures::{self, Request, ANOTHER_SUBJECT};
+use meterbridge::repo::subject_erasures::{self, Pace, Request, ANOTHER_SUBJECT};
 use meterbridge::repo::tenants;
 use meterbridge::Database;
 use serde_json::{json, Value};
@@ -14,8 +14,6 @@ use crate::limits::checked_text;
 /// The erasure's share of one invocation (the admin function has 300 s): what is left, the same
 /// request run again resumes.
 const ERASURE_TIME: Duration = Duration::from_secs(240);
-/// Event rows a step erases at most (one transaction each).
-const ROWS_PER_STEP: i32 = 20_000;
 
 /// What `subject.erase` asks for, as it arrived.
 pub struct Asked<'a> {
@@ -45,7 +43,7 @@ pub async fn erase(db: &Database, asked: &Asked<'_>) -> Result<Value, AdminError
         requested_by: checked_text(asked.requested_by.unwrap_or("admin"), "requestedBy", 128)?,
     };
     let deadline = Instant::now() + ERASURE_TIME;
-    let receipt = subject_erasures::erase(db.pool(), &request, ROWS_PER_STEP, deadline)
+    let receipt = subject_erasures::erase(db.pool(), &request, Pace::ADMIN, deadline)
         .await
         .map_err(|e| match e.sqlstate().as_deref() {
             Some(ANOTHER_SUBJECT) => AdminError::Conflict(format!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::Duration as Days;
 use common::*;
 use meterbridge::domain::TenantId;
-use meterbridge::repo::subject_erasures::{self, Request, ANOTHER_SUBJECT};
+use meterbridge::repo::subject_erasures::{self, Pace, Request, ANOTHER_SUBJECT};
 use meterbridge::testing::{create_tenant, database_name};
 use sqlx::PgPool;
 
@@ -139,7 +139,7 @@ async fn an_erased_subject_is_gone_and_no_bill_changes(owner: PgPool) {
     void(&owner, &late_seqs[1..]).await;
     events.pop();
     run(&app, &owner, now).await;
-    let receipt = subject_erasures::erase(&owner, &req, 3, far())
+    let receipt = subject_erasures::erase(&owner, &req, Pace::unpaced(3), far())
         .await
         .unwrap();
     assert!(receipt.finished_at.is_some(), "{receipt:?}");
@@ -243,7 +243,7 @@ async fn an_erasure_cut_short_resumes_with_one_receipt_and_runs_once(owner: PgPo
     subject_erasures::step(&mut killed, &req, 7).await.unwrap();
     drop(killed);
     // Run again to the end: every row once, one receipt.
-    let done = subject_erasures::erase(&owner, &req, 7, far())
+    let done = subject_erasures::erase(&owner, &req, Pace::unpaced(7), far())
         .await
         .unwrap();
     assert!(done.finished_at.is_some());
@@ -261,14 +261,19 @@ async fn an_erasure_cut_short_resumes_with_one_receipt_and_runs_once(owner: PgPo
     assert_eq!(left, 0);
 
     // The same request again: its receipt, nothing changed.
-    let again = subject_erasures::erase(&owner, &req, 7, far())
+    let again = subject_erasures::erase(&owner, &req, Pace::unpaced(7), far())
         .await
         .unwrap();
     assert_eq!(again, done);
     // Its id for another subject: refused, nothing written.
-    let err = subject_erasures::erase(&owner, &request(t, "DSAR-2", "someone-else"), 7, far())
-        .await
-        .unwrap_err();
+    let err = subject_erasures::erase(
+        &owner,
+        &request(t, "DSAR-2", "someone-else"),
+        Pace::unpaced(7),
+        far(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.sqlstate().as_deref(), Some(ANOTHER_SUBJECT), "{err}");
     // Another tenant cannot reach this tenant's subject: its request erases nothing here.
     let stranger = create_tenant(&owner, "stranger").await.id.0;
@@ -283,9 +288,14 @@ async fn an_erasure_cut_short_resumes_with_one_receipt_and_runs_once(owner: PgPo
         }],
     )
     .await;
-    let theirs = subject_erasures::erase(&owner, &request(stranger, "X-1", "carol"), 7, far())
-        .await
-        .unwrap();
+    let theirs = subject_erasures::erase(
+        &owner,
+        &request(stranger, "X-1", "carol"),
+        Pace::unpaced(7),
+        far(),
+    )
+    .await
+    .unwrap();
     assert_eq!(theirs.events_erased, 0);
     let carol: i64 =
         sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE actor_id = 'carol'")
@@ -320,7 +330,7 @@ async fn a_void_of_a_row_under_erasure_waits_for_it(owner: PgPool) {
     .unwrap_err();
     let code = err.as_database_error().and_then(|e| e.code()).unwrap();
     assert_eq!(code, "55P03", "{err}");
-    subject_erasures::erase(&owner, &req, 1, far())
+    subject_erasures::erase(&owner, &req, Pace::unpaced(1), far())
         .await
         .unwrap();
     // Once finished, it goes through, and the rollups follow.

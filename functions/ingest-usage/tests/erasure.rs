@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{fixture_text, request_from_json, send, statuses, Fixture};
-use meterbridge::repo::subject_erasures::{self, Request};
+use meterbridge::repo::subject_erasures::{self, Pace, Request};
 use meterbridge::testing::percent_encode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -72,7 +72,7 @@ async fn a_void_through_the_api_waits_while_its_subject_is_erased(owner: PgPool)
             .unwrap();
     assert_eq!(voided, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    subject_erasures::erase(&owner, &request, 1, deadline)
+    subject_erasures::erase(&owner, &request, Pace::unpaced(1), deadline)
         .await
         .unwrap();
     let done = send(&app, void(&fx, &erased)).await;
@@ -98,7 +98,7 @@ async fn an_erased_event_lists_its_token_and_a_replay_is_still_a_duplicate(owner
         requested_by: "test",
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let receipt = subject_erasures::erase(&owner, &request, 100, deadline)
+    let receipt = subject_erasures::erase(&owner, &request, Pace::unpaced(100), deadline)
         .await
         .unwrap();
     assert_eq!(receipt.events_erased, 1);

@@ -19,6 +19,8 @@
 //!   and the dedup keys' write amplification; in a database of its own; see `maintenance.rs`;
 //! - `neighbours` (not in the default set): a tenant's steady traffic alone and while another
 //!   floods far over its rate limit, and the limiter's own cost; see `neighbours.rs`.
+//! - `erasure` (not in the default set): one data subject with 1 % of 10 M stored events
+//!   erased while another tenant ingests; see `erasure.rs`.
 //!
 //! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_MIGRATIONS=N`
 //! measures the schema as of migration N (the before of a schema change). `BENCH_WORKLOADS`
@@ -29,6 +31,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program: fail loudly
 
 mod aggregate;
+mod erasure;
 mod growth;
 mod ingest;
 mod maintenance;
@@ -226,6 +229,9 @@ async fn main() {
     }
     if workloads.contains("neighbours") {
         neighbours::run(&owner, &api_url).await;
+    }
+    if workloads.contains("erasure") {
+        erasure::run(&owner, &api_url).await;
     }
     if workloads.contains("growth") {
         let sizes = list("BENCH_GROWTH_SIZES", &[10_000_000, 30_000_000]);

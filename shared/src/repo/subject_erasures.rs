@@ -70,16 +70,47 @@ pub async fn step(
     .await?)
 }
 
-/// The erasure step by step, each step a transaction of its own of at most `rows` event rows,
-/// until it finishes or `deadline` comes (then the receipt has no `finished_at`, and the same
-/// request run again resumes where it stopped).
+/// How `admin subject erase` paces an erasure: steps of at most [`Pace::ROWS`] event rows, each
+/// followed by a pause so that steps take at most [`Pace::DUTY`] of the time (an erasure is
+/// background work: the tenants ingesting beside it keep their rate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    /// Event rows a step erases at most (one transaction).
+    pub rows: i32,
+    /// The share of the wall-clock time spent in steps, in (0, 1]: 1 runs them back to back.
+    pub duty: f64,
+}
+
+impl Pace {
+    pub const ROWS: i32 = 20_000;
+    pub const DUTY: f64 = 0.2;
+    pub const ADMIN: Pace = Pace {
+        rows: Pace::ROWS,
+        duty: Pace::DUTY,
+    };
+
+    /// Steps of `rows` back to back (tests).
+    pub fn unpaced(rows: i32) -> Pace {
+        Pace { rows, duty: 1.0 }
+    }
+
+    fn pause_after(&self, step: Duration) -> Duration {
+        let duty = self.duty.clamp(0.01, 1.0);
+        step.mul_f64(1.0 / duty - 1.0)
+    }
+}
+
+/// The erasure step by step, each step a transaction of its own, paced by `pace`, until it
+/// finishes or `deadline` comes (then the receipt has no `finished_at`, and the same request
+/// run again resumes where it stopped).
 pub async fn erase(
     pool: &PgPool,
     request: &Request<'_>,
-    rows: i32,
+    pace: Pace,
     deadline: Instant,
 ) -> Result<Receipt, DbError> {
     loop {
+        let started = Instant::now();
         let mut tx = pool.begin().await?;
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout_ms = left.max(MIN_STEP_TIME).as_millis().to_string();
@@ -89,13 +120,32 @@ pub async fn erase(
         )
         .fetch_one(&mut *tx)
         .await?;
-        let receipt = step(&mut tx, request, rows).await?;
+        let receipt = step(&mut tx, request, pace.rows).await?;
         tx.commit().await?;
-        if receipt.finished_at.is_some() || Instant::now() + MIN_STEP_TIME > deadline {
+        let resume_at = Instant::now() + pace.pause_after(started.elapsed());
+        if receipt.finished_at.is_some() || resume_at + MIN_STEP_TIME > deadline {
             return Ok(receipt);
         }
+        tokio::time::sleep_until(resume_at.into()).await;
     }
 }
 
 /// No step starts with less time than this left.
 const MIN_STEP_TIME: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_erasure_pauses_so_its_steps_take_their_share_of_the_time() {
+        let step = Duration::from_millis(500);
+        assert_eq!(Pace::ADMIN.pause_after(step), Duration::from_secs(2));
+        assert_eq!(Pace::unpaced(10).pause_after(step), Duration::ZERO);
+        // A nonsense duty is held to [1 %, 100 %].
+        let zero = Pace { rows: 1, duty: 0.0 };
+        assert_eq!(zero.pause_after(step), step.mul_f64(99.0));
+        let over = Pace { rows: 1, duty: 7.0 };
+        assert_eq!(over.pause_after(step), Duration::ZERO);
+    }
+}
