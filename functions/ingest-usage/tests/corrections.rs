@@ -17,14 +17,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 fn void_request(fx: &Fixture, key: &str, event_id: &str, body: &Value) -> Request {
-    let mut request: Value = serde_json::from_str(&fixture_text("void-event.json")).unwrap();
-    let path = format!("/v1/usage/events/{}/void", percent_encode(event_id));
-    request["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
-    request["rawPath"] = Value::String(path.clone());
-    request["requestContext"]["http"]["path"] = Value::String(path);
-    request["body"] = Value::String(body.to_string());
-    let _ = fx;
-    request_from_json(&request.to_string())
+    fx.void(key, event_id, body)
 }
 
 async fn aggregate(owner: &PgPool) {

@@ -8,20 +8,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fixture_text, request_from_json, send, statuses, Fixture};
+use common::{send, statuses, Fixture};
 use meterbridge::repo::subject_erasures::{self, Pace, Request};
-use meterbridge::testing::percent_encode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
 fn void(fx: &Fixture, event_id: &str) -> lambda_http::Request {
-    let mut request: Value = serde_json::from_str(&fixture_text("void-event.json")).unwrap();
-    let path = format!("/v1/usage/events/{}/void", percent_encode(event_id));
-    request["headers"]["authorization"] = json!(format!("Bearer {}", fx.internal.key));
-    request["rawPath"] = json!(path.clone());
-    request["requestContext"]["http"]["path"] = json!(path);
-    request["body"] = json!(json!({"reason": "sent twice"}).to_string());
-    request_from_json(&request.to_string())
+    fx.void(&fx.internal.key, event_id, &json!({"reason": "sent twice"}))
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]

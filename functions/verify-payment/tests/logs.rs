@@ -22,45 +22,25 @@ async fn no_payment_reference_description_or_metadata_reaches_the_logs_at_trace(
                       "providerReference": reference, "description": description,
                       "metadata": {"customer": metadata}});
 
-    let created = send(
-        &app,
+    // Created with an Idempotency-Key.
+    let create = |body: &serde_json::Value| {
         fx.request(
             "POST",
             "/v1/payments",
             Some(&fx.internal.key),
             Some(&body.to_string()),
             &[("idempotency-key", "logs-test-create")],
-        ),
-    )
-    .await;
+        )
+    };
+    let created = send(&app, create(&body)).await;
     assert_eq!(created.status, 201, "{}", created.body);
     let id = created.body["payment"]["id"].as_str().unwrap().to_owned();
     // Replayed (the stored response), and a conflicting reuse of the key.
-    let replay = send(
-        &app,
-        fx.request(
-            "POST",
-            "/v1/payments",
-            Some(&fx.internal.key),
-            Some(&body.to_string()),
-            &[("idempotency-key", "logs-test-create")],
-        ),
-    )
-    .await;
+    let replay = send(&app, create(&body)).await;
     assert_eq!(replay.status, 201, "{}", replay.body);
     let mut other = body.clone();
     other["amountMinor"] = json!(99);
-    let conflict = send(
-        &app,
-        fx.request(
-            "POST",
-            "/v1/payments",
-            Some(&fx.internal.key),
-            Some(&other.to_string()),
-            &[("idempotency-key", "logs-test-create")],
-        ),
-    )
-    .await;
+    let conflict = send(&app, create(&other)).await;
     assert!(conflict.status.is_client_error(), "{}", conflict.body);
     // An invalid one that echoes the reference in no log either.
     let mut invalid = body.clone();

@@ -66,6 +66,16 @@ async fn load(owner: &PgPool, tenant: uuid::Uuid, events: usize, every: usize) {
         .unwrap();
 }
 
+/// The rows that still carry the subject's id.
+async fn rows_of_subject(owner: &PgPool, tenant: uuid::Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1 AND actor_id = $2")
+        .bind(tenant)
+        .bind(SUBJECT)
+        .fetch_one(owner)
+        .await
+        .unwrap()
+}
+
 /// Another tenant's ingestion, one caller as fast as it can until `stop`: events a second.
 async fn ingest_until(app: Arc<ingest_usage::App>, key: String, stop: Arc<AtomicBool>) -> f64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -120,14 +130,7 @@ pub async fn run(owner: &PgPool, api_url: &str) {
     let loading = Instant::now();
     load(owner, tenant.id.0, events, every).await;
     let loaded_in = loading.elapsed();
-    let subject_rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM usage_events WHERE tenant_id = $1 AND actor_id = $2",
-    )
-    .bind(tenant.id.0)
-    .bind(SUBJECT)
-    .fetch_one(owner)
-    .await
-    .unwrap();
+    let subject_rows = rows_of_subject(owner, tenant.id.0).await;
     let app = build_apps(api_url, 1).await.remove(0);
 
     // The other tenant alone.
@@ -173,14 +176,7 @@ pub async fn run(owner: &PgPool, api_url: &str) {
     stop.store(true, Ordering::Relaxed);
     let beside = beside.await.unwrap();
     let receipt = receipt.unwrap();
-    let left: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM usage_events WHERE tenant_id = $1 AND actor_id = $2",
-    )
-    .bind(tenant.id.0)
-    .bind(SUBJECT)
-    .fetch_one(owner)
-    .await
-    .unwrap();
+    let left = rows_of_subject(owner, tenant.id.0).await;
 
     println!();
     println!(

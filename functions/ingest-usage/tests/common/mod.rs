@@ -111,6 +111,17 @@ impl Fixture {
     }
 
     /// A GET with a query string, authenticated with `key`.
+    /// POST /v1/usage/events/{eventId}/void with `key` and `body`.
+    pub fn void(&self, key: &str, event_id: &str, body: &Value) -> Request {
+        let mut request: Value = serde_json::from_str(&fixture_text("void-event.json")).unwrap();
+        let path = format!("/v1/usage/events/{}/void", percent_encode(event_id));
+        request["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
+        request["rawPath"] = Value::String(path.clone());
+        request["requestContext"]["http"]["path"] = Value::String(path);
+        request["body"] = Value::String(body.to_string());
+        request_from_json(&request.to_string())
+    }
+
     pub fn get(&self, key: &str, path: &str, query: &[(&str, &str)]) -> Request {
         let mut event: Value = serde_json::from_str(&fixture_text("list-events.json")).unwrap();
         event["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
