@@ -82,6 +82,15 @@ pub async fn create_partitions_around_now(owner: &PgPool) {
     .await;
 }
 
+/// Moves the aggregation's watermark past every event stored so far, as if the aggregation had
+/// taken them (for work that treats taken and pending events differently, like an erasure).
+pub async fn mark_aggregated(owner: &PgPool) {
+    sqlx::query("UPDATE usage_aggregation_state SET watermark = pg_current_xact_id()::text::int8")
+        .execute(owner)
+        .await
+        .expect("move the aggregation's watermark");
+}
+
 /// The id of the API key with `prefix`.
 pub async fn api_key_id(owner: &PgPool, prefix: &str) -> uuid::Uuid {
     sqlx::query_scalar("SELECT id FROM api_keys WHERE prefix = $1")

@@ -229,10 +229,7 @@ async fn an_erasure_cut_short_resumes_with_one_receipt_and_runs_once(owner: PgPo
         .collect();
     insert(&owner, &events).await;
     // As if the aggregation had taken them (steps erase only what it has).
-    sqlx::query("UPDATE usage_aggregation_state SET watermark = pg_current_xact_id()::text::int8")
-        .execute(&owner)
-        .await
-        .unwrap();
+    meterbridge::testing::mark_aggregated(&owner).await;
     let req = request(t, "DSAR-2", SUBJECT);
     // One step committed; the next killed (its transaction never commits).
     let mut tx = owner.begin().await.unwrap();

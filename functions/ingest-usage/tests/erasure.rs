@@ -32,10 +32,7 @@ async fn a_void_through_the_api_waits_while_its_subject_is_erased(owner: PgPool)
     let stored = fx.submit(&app, json!({ "events": events })).await;
     assert_eq!(statuses(&stored.body), ["accepted", "accepted"]);
     // As if aggregated, so a step erases them; one step of one row.
-    sqlx::query("UPDATE usage_aggregation_state SET watermark = pg_current_xact_id()::text::int8")
-        .execute(&owner)
-        .await
-        .unwrap();
+    meterbridge::testing::mark_aggregated(&owner).await;
     let request = Request {
         tenant: fx.tenant.id,
         request_id: "DSAR-API-2",

@@ -56,10 +56,7 @@ async fn load(owner: &PgPool, tenant: uuid::Uuid, events: usize, every: usize) {
         .unwrap();
         done += n;
     }
-    sqlx::query("UPDATE usage_aggregation_state SET watermark = pg_current_xact_id()::text::int8")
-        .execute(owner)
-        .await
-        .unwrap();
+    meterbridge::testing::mark_aggregated(owner).await;
     sqlx::query("VACUUM ANALYZE usage_events")
         .execute(owner)
         .await
