@@ -38,6 +38,9 @@ say "event bus meterbridge-local in moto, routed by a rule to an SQS queue"
 EVENT_QUEUE_URL=$("$MB_TOOLS_VENV/bin/python" scripts/seed_bus.py meterbridge-local)
 echo "  queue $EVENT_QUEUE_URL"
 
+say "subject-export bucket meterbridge-local-exports in moto (S3)"
+"$MB_TOOLS_VENV/bin/python" scripts/seed_bucket.py meterbridge-local-exports >/dev/null
+
 say "cargo lambda watch on :$WATCH_PORT (log: $MB_CACHE/watch.log)"
 # Restart it, so the functions run the code as it is now.
 if [ -f "$MB_CACHE/watch.pid" ]; then kill "$(cat "$MB_CACHE/watch.pid")" 2>/dev/null || true; sleep 0.5; fi

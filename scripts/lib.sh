@@ -9,7 +9,7 @@ MB_TOOLS_VENV=$MB_CACHE/venv-tools   # moto server + cargo-lambda (+ boto3 for s
 MB_SAM_VENV=$MB_CACHE/venv-sam       # aws-sam-cli + cfn-lint (pins an older boto3 than moto wants)
 MB_CONTRACT_VENV=$MB_CACHE/venv-contract # openapi-spec-validator + schemathesis
 MOTO_PORT=${MOTO_PORT:-5055}
-MOTO_VERSION=5.2.1
+MOTO_VERSION=5.2.6   # 5.2.1 answered CompleteMultipartUpload with a root element the SDKs reject
 CARGO_LAMBDA_VERSION=1.9.2
 SAM_VERSION=1.170.0
 CFN_LINT_VERSION=1.58.0
@@ -77,12 +77,18 @@ ensure_python_venv() {
   python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
 }
 
+TOOLS_PINS="moto[server]==$MOTO_VERSION cargo-lambda==$CARGO_LAMBDA_VERSION"
+
 ensure_tools_venv() {
-  if [ -x "$MB_TOOLS_VENV/bin/moto_server" ] && [ -x "$MB_TOOLS_VENV/bin/cargo-lambda" ]; then return; fi
+  # Installed, and at the pinned versions (a machine that ran an older pin upgrades in place).
+  if [ -x "$MB_TOOLS_VENV/bin/moto_server" ] && [ -x "$MB_TOOLS_VENV/bin/cargo-lambda" ] \
+     && [ "$(cat "$MB_TOOLS_VENV/pins" 2>/dev/null)" = "$TOOLS_PINS" ]; then return; fi
   ensure_python_venv
   say "installing moto[server] $MOTO_VERSION and cargo-lambda $CARGO_LAMBDA_VERSION into $MB_TOOLS_VENV"
-  python3 -m venv "$MB_TOOLS_VENV"
-  "$MB_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" "cargo-lambda==$CARGO_LAMBDA_VERSION"
+  [ -x "$MB_TOOLS_VENV/bin/pip" ] || python3 -m venv "$MB_TOOLS_VENV"
+  # shellcheck disable=SC2086
+  "$MB_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check $TOOLS_PINS
+  printf '%s' "$TOOLS_PINS" >"$MB_TOOLS_VENV/pins"
 }
 
 ensure_sam_venv() {
@@ -107,9 +113,21 @@ moto_up() { curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT/moto-api/" 2>/dev/
 
 ensure_moto() {
   ensure_tools_venv
-  if moto_up; then return; fi
-  say "starting moto server on 127.0.0.1:$MOTO_PORT"
+  # A server this script started from an older pin is replaced; any other one is used as is.
+  if moto_up; then
+    local pid
+    pid=$(cat "$MB_CACHE/moto.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat "$MB_CACHE/moto.version" 2>/dev/null)" != "$MOTO_VERSION" ] \
+       && grep -q moto_server "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" 2>/dev/null; then
+      for _ in $(seq 1 50); do moto_up || break; sleep 0.1; done
+    else
+      return 0
+    fi
+  fi
+  say "starting moto server $MOTO_VERSION on 127.0.0.1:$MOTO_PORT"
   nohup "$MB_TOOLS_VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$MB_CACHE/moto.log" 2>&1 &
+  echo $! >"$MB_CACHE/moto.pid"
+  printf '%s' "$MOTO_VERSION" >"$MB_CACHE/moto.version"
   for _ in $(seq 1 100); do moto_up && return; sleep 0.1; done
   echo "moto did not come up on $MOTO_PORT (see $MB_CACHE/moto.log)" >&2; exit 1
 }

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::command::Command;
+use crate::export::Destination;
 
 #[derive(Debug, Parser)]
 #[command(name = "admin", about = "meterbridge operator actions", version)]
@@ -42,7 +43,7 @@ enum Action {
         #[command(subcommand)]
         action: UsageCommand,
     },
-    /// A tenant's data subjects (end users): erasure
+    /// A tenant's data subjects (end users): export and erasure
     Subject {
         #[command(subcommand)]
         action: SubjectCommand,
@@ -51,6 +52,18 @@ enum Action {
 
 #[derive(Debug, Subcommand)]
 enum SubjectCommand {
+    /// Export what is held about a data subject as JSON Lines: to standard output (the
+    /// manifest to standard error), or with --s3 to the export bucket, with links
+    Export {
+        #[arg(long)]
+        tenant: String,
+        /// The actor id exactly as the events carry it
+        #[arg(long)]
+        actor_id: String,
+        /// Write to the export bucket (EXPORT_BUCKET) and print presigned links
+        #[arg(long)]
+        s3: bool,
+    },
     /// Erase a data subject: their actor id replaced by a random token on every event, their
     /// events' metadata emptied; totals and distinct-actor counts unchanged. Run the same
     /// --request again to resume, or to read its receipt
@@ -310,6 +323,19 @@ impl Cli {
                 UsageCommand::AggregationStatus => Command::UsageAggregationStatus,
             },
             Action::Subject { action } => match action {
+                SubjectCommand::Export {
+                    tenant,
+                    actor_id,
+                    s3,
+                } => Command::SubjectExport {
+                    tenant,
+                    actor_id,
+                    to: if s3 {
+                        Destination::S3
+                    } else {
+                        Destination::Stdout
+                    },
+                },
                 SubjectCommand::Erase {
                     tenant,
                     actor_id,
@@ -409,6 +435,38 @@ mod tests {
         assert_eq!(
             parse(&["usage", "aggregate"]).unwrap(),
             Command::UsageAggregate
+        );
+        // An export: to the bucket with --s3, as the payload; to standard output without.
+        let payload = serde_json::json!({
+            "action": "subject.export", "tenant": "acme", "actorId": "user-42"});
+        assert_eq!(
+            parse(&[
+                "subject",
+                "export",
+                "--tenant",
+                "acme",
+                "--actor-id",
+                "user-42",
+                "--s3"
+            ])
+            .unwrap(),
+            serde_json::from_value::<Command>(payload).unwrap()
+        );
+        assert_eq!(
+            parse(&[
+                "subject",
+                "export",
+                "--tenant",
+                "acme",
+                "--actor-id",
+                "user-42"
+            ])
+            .unwrap(),
+            Command::SubjectExport {
+                tenant: "acme".into(),
+                actor_id: "user-42".into(),
+                to: Destination::Stdout
+            }
         );
         assert_eq!(
             parse(&["usage", "aggregation-status"]).unwrap(),

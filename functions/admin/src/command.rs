@@ -148,6 +148,17 @@ pub enum Command {
         #[serde(default)]
         requested_by: Option<String>,
     },
+    /// Exports what is held about a data subject of a tenant as JSON Lines with a manifest: to
+    /// the export bucket (`EXPORT_BUCKET`) with presigned links, or (command line) to standard
+    /// output.
+    #[serde(rename = "subject.export", rename_all = "camelCase")]
+    SubjectExport {
+        tenant: String,
+        actor_id: String,
+        /// Standard output is the command line's; a payload always writes to the bucket.
+        #[serde(skip)]
+        to: crate::export::Destination,
+    },
 }
 
 impl Command {
@@ -174,6 +185,7 @@ impl Command {
             Command::UsageBackfill { .. } => "usage.backfill",
             Command::UsageAggregationStatus => "usage.aggregation-status",
             Command::SubjectErase { .. } => "subject.erase",
+            Command::SubjectExport { .. } => "subject.export",
         }
     }
 }

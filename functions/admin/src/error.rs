@@ -12,6 +12,9 @@ pub enum AdminError {
     Conflict(String),
     #[error(transparent)]
     Database(#[from] DbError),
+    /// A service other than the database failed (S3, for an export): retry later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
 }
@@ -24,6 +27,7 @@ impl AdminError {
             AdminError::Conflict(_) => "Conflict",
             AdminError::Database(DbError::Unavailable(_)) => "DatabaseUnavailable",
             AdminError::Database(_) => "DatabaseError",
+            AdminError::Unavailable(_) => "Unavailable",
             AdminError::Migration(_) => "MigrationFailed",
         }
     }

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::command::Command;
 use crate::error::AdminError;
+use crate::export::{self, Destination, ExportStore};
 use crate::limits;
 use crate::subject;
 
@@ -33,6 +34,9 @@ pub struct Admin {
     pub relay: Option<Relay>,
     pub storage: StoragePolicy,
     pub aggregation: AggregationConfig,
+    /// Where subject exports go (`EXPORT_BUCKET`); none: only the command line's standard
+    /// output.
+    pub exports: Option<ExportStore>,
 }
 
 impl Admin {
@@ -43,6 +47,7 @@ impl Admin {
             relay: None,
             storage: StoragePolicy::default(),
             aggregation: AggregationConfig::default(),
+            exports: None,
         }
     }
 
@@ -195,6 +200,33 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
                 requested_by: requested_by.as_deref(),
             };
             Box::pin(subject::erase(db, &asked)).await
+        }
+        Command::SubjectExport {
+            tenant,
+            actor_id,
+            to,
+        } => {
+            let asked = export::Asked {
+                tenant: &tenant,
+                actor_id: &actor_id,
+            };
+            match to {
+                Destination::Stdout => {
+                    let manifest =
+                        Box::pin(export::to_writer(db, &asked, tokio::io::stdout())).await?;
+                    Ok(json!({ "manifest": manifest }))
+                }
+                Destination::S3 => {
+                    let store = admin.exports.as_ref().ok_or_else(|| {
+                        AdminError::BadRequest(
+                            "no export bucket is configured for the admin function \
+                             (EXPORT_BUCKET)"
+                                .into(),
+                        )
+                    })?;
+                    Box::pin(export::to_s3(db, store, &asked)).await
+                }
+            }
         }
         Command::UsageAggregationStatus => {
             let aggregator = admin.aggregator();

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod command;
 pub mod error;
+pub mod export;
 pub mod handler;
 pub mod limits;
 pub mod subject;

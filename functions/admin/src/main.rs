@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use admin::cli::Cli;
+use admin::export::{Destination, ExportStore};
 use admin::Admin;
+use admin::Command;
 use clap::Parser;
 use lambda_runtime::{service_fn, LambdaEvent};
 use meterbridge::aggregation::AggregationConfig;
@@ -63,6 +65,7 @@ async fn admin_from_env() -> Result<(Services, Admin), String> {
         relay,
         storage: StoragePolicy::from_env(&env).map_err(|e| e.to_string())?,
         aggregation: AggregationConfig::from_env(&env).map_err(|e| e.to_string())?,
+        exports: ExportStore::from_env(&env, services.aws().await).map_err(|e| e.to_string())?,
     };
     Ok((services, admin))
 }
@@ -83,13 +86,23 @@ async fn run_lambda() -> Result<(), String> {
 
 async fn run_cli() -> Result<(), String> {
     let command = Cli::parse().into_command();
+    // An export to standard output owns it: the manifest goes to standard error.
+    let stdout_taken = matches!(
+        command,
+        Command::SubjectExport {
+            to: Destination::Stdout,
+            ..
+        }
+    );
     let (_services, admin) = admin_from_env().await?;
     let output = admin::execute(&admin, command)
         .await
         .map_err(|e| e.to_string())?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&output).map_err(|e| e.to_string())?
-    );
+    let output = serde_json::to_string_pretty(&output).map_err(|e| e.to_string())?;
+    if stdout_taken {
+        eprintln!("{output}");
+    } else {
+        println!("{output}");
+    }
     Ok(())
 }

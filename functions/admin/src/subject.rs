@@ -24,14 +24,18 @@ pub struct Asked<'a> {
     pub requested_by: Option<&'a str>,
 }
 
-pub async fn erase(db: &Database, asked: &Asked<'_>) -> Result<Value, AdminError> {
-    // The actor id is matched exactly as ingestion stored it: not trimmed.
-    let actor = asked.actor_id;
+/// An actor id as ingestion accepts it, matched exactly as stored: not trimmed.
+pub(crate) fn checked_actor_id(actor: &str) -> Result<&str, AdminError> {
     if actor.is_empty() || actor.chars().count() > 128 || actor.chars().any(char::is_control) {
         return Err(AdminError::BadRequest(
             "actorId: 1-128 characters without control characters, as the events carry it".into(),
         ));
     }
+    Ok(actor)
+}
+
+pub async fn erase(db: &Database, asked: &Asked<'_>) -> Result<Value, AdminError> {
+    let actor = checked_actor_id(asked.actor_id)?;
     let request = Request {
         tenant: tenants::find_by_slug(db.pool(), asked.tenant)
             .await?

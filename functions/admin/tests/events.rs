@@ -233,6 +233,11 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
         "{out}"
     );
 
+    // An export needs the export bucket (the S3 path: tests/subject_export.rs).
+    let e = err(&db, run("subject-export.json")).await;
+    assert_eq!(e.error_type(), "BadRequest");
+    assert!(e.to_string().contains("EXPORT_BUCKET"), "{e}");
+
     // A subject with no events: the erasure finishes at once, and again returns its receipt.
     let out = ok(&db, run("subject-erase.json")).await;
     assert_eq!(out["finished"], true, "{out}");

@@ -9,6 +9,7 @@ pub mod payment_audit;
 pub mod payments;
 pub mod rate_limits;
 pub mod subject_erasures;
+pub mod subject_export;
 pub mod tenants;
 pub mod usage_aggregates;
 pub mod usage_changes;
