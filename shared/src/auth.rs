@@ -191,7 +191,7 @@ impl Authenticator {
         if candidate.revoked {
             return Ok(Verdict::Revoked);
         }
-        if candidate.tenant_status == TenantStatus::Disabled {
+        if candidate.tenant_status != TenantStatus::Active {
             return Ok(Verdict::TenantDisabled);
         }
         if let Err(e) = api_keys::touch(&mut *conn, candidate.key_id).await {

@@ -6,6 +6,24 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The name prefix of the webhook signing secrets (`<prefix>/<provider>/<tenant slug>`):
+/// `WEBHOOK_SECRET_PREFIX`, or `meterbridge/<STAGE>/webhooks`.
+pub fn webhook_secret_prefix<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+) -> Result<String, ConfigError> {
+    let stage = env.optional("STAGE").unwrap_or_else(|| "local".into());
+    let prefix = env
+        .optional("WEBHOOK_SECRET_PREFIX")
+        .unwrap_or_else(|| format!("meterbridge/{stage}/webhooks"));
+    if prefix.ends_with('/') || prefix.chars().any(char::is_whitespace) {
+        return Err(ConfigError::Invalid {
+            name: "WEBHOOK_SECRET_PREFIX",
+            reason: "a secret name prefix without spaces or a trailing '/'".into(),
+        });
+    }
+    Ok(prefix)
+}
+
 /// A variable that is missing or does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {

@@ -298,6 +298,41 @@ fn read_ca(path: &Path) -> Result<Vec<u8>, RedisError> {
     })
 }
 
+/// One SCAN step over the node that holds `tenant`'s hash tag, deleting what it finds of the
+/// tenant's keys (every key meterbridge writes for a tenant carries `{<tenant id>}`: counters,
+/// rate-limit state, in-flight slots). In a cluster all of them live in the tag's slot, so the
+/// scan runs on that slot's primary only. Returns the keys deleted and the next cursor (`None`
+/// once the scan is complete).
+pub async fn delete_tenant_keys(
+    conn: &mut RedisConnection,
+    tenant: TenantId,
+    cursor: &str,
+    count: usize,
+) -> Result<(u64, Option<String>), redis::RedisError> {
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+    let tag = format!("{{{tenant}}}");
+    let mut scan = redis::cmd("SCAN");
+    scan.arg(cursor)
+        .arg("MATCH")
+        .arg(format!("*{tag}*"))
+        .arg("COUNT")
+        .arg(count);
+    let (next, found): (String, Vec<String>) = match conn {
+        RedisConnection::Node(c) => scan.query_async(c).await?,
+        RedisConnection::Cluster(c) => {
+            let route = Route::with_slot(Slot::for_key(&tag), SlotAddr::Master);
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+            redis::from_redis_value(c.route_command(scan, routing).await?)?
+        }
+    };
+    let deleted = if found.is_empty() {
+        0
+    } else {
+        redis::cmd("DEL").arg(&found).query_async(conn).await?
+    };
+    Ok((deleted, (next != "0").then_some(next)))
+}
+
 /// Counter keys. The tenant id is a Redis Cluster hash tag, so one tenant's counters live in one
 /// slot and a pipeline or MGET over them works in cluster mode too.
 pub mod keys {

@@ -156,6 +156,18 @@ enum TenantAction {
     Disable { slug: String },
     /// List tenants
     List,
+    /// Offboard a tenant disabled for its grace period: every row, Redis key, signing secret
+    /// and key of it removed, in steps with a receipt. Run it again to resume
+    Erase {
+        slug: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        requested_by: Option<String>,
+        /// Keep its billing records (usage aggregates, payments and their audit)
+        #[arg(long)]
+        keep_billing: bool,
+    },
     /// A tenant's rate limits: the defaults and its overrides
     Limits {
         #[command(subcommand)]
@@ -235,6 +247,17 @@ impl Cli {
                 TenantAction::Create { slug, name } => Command::TenantCreate { slug, name },
                 TenantAction::Disable { slug } => Command::TenantDisable { slug },
                 TenantAction::List => Command::TenantList,
+                TenantAction::Erase {
+                    slug,
+                    reason,
+                    requested_by,
+                    keep_billing,
+                } => Command::TenantErase {
+                    tenant: slug,
+                    reason,
+                    requested_by,
+                    keep_billing,
+                },
                 TenantAction::Limits { action } => match action {
                     LimitsAction::Set {
                         tenant,

@@ -20,6 +20,20 @@ pub enum Command {
     TenantDisable { slug: String },
     #[serde(rename = "tenant.list")]
     TenantList,
+    /// Offboards a tenant disabled for its grace period: every row of it (live and archived
+    /// days, dedup keys), its Redis keys, its webhook signing secrets and its keys removed, in
+    /// steps with a receipt; the same request again resumes it, or returns the receipt.
+    #[serde(rename = "tenant.erase", rename_all = "camelCase")]
+    TenantErase {
+        tenant: String,
+        reason: String,
+        #[serde(default)]
+        requested_by: Option<String>,
+        /// Keep the billing records (usage aggregates, payments and their audit) and the
+        /// tenant's row, marked erased.
+        #[serde(default)]
+        keep_billing: bool,
+    },
     /// Overrides a tenant's rate limits (no `apiKeyPrefix`: its budgets together and its
     /// requests in flight) or one of its keys'; fields left out keep their current value.
     /// Audited in rate_limit_audit; the API functions apply it within their key cache's 60 s.
@@ -168,6 +182,7 @@ impl Command {
             Command::TenantCreate { .. } => "tenant.create",
             Command::TenantDisable { .. } => "tenant.disable",
             Command::TenantList => "tenant.list",
+            Command::TenantErase { .. } => "tenant.erase",
             Command::TenantLimitsSet { .. } => "tenant.limits.set",
             Command::TenantLimitsShow { .. } => "tenant.limits.show",
             Command::TenantLimitsClear { .. } => "tenant.limits.clear",

@@ -21,6 +21,7 @@ use crate::command::Command;
 use crate::error::AdminError;
 use crate::export::{self, Destination, ExportStore};
 use crate::limits;
+use crate::offboard;
 use crate::subject;
 
 const UNIQUE_VIOLATION: &str = "23505";
@@ -37,6 +38,11 @@ pub struct Admin {
     /// Where subject exports go (`EXPORT_BUCKET`); none: only the command line's standard
     /// output.
     pub exports: Option<ExportStore>,
+    /// A tenant's offboarding removes its Redis keys (`REDIS_SECRET_ID`) and its webhook
+    /// signing secrets, once it has been disabled this long (`TENANT_ERASE_GRACE_DAYS`).
+    pub redis: Option<meterbridge::redis::Redis>,
+    pub webhook_secrets: Option<offboard::WebhookSecrets>,
+    pub tenant_erase_grace: chrono::Duration,
 }
 
 impl Admin {
@@ -48,6 +54,9 @@ impl Admin {
             storage: StoragePolicy::default(),
             aggregation: AggregationConfig::default(),
             exports: None,
+            redis: None,
+            webhook_secrets: None,
+            tenant_erase_grace: chrono::Duration::days(offboard::DEFAULT_GRACE_DAYS as i64),
         }
     }
 
@@ -267,6 +276,20 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             Ok(json!({"tenant": tenant}))
         }
         Command::TenantList => Ok(json!({"tenants": tenants::list(db.pool()).await?})),
+        Command::TenantErase {
+            tenant,
+            reason,
+            requested_by,
+            keep_billing,
+        } => {
+            let asked = offboard::Asked {
+                tenant: &tenant,
+                reason: &reason,
+                requested_by: requested_by.as_deref(),
+                keep_billing,
+            };
+            Box::pin(offboard::erase(admin, &asked)).await
+        }
         Command::TenantLimitsSet {
             tenant,
             api_key_prefix,
@@ -326,10 +349,11 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             let tenant = tenants::find_by_slug(db.pool(), &tenant)
                 .await?
                 .ok_or_else(|| no_tenant(&tenant))?;
-            if tenant.status == TenantStatus::Disabled {
+            if tenant.status != TenantStatus::Active {
                 return Err(AdminError::Conflict(format!(
-                    "tenant {:?} is disabled; it cannot get new keys",
-                    tenant.slug
+                    "tenant {:?} is {}; it cannot get new keys",
+                    tenant.slug,
+                    tenant.status.as_str()
                 )));
             }
             let new_key = generate_api_key();

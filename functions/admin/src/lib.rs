@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod handler;
 pub mod limits;
+pub mod offboard;
 pub mod subject;
 
 pub use command::Command;

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use admin::cli::Cli;
 use admin::export::{Destination, ExportStore};
+use admin::offboard::{WebhookSecrets, DEFAULT_GRACE_DAYS};
 use admin::Admin;
 use admin::Command;
 use clap::Parser;
 use lambda_runtime::{service_fn, LambdaEvent};
 use meterbridge::aggregation::AggregationConfig;
+use meterbridge::config::webhook_secret_prefix;
 use meterbridge::config::Env;
 use meterbridge::relay::{Relay, RelayConfig};
 use meterbridge::repo::usage_storage::StoragePolicy;
@@ -47,7 +49,7 @@ async fn main() -> ExitCode {
 
 /// The database, and the outbox relay when an event bus is configured (`EVENT_BUS_NAME`).
 async fn admin_from_env() -> Result<(Services, Admin), String> {
-    let services = Services::from_env(SERVICE)
+    let mut services = Services::from_env(SERVICE)
         .await
         .map_err(|e| e.to_string())?;
     let env = Env::process();
@@ -66,6 +68,15 @@ async fn admin_from_env() -> Result<(Services, Admin), String> {
         storage: StoragePolicy::from_env(&env).map_err(|e| e.to_string())?,
         aggregation: AggregationConfig::from_env(&env).map_err(|e| e.to_string())?,
         exports: ExportStore::from_env(&env, services.aws().await).map_err(|e| e.to_string())?,
+        redis: services.redis.take(),
+        webhook_secrets: Some(WebhookSecrets {
+            client: aws_sdk_secretsmanager::Client::new(services.aws().await),
+            prefix: webhook_secret_prefix(&env).map_err(|e| e.to_string())?,
+        }),
+        tenant_erase_grace: chrono::Duration::days(
+            env.bounded_or("TENANT_ERASE_GRACE_DAYS", DEFAULT_GRACE_DAYS, 1..=3650)
+                .map_err(|e| e.to_string())? as i64,
+        ),
     };
     Ok((services, admin))
 }

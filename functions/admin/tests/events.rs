@@ -253,6 +253,10 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
     let e = err(&db, "api-key-create.json").await;
     assert_eq!(e.error_type(), "Conflict");
     assert!(e.to_string().contains("disabled"), "{e}");
+    // Offboarding waits for the grace period after the disabling (tests/tenant_erase.rs).
+    let e = err(&db, run("tenant-erase.json")).await;
+    assert_eq!(e.error_type(), "Conflict");
+    assert!(e.to_string().contains("grace period ends"), "{e}");
 
     let e = err(&db, run("tenant-create-bad-slug.json")).await;
     assert_eq!(e.error_type(), "BadRequest");

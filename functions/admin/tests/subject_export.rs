@@ -4,12 +4,14 @@
 //! written.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use admin::export::{self, s3_client, Asked, ExportStore, MIN_PART_SIZE};
-use admin::{execute, handle_event, Admin, Command};
-use chrono::{DateTime, NaiveDate, Utc};
+use admin::{handle_event, Admin};
+use common::{aggregate_all, archive, at, day};
 use meterbridge::clock::FrozenClock;
 use meterbridge::testing::{create_day_partitions, create_tenant, moto_sdk_config};
 use meterbridge::Database;
@@ -19,14 +21,6 @@ use sqlx::PgPool;
 
 const SUBJECT: &str = "subject-9c1f-export-marker";
 const METADATA: &str = "subject-9c1f@mail.marker";
-
-fn day(d: &str) -> NaiveDate {
-    d.parse().unwrap()
-}
-
-fn at(rfc3339: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(rfc3339).unwrap().into()
-}
 
 /// `count` events of `actor` of `tenant` at `occurred_at`, each with `metadata`; their ids.
 async fn insert(
@@ -54,37 +48,6 @@ async fn insert(
     .fetch_all(owner)
     .await
     .unwrap()
-}
-
-/// Moves a day partition to the archive, as the storage maintenance does past the retention.
-async fn archive(owner: &PgPool, day: &str) {
-    let table = format!("usage_events_p{}", day.replace('-', ""));
-    for statement in [
-        format!("ALTER TABLE usage_events DETACH PARTITION {table}"),
-        format!("ALTER TABLE {table} SET SCHEMA usage_archive"),
-    ] {
-        sqlx::query(&statement).execute(owner).await.unwrap();
-    }
-}
-
-/// Aggregation runs until the watermark is past every stored event (a transaction open
-/// elsewhere on the server, a parallel test's, holds a run's watermark back).
-async fn aggregate_all(admin: &Admin, owner: &PgPool) {
-    for _ in 0..600 {
-        let run = execute(admin, Command::UsageAggregate).await.unwrap();
-        let watermark = run["aggregation"]["collected"]["watermark"]
-            .as_i64()
-            .unwrap();
-        let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(xact_id), 0) FROM usage_events")
-            .fetch_one(owner)
-            .await
-            .unwrap();
-        if run["aggregation"]["outcome"] == "done" && watermark > newest {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the aggregation never caught up");
 }
 
 async fn exported(admin: &Admin, tenant: &str, actor: &str) -> (Vec<Value>, Vec<u8>, Value) {

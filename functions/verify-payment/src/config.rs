@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use meterbridge::config::{ConfigError, Env};
+use meterbridge::config::{webhook_secret_prefix, ConfigError, Env};
 use meterbridge::rate_limit::RateLimitConfig;
 
 #[derive(Debug, Clone)]
@@ -37,16 +37,7 @@ impl PaymentsConfig {
     }
 
     pub fn from<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
-        let stage = env.optional("STAGE").unwrap_or_else(|| "local".into());
-        let prefix = env
-            .optional("WEBHOOK_SECRET_PREFIX")
-            .unwrap_or_else(|| format!("meterbridge/{stage}/webhooks"));
-        if prefix.ends_with('/') || prefix.chars().any(char::is_whitespace) {
-            return Err(ConfigError::Invalid {
-                name: "WEBHOOK_SECRET_PREFIX",
-                reason: "a secret name prefix without spaces or a trailing '/'".into(),
-            });
-        }
+        let prefix = webhook_secret_prefix(env)?;
         Ok(PaymentsConfig {
             max_body_bytes: env.bounded_or("MAX_BODY_BYTES", 65_536, 1024..=1_048_576)? as usize,
             webhook_max_body_bytes: env.bounded_or(

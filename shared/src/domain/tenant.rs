@@ -53,6 +53,8 @@ impl fmt::Display for TenantSlug {
 pub enum TenantStatus {
     Active,
     Disabled,
+    /// Offboarded with its billing records kept: nothing else of it is left.
+    Erased,
 }
 
 impl TenantStatus {
@@ -60,6 +62,7 @@ impl TenantStatus {
         match self {
             TenantStatus::Active => "active",
             TenantStatus::Disabled => "disabled",
+            TenantStatus::Erased => "erased",
         }
     }
 }
@@ -70,6 +73,7 @@ impl FromStr for TenantStatus {
         match s {
             "active" => Ok(TenantStatus::Active),
             "disabled" => Ok(TenantStatus::Disabled),
+            "erased" => Ok(TenantStatus::Erased),
             other => Err(InvalidValue::new(
                 "status",
                 format!("unknown status {other:?}"),

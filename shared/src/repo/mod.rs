@@ -10,6 +10,7 @@ pub mod payments;
 pub mod rate_limits;
 pub mod subject_erasures;
 pub mod subject_export;
+pub mod tenant_erasures;
 pub mod tenants;
 pub mod usage_aggregates;
 pub mod usage_changes;

@@ -70,11 +70,14 @@ pub async fn find(db: impl PgExecutor<'_>, id: TenantId) -> Result<Option<Tenant
     .transpose()
 }
 
-/// Disables a tenant (idempotent: a disabled tenant keeps its first `disabled_at`).
+/// Disables a tenant (idempotent: a disabled tenant keeps its first `disabled_at`; an erased
+/// one stays erased).
 pub async fn disable(db: impl PgExecutor<'_>, slug: &str) -> Result<Option<Tenant>, DbError> {
     sqlx::query_as!(
         TenantRow,
-        "UPDATE tenants SET status = 'disabled', disabled_at = COALESCE(disabled_at, now())
+        "UPDATE tenants
+            SET status = CASE status WHEN 'erased' THEN status ELSE 'disabled' END,
+                disabled_at = COALESCE(disabled_at, now())
           WHERE slug = $1
          RETURNING id, slug, name, status, created_at, disabled_at",
         slug

@@ -206,6 +206,10 @@ pub async fn enqueue_range(
                 WHERE a.period_type = ANY($4::text[])
                   AND a.period_start < $2 AND a.period_end > $1
                   AND ($3::uuid IS NULL OR a.tenant_id = $3)
+                  -- An offboarded tenant's kept billing records have no events left to be
+                  -- recomputed from: they stay as they are.
+                  AND NOT EXISTS (SELECT 1 FROM tenants t
+                                   WHERE t.id = a.tenant_id AND t.status = 'erased')
            ), queued AS (
                INSERT INTO usage_aggregation_queue (period_type, period_start, tenant_id, metric,
                                                     reason)
