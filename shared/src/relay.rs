@@ -27,6 +27,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::db::{Database, DbError};
+use crate::repo::idempotency;
 use crate::repo::outbox::{self, Claimed};
 
 /// PutEvents takes at most this many entries per call.
@@ -63,7 +64,10 @@ pub struct RelayConfig {
     pub deadline_margin: Duration,
     /// PUBLISHED rows older than this are deleted.
     pub retention: chrono::Duration,
-    /// Rows deleted per statement, and statements per run.
+    /// Stored responses to an `Idempotency-Key` older than this are deleted.
+    pub idempotency_retention: chrono::Duration,
+    /// Rows deleted per statement, and statements per run (each for outbox rows and for
+    /// idempotency records).
     pub retention_batch: i64,
     pub retention_batches_per_run: usize,
 }
@@ -82,6 +86,7 @@ impl Default for RelayConfig {
             backoff_cap: Duration::from_secs(900),
             deadline_margin: Duration::from_secs(10),
             retention: chrono::Duration::days(7),
+            idempotency_retention: chrono::Duration::days(30),
             retention_batch: 1000,
             retention_batches_per_run: 10,
         }
@@ -92,7 +97,7 @@ impl RelayConfig {
     /// The relay's settings from the environment: `EVENT_BUS_NAME` (required), `EVENT_SOURCE`,
     /// `RELAY_BATCH_SIZE`, `RELAY_WORKERS`, `RELAY_LEASE_SECONDS`, `RELAY_MAX_ATTEMPTS`,
     /// `RELAY_BACKOFF_BASE_MS`, `RELAY_BACKOFF_CAP_SECONDS`, `RELAY_DEADLINE_MARGIN_MS`,
-    /// `RELAY_MAX_REQUEST_BYTES`, `OUTBOX_RETENTION_DAYS`.
+    /// `RELAY_MAX_REQUEST_BYTES`, `OUTBOX_RETENTION_DAYS`, `IDEMPOTENCY_RETENTION_DAYS`.
     pub fn from<F: Fn(&str) -> Option<String>>(
         env: &crate::config::Env<F>,
     ) -> Result<Self, crate::config::ConfigError> {
@@ -141,10 +146,23 @@ impl RelayConfig {
                 d.retention.num_days() as u64,
                 1..=3650,
             )? as i64),
+            idempotency_retention: chrono::Duration::days(env.bounded_or(
+                "IDEMPOTENCY_RETENTION_DAYS",
+                d.idempotency_retention.num_days() as u64,
+                1..=3650,
+            )? as i64),
             retention_batch: d.retention_batch,
             retention_batches_per_run: d.retention_batches_per_run,
         })
     }
+}
+
+/// What a run's retention step deletes, in batches: published outbox rows, then stored
+/// idempotent responses.
+#[derive(Debug, Clone, Copy)]
+enum Retired {
+    Outbox,
+    Idempotency,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +185,8 @@ pub struct RunReport {
     /// Marks that found their claim taken over (the row is another relay's now).
     pub lost_claims: u64,
     pub deleted: u64,
+    /// Stored idempotent responses deleted past their retention.
+    pub idempotency_expired: u64,
     /// Rows not yet final after the run, and the age of the oldest.
     pub pending: i64,
     pub oldest_pending_age_seconds: f64,
@@ -193,6 +213,7 @@ impl RunReport {
         metrics::counter!("OutboxDead").increment(self.dead);
         metrics::counter!("OutboxLeasesReclaimed").increment(self.leases_reclaimed);
         metrics::counter!("OutboxDeleted").increment(self.deleted);
+        metrics::counter!("IdempotencyRecordsExpired").increment(self.idempotency_expired);
         for (code, n) in &self.retried {
             metrics::counter!("OutboxRetried", "ErrorCode" => code.clone()).increment(*n);
         }
@@ -252,16 +273,30 @@ impl Relay {
             report.add(outcome?);
         }
         let mut conn = self.db.acquire().await?;
-        let cutoff = Utc::now() - self.config.retention;
-        for _ in 0..self.config.retention_batches_per_run {
-            if self.near(deadline) {
-                break;
-            }
-            let deleted =
-                outbox::delete_published(&mut conn, cutoff, self.config.retention_batch).await?;
-            report.deleted += deleted;
-            if deleted < self.config.retention_batch as u64 {
-                break;
+        let now = Utc::now();
+        let batch = self.config.retention_batch;
+        for retired in [Retired::Outbox, Retired::Idempotency] {
+            for _ in 0..self.config.retention_batches_per_run {
+                if self.near(deadline) {
+                    break;
+                }
+                let deleted = match retired {
+                    Retired::Outbox => {
+                        let cutoff = now - self.config.retention;
+                        let n = outbox::delete_published(&mut conn, cutoff, batch).await?;
+                        report.deleted += n;
+                        n
+                    }
+                    Retired::Idempotency => {
+                        let cutoff = now - self.config.idempotency_retention;
+                        let n = idempotency::expire(&mut conn, cutoff, batch).await?;
+                        report.idempotency_expired += n;
+                        n
+                    }
+                };
+                if deleted < batch as u64 {
+                    break;
+                }
             }
         }
         let (pending, oldest) = outbox::backlog(&mut conn).await?;

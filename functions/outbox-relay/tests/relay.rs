@@ -568,6 +568,70 @@ async fn published_rows_past_retention_are_deleted(owner: PgPool) {
     );
 }
 
+/// A stored response to an Idempotency-Key, `age_days` old, for a tenant of its own.
+async fn idempotency_record(owner: &PgPool, key: &str, age_days: i32) {
+    let tenant = meterbridge::testing::create_tenant(owner, "idem").await;
+    sqlx::query(
+        "INSERT INTO idempotency_records (tenant_id, source_service, idempotency_key, operation,
+                                          request_hash, response_status, response_body,
+                                          created_at)
+         VALUES ($1, 'billing', $2, 'payment.create', sha256('r'), 201,
+                 '{\"description\": \"a payer''s order\"}', now() - make_interval(days => $3))",
+    )
+    .bind(tenant.id.0)
+    .bind(key)
+    .bind(age_days)
+    .execute(owner)
+    .await
+    .unwrap();
+}
+
+async fn idempotency_keys(owner: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT idempotency_key FROM idempotency_records ORDER BY 1")
+        .fetch_all(owner)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn idempotency_records_past_retention_are_deleted_and_no_younger_one(owner: PgPool) {
+    let bus = Bus::create(false).await;
+    let proxy = Proxy::start_local().await;
+    let app = relay_app(
+        &owner,
+        &proxy.url,
+        &bus.name,
+        &[("IDEMPOTENCY_RETENTION_DAYS", "30")],
+    )
+    .await;
+    idempotency_record(&owner, "k-old", 31).await;
+    idempotency_record(&owner, "k-older", 400).await;
+    idempotency_record(&owner, "k-young", 29).await;
+    idempotency_record(&owner, "k-today", 0).await;
+    let report = outbox_relay::handle(&app, Value::Null, later())
+        .await
+        .unwrap();
+    assert_eq!(report.idempotency_expired, 2);
+    assert_eq!(idempotency_keys(&owner).await, ["k-today", "k-young"]);
+
+    // The relay's role finds old records, never reads what they hold, and cannot delete one
+    // younger than a day whatever it asks.
+    let ops = meterbridge::testing::pool_as(&owner, meterbridge::testing::OPS_ROLE).await;
+    let err = sqlx::query("SELECT response_body FROM idempotency_records")
+        .execute(&ops)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    let deleted =
+        sqlx::query("DELETE FROM idempotency_records WHERE created_at > now() - interval '2 days'")
+            .execute(&ops)
+            .await
+            .unwrap()
+            .rows_affected();
+    assert_eq!(deleted, 0);
+    assert_eq!(idempotency_keys(&owner).await, ["k-today", "k-young"]);
+}
+
 /// (sequential scans, rows fetched through indexes) of outbox_events by this session so far.
 async fn reads(c: &mut sqlx::PgConnection) -> (i64, i64) {
     sqlx::query_as::<_, (i64, i64)>(

@@ -1,18 +1,25 @@
 //! Subject erasure (`BENCH_WORKLOADS=erasure`): `BENCH_ERASURE_EVENTS` (10,000,000) events of one
 //! tenant spread evenly over the last 30 days, one of every `BENCH_ERASURE_EVERY` (100) of them one actor's
-//! (with metadata), loaded as the owner and taken by the aggregation (its watermark moved past
-//! them, as days after their arrival); then that actor erased as `admin subject erase` runs it
+//! (with metadata), loaded as the owner and taken by the aggregation (run as its function runs
+//! it: the rollups and the distinct-actor sets the erasure re-keys); then that actor erased as `admin subject erase` runs it
 //! ([`subject_erasures::erase`] with [`Pace::ADMIN`]: 20,000 rows a step, each a transaction of
 //! its own, steps a fifth of the time) while
 //! another tenant ingests through the real handler from one caller as fast as it can (batches
 //! of 100). The same ingestion runs alone first, for `BENCH_ERASURE_BASELINE_SECONDS` (20).
 //! Printed: the erasure's wall-clock time, steps and rows; the other tenant's rate beside it
 //! against alone. Goals: under 5 minutes; the other tenant keeps at least 90 % of its rate.
+//!
+//! Before it, the subject's export (`admin::export::to_writer`, as `admin subject export`
+//! writes to standard output, here into a sink): its time, size and the growth of the process's
+//! resident memory while it runs (sampled every 5 ms), beside the same export of an ordinary
+//! end user of the tenant (a fiftieth of the records): the memory an export holds does not grow
+//! with what it writes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin::export::{self, Asked};
 use meterbridge::domain::Trust;
 use meterbridge::repo::subject_erasures::{self, Pace, Request};
 use meterbridge::testing::{create_api_key, create_tenant};
@@ -56,11 +63,38 @@ async fn load(owner: &PgPool, tenant: uuid::Uuid, events: usize, every: usize) {
         .unwrap();
         done += n;
     }
-    meterbridge::testing::mark_aggregated(owner).await;
     sqlx::query("VACUUM ANALYZE usage_events")
         .execute(owner)
         .await
         .unwrap();
+}
+
+/// The aggregation as its function runs it (as meterbridge_ops), until it has taken every
+/// stored event: the rollups and the distinct-actor sets the erasure re-keys. Its time.
+async fn aggregate(owner: &PgPool) -> Duration {
+    use meterbridge::aggregation::{AggregationConfig, Aggregator};
+    use meterbridge::testing::{database_url_as, OPS_ROLE};
+    let ops_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&database_url_as(owner, OPS_ROLE))
+        .await
+        .unwrap();
+    let ops = meterbridge::Database::from_pool(ops_pool);
+    let started = Instant::now();
+    loop {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let report = Aggregator::new(&ops, None, AggregationConfig::default())
+            .aggregate(chrono::Utc::now(), far)
+            .await
+            .unwrap();
+        let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(xact_id), 0) FROM usage_events")
+            .fetch_one(owner)
+            .await
+            .unwrap();
+        if report.outcome == "done" && report.collected.watermark > newest {
+            return started.elapsed();
+        }
+    }
 }
 
 /// The rows that still carry the subject's id.
@@ -104,6 +138,51 @@ async fn ingest_until(app: Arc<ingest_usage::App>, key: String, stop: Arc<Atomic
     accepted as f64 / started.elapsed().as_secs_f64()
 }
 
+/// This process's resident memory, in kB (Linux).
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One export of `actor` into a sink: (seconds, records, bytes, peak resident growth in kB).
+async fn export_of(owner: &PgPool, slug: &str, actor: &str) -> (f64, u64, u64, u64) {
+    let db = meterbridge::Database::from_pool(owner.clone());
+    let before = rss_kb();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kb());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak.max(rss_kb())
+        })
+    };
+    let started = Instant::now();
+    let asked = Asked {
+        tenant: slug,
+        actor_id: actor,
+    };
+    let manifest = export::to_writer(&db, &asked, tokio::io::sink())
+        .await
+        .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
+    (
+        took,
+        manifest.records,
+        manifest.bytes,
+        peak.saturating_sub(before),
+    )
+}
+
 pub async fn run(owner: &PgPool, api_url: &str) {
     let events = env_usize("BENCH_ERASURE_EVENTS", 10_000_000);
     let every = env_usize("BENCH_ERASURE_EVERY", 100).max(1);
@@ -127,7 +206,11 @@ pub async fn run(owner: &PgPool, api_url: &str) {
     let loading = Instant::now();
     load(owner, tenant.id.0, events, every).await;
     let loaded_in = loading.elapsed();
+    let aggregated_in = aggregate(owner).await;
     let subject_rows = rows_of_subject(owner, tenant.id.0).await;
+    // The export: an ordinary end user first (the baseline), then the subject.
+    let ordinary = export_of(owner, tenant.slug.as_str(), "user-1").await;
+    let subject_export = export_of(owner, tenant.slug.as_str(), SUBJECT).await;
     let app = build_apps(api_url, 1).await.remove(0);
 
     // The other tenant alone.
@@ -177,8 +260,9 @@ pub async fn run(owner: &PgPool, api_url: &str) {
 
     println!();
     println!(
-        "subject erasure — {events} events of one tenant over 30 days (loaded in {:.0} s), one in {every} the subject's ({subject_rows} rows, with metadata), taken by the aggregation; subject_erasures::erase as admin subject erase runs it (Pace::ADMIN: 20,000 rows a step, steps a fifth of the time); another tenant ingesting through ingest_usage::handle, one caller, batches of {BATCH}, alone for {} s and then beside the erasure",
+        "subject erasure — {events} events of one tenant over 30 days (loaded in {:.0} s), one in {every} the subject's ({subject_rows} rows, with metadata), taken by the aggregation (Aggregator as meterbridge_ops, {:.0} s: rollups and distinct-actor sets); subject_erasures::erase as admin subject erase runs it (Pace::ADMIN: 20,000 rows a step, steps a fifth of the time); another tenant ingesting through ingest_usage::handle, one caller, batches of {BATCH}, alone for {} s and then beside the erasure",
         loaded_in.as_secs_f64(),
+        aggregated_in.as_secs_f64(),
         baseline.as_secs()
     );
     println!(
@@ -194,6 +278,17 @@ pub async fn run(owner: &PgPool, api_url: &str) {
         "  other tenant: {alone:.0} events/s alone, {beside:.0} beside the erasure ({:.1} %)",
         beside / alone * 100.0
     );
+    for (who, (took, records, bytes, grew)) in [
+        ("an ordinary end user", ordinary),
+        ("the subject", subject_export),
+    ] {
+        println!(
+            "  export of {who}: {took:.1} s, {records} records, {:.1} MB ({:.1} MB/s), resident memory +{:.1} MB at its peak",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / took.max(1e-9),
+            grew as f64 / 1e3
+        );
+    }
     let goal = |met: bool| if met { "met" } else { "NOT met" };
     println!("goals:");
     println!(
@@ -205,6 +300,14 @@ pub async fn run(owner: &PgPool, api_url: &str) {
         "  the other tenant keeps >= 90 % of its rate: {:.1} %: {}",
         beside / alone * 100.0,
         goal(beside >= 0.9 * alone)
+    );
+    println!(
+        "  an export's memory does not grow with its size: +{:.1} MB for {:.1} MB written, +{:.1} MB for {:.1} MB: {}",
+        subject_export.3 as f64 / 1e3,
+        subject_export.2 as f64 / 1e6,
+        ordinary.3 as f64 / 1e3,
+        ordinary.2 as f64 / 1e6,
+        goal(subject_export.3 < 16_000 && subject_export.2 > 10 * ordinary.2)
     );
     // The bench's database only: the next workload starts from empty events.
     sqlx::query("TRUNCATE usage_events")

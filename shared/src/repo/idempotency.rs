@@ -70,3 +70,23 @@ pub async fn record(
     .await?;
     Ok(inserted.is_some())
 }
+
+/// Deletes at most `limit` records stored before `cutoff`, oldest first (the relay's retention
+/// step, as meterbridge_ops); returns how many.
+pub async fn expire(
+    conn: &mut PgConnection,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<u64, DbError> {
+    Ok(sqlx::query!(
+        "DELETE FROM idempotency_records
+          WHERE (tenant_id, source_service, idempotency_key) IN (
+                SELECT tenant_id, source_service, idempotency_key FROM idempotency_records
+                 WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+        cutoff,
+        limit
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
+}
