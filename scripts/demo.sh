@@ -143,7 +143,7 @@ meterbridge is running locally:
   PostgreSQL  $PG_HOST:$PG_PORT/$DB_NAME     Redis 127.0.0.1:$REDIS_PORT     moto $AWS_ENDPOINT_URL
   functions   http://127.0.0.1:$WATCH_PORT (cargo lambda watch, pid $(cat "$MB_CACHE/watch.pid" 2>/dev/null || echo '?'))
   API keys    $KEYS_FILE (the keys are shown nowhere else)
-  usage API   http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage/v1/usage/{events,realtime,summary}
+  usage API   http://127.0.0.1:$WATCH_PORT/lambda-url/ingest-usage/v1/usage/{events,realtime,summary,limits}
   payments    http://127.0.0.1:$WATCH_PORT/lambda-url/verify-payment/v1/payments, .../v1/webhooks/stripe/$TENANT
 Invoke the admin function:  cargo lambda invoke admin --invoke-address 127.0.0.1 --invoke-port $WATCH_PORT --data-file events/admin/tenant-list.json
 Aggregate now:              cargo lambda invoke aggregate-usage --invoke-address 127.0.0.1 --invoke-port $WATCH_PORT --data-file events/aggregate-usage/scheduled.json

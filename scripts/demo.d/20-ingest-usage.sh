@@ -4,6 +4,10 @@ render_body() { python3 scripts/render_event.py --body "events/ingest-usage/$1" 
 http() { api ingest-usage "$@"; } # METHOD PATH KEY [BODY]
 summary() { python3 scripts/demo_show.py ingest "$@"; }
 
+say "admin: a monthly usage limit on api.requests, thresholds 50/80/100 % (limits never refuse usage)"
+admin "$(cat events/admin/usage-limits-set.json)" \
+  | json_get '"  %(metric)s: %(limit)s a month, thresholds %(thresholds)s" % d["limit"]'
+
 say "ingest-usage: POST /v1/usage/events (3 events, internal key)"
 http POST /v1/usage/events "$INTERNAL_KEY" "$(render_body post-events.json)" | summary 200 accepted=3
 say "ingest-usage: the same batch again — duplicates, nothing counted twice"
@@ -20,6 +24,13 @@ admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$(printf '%s' "$REVOKED" | js
 http POST /v1/usage/events "$(printf '%s' "$REVOKED" | json_get 'd["key"]')" "$(render_body post-events.json)" | summary 401 code=unauthorized
 say "ingest-usage: GET /v1/usage/realtime (today's counters)"
 http GET /v1/usage/realtime "$INTERNAL_KEY" | python3 scripts/demo_show.py realtime 200 source=redis
+say "ingest-usage: GET /v1/usage/limits — what is left of the month (one Redis round trip)"
+http GET /v1/usage/limits/api.requests "$INTERNAL_KEY" | python3 -c '
+import json, sys
+status, body = sys.stdin.read().split(" ", 1)
+limit = json.loads(body)["limits"][0]
+print("  %s %s: usage %s of %s, remaining %s, %s%%, reached %s, resets %s, from %s" % (status, limit["metric"], limit["usage"], limit["limit"], limit["remaining"], limit["percent"], limit["reached"], limit["resetsAt"], limit["source"]))
+sys.exit(status != "200" or limit["source"] != "redis" or int(limit["usage"]) < 1)'
 say "ingest-usage: GET /v1/usage/events — this run's events, 3 per page"
 http GET "/v1/usage/events?limit=3&from=$NOW_TS" "$INTERNAL_KEY" | python3 scripts/demo_show.py events 200
 say "ingest-usage: the same function through the Lambda invoke API (cargo lambda invoke)"

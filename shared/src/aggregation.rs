@@ -37,7 +37,7 @@ use crate::domain::rollup::{self, ActorDay, ActorPeriod, CellKey, Change};
 use crate::domain::TenantId;
 use crate::redis::{Redis, RedisError};
 use crate::repo::usage_aggregates::{self as repo, Cell, Collected};
-use crate::repo::usage_changes;
+use crate::repo::{usage_changes, usage_limits};
 use crate::usage_counters;
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +195,9 @@ pub struct RunReport {
     /// Writes to cells that were already final.
     pub revisions: u64,
     pub finalized: u64,
+    /// Usage-limit thresholds found crossed in the rollups that ingestion had not announced:
+    /// their `usage.threshold.crossed` events, written now.
+    pub thresholds_crossed_late: u64,
     /// Cells not recomputed because their period reaches back past the retention (some of their
     /// events may be retired by the storage policy); their aggregates are kept as they are.
     pub skipped_retired: u64,
@@ -483,6 +486,16 @@ impl<'a> Aggregator<'a> {
             .cells_examined
             .saturating_sub(report.cells_written + report.skipped_retired);
         report.finalized = repo::finalize(&mut tx, now, self.config.grace_seconds as f64).await?;
+        // Thresholds of usage limits the rollups show reached but ingestion did not record
+        // (Redis was down, or it crashed between its commit and its count).
+        let missed = usage_limits::missed_crossings(&mut tx, now).await?;
+        report.thresholds_crossed_late = usage_limits::record_crossings(
+            &mut tx,
+            &missed,
+            usage_limits::Detector::Aggregation,
+            now,
+        )
+        .await?;
         let horizon = now.date_naive() - chrono::Duration::days(self.config.actor_days);
         report.actor_rows_pruned =
             usage_changes::prune_actor_sets(&mut tx, horizon, self.config.prune_batch).await?;
@@ -527,7 +540,8 @@ impl<'a> Aggregator<'a> {
         Ok(queued)
     }
 
-    /// Compares every daily counter inside the TTL with PostgreSQL and repairs drift (a
+    /// Compares every day counter inside the TTL, and every month counter still counted, with
+    /// PostgreSQL and repairs drift (a
     /// compare-and-set per counter). Never fails the run: Redis trouble is reported.
     pub async fn repair_counters(&self, now: DateTime<Utc>) -> RepairReport {
         let Some(redis) = self.redis else {
@@ -555,67 +569,84 @@ impl<'a> Aggregator<'a> {
         now: DateTime<Utc>,
     ) -> Result<RepairReport, RepairError> {
         let ttl = self.config.counter_ttl_days;
-        let since = now.date_naive() - chrono::Duration::days(ttl - 1);
+        let today = now.date_naive();
         let mut conn = self.db.acquire().await?;
-        let expected = repo::daily_totals_since(&mut conn, since).await?;
+        // The day counters inside their TTL, and the month counters still counted.
+        let mut expected = repo::totals_since(
+            &mut conn,
+            PeriodType::Daily,
+            today - chrono::Duration::days(ttl - 1),
+        )
+        .await?;
+        expected.extend(
+            repo::totals_since(
+                &mut conn,
+                PeriodType::Monthly,
+                today - chrono::Duration::days(usage_counters::MONTH_COUNTER_TTL_DAYS - 1),
+            )
+            .await?,
+        );
+        expected.sort_by_key(|t| t.tenant_id);
         let mut report = RepairReport {
             checked: expected.len() as u64,
             ..RepairReport::default()
         };
 
         // 1. Read every counter: one script per tenant (a hash slot) and batch, many in flight.
-        let mut batches: Vec<Vec<repo::DayTotal>> = Vec::new();
-        for cell in expected {
+        let mut batches: Vec<Vec<(repo::CellTotal, usage_counters::Cell)>> = Vec::new();
+        for total in expected {
+            let cell = counter_cell(&total);
             match batches.last_mut() {
                 Some(batch)
-                    if batch[0].tenant_id == cell.tenant_id
+                    if batch[0].0.tenant_id == total.tenant_id
                         && batch.len() < self.config.repair_batch =>
                 {
-                    batch.push(cell)
+                    batch.push((total, cell))
                 }
-                _ => batches.push(vec![cell]),
+                _ => batches.push(vec![(total, cell)]),
             }
         }
         let mut reads: Vec<ObserveFuture<'_>> = Vec::with_capacity(batches.len());
         for batch in &batches {
-            let tenant = TenantId(batch[0].tenant_id);
-            let keys: Vec<(NaiveDate, String)> =
-                batch.iter().map(|c| (c.day, c.metric.clone())).collect();
+            let tenant = TenantId(batch[0].0.tenant_id);
+            let cells: Vec<usage_counters::Cell> = batch.iter().map(|(_, c)| c.clone()).collect();
             reads.push(Box::pin(async move {
-                usage_counters::observe(redis, tenant, &keys).await
+                usage_counters::observe(redis, tenant, &cells).await
             }));
         }
         let observed: Vec<_> = futures::stream::iter(reads).buffered(16).collect().await;
 
-        // 2. Counters that differ from the aggregate are checked against the events, read now:
-        //    after the counter, so an increment of a later commit is never taken away.
-        let mut suspects: Vec<(repo::DayTotal, usage_counters::Observed)> = Vec::new();
+        // 2. Counters that differ from the aggregate are checked against a fresh total, read
+        //    now: after the counter, so an increment of a later commit is never taken away.
+        let mut suspects: Vec<(
+            repo::CellTotal,
+            usage_counters::Cell,
+            usage_counters::Observed,
+        )> = Vec::new();
         for (batch, seen) in batches.into_iter().zip(observed) {
-            for (cell, counter) in batch.into_iter().zip(seen?) {
-                if counter.value.unwrap_or(0) != cell.total || counter.value.is_none() {
-                    suspects.push((cell, counter));
+            for ((total, cell), counter) in batch.into_iter().zip(seen?) {
+                // An absent counter of a zero total is not drift.
+                let drift = match counter.value {
+                    Some(v) => v != total.total,
+                    None => total.total != 0,
+                };
+                if drift {
+                    suspects.push((total, cell, counter));
                 }
             }
         }
-        // An absent counter of a zero total is not drift.
-        suspects.retain(|(cell, counter)| !(counter.value.is_none() && cell.total == 0));
         if suspects.is_empty() {
             return Ok(report);
         }
-        let keys: Vec<(Uuid, NaiveDate, &str)> = suspects
-            .iter()
-            .map(|(c, _)| (c.tenant_id, c.day, c.metric.as_str()))
-            .collect();
-        let fresh = repo::fresh_day_totals(&mut conn, &keys).await?;
+        let fresh = self.fresh_totals(&mut conn, &suspects).await?;
         drop(conn);
 
         // 3. Set those that drifted, each only if it is still as it was read.
         let mut fixes: BTreeMap<Uuid, Vec<usage_counters::Fix>> = BTreeMap::new();
-        for (cell, counter) in suspects {
-            let truth = fresh
-                .get(&(cell.tenant_id, cell.day, cell.metric.clone()))
-                .copied()
-                .unwrap_or(0);
+        for ((total, cell, counter), truth) in suspects.into_iter().zip(fresh) {
+            let Some(truth) = truth else {
+                continue; // a recompute of the cell is pending: the next run checks it
+            };
             let drifted = match counter.value {
                 Some(v) => v != truth,
                 None => truth != 0,
@@ -623,11 +654,10 @@ impl<'a> Aggregator<'a> {
             if drifted {
                 report.drift_found += 1;
                 fixes
-                    .entry(cell.tenant_id)
+                    .entry(total.tenant_id)
                     .or_default()
                     .push(usage_counters::Fix {
-                        day: cell.day,
-                        metric: cell.metric,
+                        cell,
                         observed: counter,
                         value: truth,
                     });
@@ -655,6 +685,79 @@ impl<'a> Aggregator<'a> {
         Ok(report)
     }
 
+    /// The true totals of the suspect counters: a day's from its events (one day of one
+    /// metric: an index range); a month's from its rollup plus what committed since the
+    /// watermark (the cost follows the change, not the month), `None` while a recompute of the
+    /// month is queued.
+    async fn fresh_totals(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        suspects: &[(
+            repo::CellTotal,
+            usage_counters::Cell,
+            usage_counters::Observed,
+        )],
+    ) -> Result<Vec<Option<i128>>, DbError> {
+        let days: Vec<(Uuid, NaiveDate, &str)> = suspects
+            .iter()
+            .filter(|(t, _, _)| t.period_type == PeriodType::Daily)
+            .map(|(t, _, _)| (t.tenant_id, t.start, t.metric.as_str()))
+            .collect();
+        let day_truth = repo::fresh_day_totals(conn, &days).await?;
+        let month_keys: Vec<CellKey> = suspects
+            .iter()
+            .filter(|(t, _, _)| t.period_type == PeriodType::Monthly)
+            .map(|(t, _, _)| CellKey {
+                period_type: PeriodType::Monthly,
+                period_start: t.start,
+                tenant_id: t.tenant_id,
+                metric: t.metric.clone(),
+            })
+            .collect();
+        let queued = usage_changes::queued(conn, &month_keys.iter().collect::<Vec<_>>()).await?;
+        let mut month_truth: std::collections::HashMap<CellKey, i128> = Default::default();
+        let mut by_tenant: BTreeMap<Uuid, Vec<&CellKey>> = BTreeMap::new();
+        for key in month_keys.iter().filter(|k| !queued.contains(*k)) {
+            by_tenant.entry(key.tenant_id).or_default().push(key);
+        }
+        for (tenant, keys) in by_tenant {
+            let mut cells = Vec::with_capacity(keys.len());
+            for k in &keys {
+                let end = PeriodType::Monthly
+                    .end_of(k.period_start)
+                    .map(crate::domain::period::midnight)
+                    .ok_or_else(|| DbError::Decode(format!("no month after {k:?}")))?;
+                cells.push((
+                    k.metric.as_str(),
+                    PeriodType::Monthly,
+                    crate::domain::period::midnight(k.period_start),
+                    end,
+                ));
+            }
+            let totals = repo::current_totals(conn, TenantId(tenant), &cells).await?;
+            month_truth.extend(keys.into_iter().cloned().zip(totals));
+        }
+        Ok(suspects
+            .iter()
+            .map(|(t, _, _)| match t.period_type {
+                PeriodType::Monthly => month_truth
+                    .get(&CellKey {
+                        period_type: PeriodType::Monthly,
+                        period_start: t.start,
+                        tenant_id: t.tenant_id,
+                        metric: t.metric.clone(),
+                    })
+                    .copied(),
+                _ => Some(
+                    day_truth
+                        .get(&(t.tenant_id, t.start, t.metric.clone()))
+                        .copied()
+                        .unwrap_or(0),
+                ),
+            })
+            .collect())
+    }
+
     /// Per tenant: last aggregation, backlog and the oldest work not yet aggregated.
     pub async fn status(&self, now: DateTime<Utc>) -> Result<StatusReport, AggregationError> {
         let mut conn = self.db.acquire().await?;
@@ -678,6 +781,14 @@ enum Step {
     Stopped,
     /// Another run holds the lock.
     Locked,
+}
+
+/// The Redis counter that holds a cell's total.
+fn counter_cell(total: &repo::CellTotal) -> usage_counters::Cell {
+    match total.period_type {
+        PeriodType::Monthly => usage_counters::Cell::month(total.start, &total.metric),
+        _ => usage_counters::Cell::day(total.start, &total.metric),
+    }
 }
 
 /// What one chunk's changes did.
@@ -882,6 +993,7 @@ impl RunReport {
         metrics::counter!("AggregationCellsExamined").increment(self.cells_examined);
         metrics::counter!("AggregationCellsWritten").increment(self.cells_written);
         metrics::counter!("AggregationRevisions").increment(self.revisions);
+        metrics::counter!("UsageThresholdsCrossedLate").increment(self.thresholds_crossed_late);
         metrics::gauge!("AggregationQueuedCells").set(self.queued_after as f64);
         if let Some(c) = &self.counters {
             metrics::counter!("CounterDriftFound").increment(c.drift_found);

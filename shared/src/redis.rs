@@ -343,6 +343,15 @@ pub mod keys {
         format!("usage:{{{tenant}}}:{}:{metric}", day.format("%Y-%m-%d"))
     }
 
+    /// `usage:{<tenant>}:month:<YYYY-MM>:<metric>`: units of `metric` the tenant used in that
+    /// UTC month (`month` is any day of it).
+    pub fn usage_month_counter(tenant: TenantId, month: NaiveDate, metric: &str) -> String {
+        format!(
+            "usage:{{{tenant}}}:month:{}:{metric}",
+            month.format("%Y-%m")
+        )
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -355,6 +364,10 @@ pub mod keys {
             assert_eq!(
                 usage_counter(tenant, day, "api.requests"),
                 "usage:{00000000-0000-0000-0000-000000000000}:2026-11-05:api.requests"
+            );
+            assert_eq!(
+                usage_month_counter(tenant, day, "api.requests"),
+                "usage:{00000000-0000-0000-0000-000000000000}:month:2026-11:api.requests"
             );
         }
 

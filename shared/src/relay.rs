@@ -46,8 +46,10 @@ const RETRYABLE_CODES: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub event_bus_name: String,
-    /// The `Source` of every entry.
+    /// The `Source` of payment events.
     pub source: String,
+    /// The `Source` of usage events (`usage.*`: final periods, revisions, threshold crossings).
+    pub usage_source: String,
     /// The PutEvents request size limit (256 KiB unless the bus allows more).
     pub max_request_bytes: usize,
     /// Rows per claim.
@@ -77,6 +79,7 @@ impl Default for RelayConfig {
         RelayConfig {
             event_bus_name: "default".into(),
             source: "meterbridge.payments".into(),
+            usage_source: "meterbridge.usage".into(),
             max_request_bytes: 256 * 1024,
             batch_size: 100,
             workers: 4,
@@ -95,6 +98,7 @@ impl Default for RelayConfig {
 
 impl RelayConfig {
     /// The relay's settings from the environment: `EVENT_BUS_NAME` (required), `EVENT_SOURCE`,
+    /// `USAGE_EVENT_SOURCE`,
     /// `RELAY_BATCH_SIZE`, `RELAY_WORKERS`, `RELAY_LEASE_SECONDS`, `RELAY_MAX_ATTEMPTS`,
     /// `RELAY_BACKOFF_BASE_MS`, `RELAY_BACKOFF_CAP_SECONDS`, `RELAY_DEADLINE_MARGIN_MS`,
     /// `RELAY_MAX_REQUEST_BYTES`, `OUTBOX_RETENTION_DAYS`, `IDEMPOTENCY_RETENTION_DAYS`.
@@ -102,16 +106,20 @@ impl RelayConfig {
         env: &crate::config::Env<F>,
     ) -> Result<Self, crate::config::ConfigError> {
         let d = RelayConfig::default();
-        let source = env.optional("EVENT_SOURCE").unwrap_or(d.source);
-        if source.is_empty() || source.len() > 256 || source.starts_with("aws.") {
-            return Err(crate::config::ConfigError::Invalid {
-                name: "EVENT_SOURCE",
-                reason: "1-256 characters, not starting with aws.".into(),
-            });
-        }
+        let source = |name: &'static str, default: String| {
+            let source = env.optional(name).unwrap_or(default);
+            if source.is_empty() || source.len() > 256 || source.starts_with("aws.") {
+                return Err(crate::config::ConfigError::Invalid {
+                    name,
+                    reason: "1-256 characters, not starting with aws.".into(),
+                });
+            }
+            Ok(source)
+        };
         Ok(RelayConfig {
             event_bus_name: env.required("EVENT_BUS_NAME")?,
-            source,
+            source: source("EVENT_SOURCE", d.source)?,
+            usage_source: source("USAGE_EVENT_SOURCE", d.usage_source)?,
             max_request_bytes: env.bounded_or(
                 "RELAY_MAX_REQUEST_BYTES",
                 d.max_request_bytes as u64,
@@ -379,15 +387,20 @@ impl Relay {
     /// sent.
     fn entry(&self, row: &Claimed) -> Result<(PutEventsRequestEntry, usize), String> {
         let detail = row.payload.to_string();
+        let source = if row.event_type.starts_with("usage.") {
+            &self.config.usage_source
+        } else {
+            &self.config.source
+        };
         let size = sendable(
-            &self.config.source,
+            source,
             &row.event_type,
             &detail,
             self.config.max_request_bytes,
         )?;
         let entry = PutEventsRequestEntry::builder()
             .event_bus_name(&self.config.event_bus_name)
-            .source(&self.config.source)
+            .source(source)
             .detail_type(&row.event_type)
             .detail(detail)
             .time(aws_sdk_eventbridge::primitives::DateTime::from_millis(

@@ -486,7 +486,10 @@ impl Bus {
                 .put_rule()
                 .name(&name)
                 .event_bus_name(&name)
-                .event_pattern(serde_json::json!({"source": ["meterbridge.payments"]}).to_string())
+                .event_pattern(
+                    serde_json::json!({"source": ["meterbridge.payments", "meterbridge.usage"]})
+                        .to_string(),
+                )
                 .send()
                 .await
                 .expect("moto");
@@ -510,6 +513,29 @@ impl Bus {
             queue_url,
             sqs,
         }
+    }
+
+    /// The outbox relay as outbox-relay builds it (as meterbridge_ops, the default
+    /// configuration but no deadline margin), publishing to this bus in moto.
+    pub async fn relay(&self, owner: &PgPool) -> crate::relay::Relay {
+        use crate::relay::{Relay, RelayConfig};
+        let vars = std::collections::HashMap::from([
+            ("DATABASE_URL", database_url_as(owner, OPS_ROLE)),
+            ("EVENT_BUS_NAME", self.name.clone()),
+            ("RELAY_DEADLINE_MARGIN_MS", "0".to_owned()),
+        ]);
+        let env = crate::config::Env::from_lookup(move |k| vars.get(k).cloned());
+        let config = crate::Config::from(&env, "outbox-relay").expect("a relay configuration");
+        let sdk = moto_sdk_config().await;
+        let services = crate::Services::build_with_aws(config, Some(sdk.clone()))
+            .await
+            .expect("the relay's services");
+        let events = Relay::eventbridge_client(&sdk, Duration::from_secs(10));
+        Relay::new(
+            services.db.clone(),
+            events,
+            RelayConfig::from(&env).expect("a relay configuration"),
+        )
     }
 
     /// Every message on the queue (waits briefly for stragglers), each an EventBridge envelope.

@@ -1,5 +1,6 @@
 //! Real-time counters in Redis: accepted events are added to `usage:{tenant}:{day}:{metric}`
-//! after the commit (a void subtracts), and read back by day. Redis is a cache of PostgreSQL
+//! and `usage:{tenant}:month:{YYYY-MM}:{metric}` after the commit (a void subtracts), and read
+//! back by day (the realtime route) or by day and month (the usage limits). Redis is a cache of PostgreSQL
 //! here: a failure is logged and counted, never passed on to the caller. aggregate-usage
 //! repairs the counters from PostgreSQL with [`observe`] then [`repair`], a compare-and-set
 //! that never overwrites an increment made after the observation.
@@ -21,13 +22,15 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 /// The base of a counter's low part.
 pub const LOW_BASE: i128 = 1_000_000_000_000_000;
 
-/// KEYS: counters; ARGV[1]: TTL in seconds; ARGV[2i], ARGV[2i+1]: the high and low parts of
-/// what to add to KEYS[i] (either may be negative; the result is normalised). A counter written
-/// by an earlier version as a plain `INCRBY` string is converted first.
+/// KEYS: counters; ARGV[3i-2], ARGV[3i-1]: the high and low parts of what to add to KEYS[i]
+/// (either may be negative; the result is normalised); ARGV[3i]: its TTL in seconds. A counter
+/// written by an earlier version as a plain `INCRBY` string is converted first. Returns each
+/// counter's new `{hi, lo}`: what ingestion detects threshold crossings from.
 static ADD: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local base = 1000000000000000
+local out = {}
 for i, key in ipairs(KEYS) do
   if redis.call('TYPE', key).ok == 'string' then
     local legacy = redis.call('GET', key)
@@ -36,18 +39,22 @@ for i, key in ipairs(KEYS) do
     if hi == '' or hi == '-' then hi = '0' end
     redis.call('HSET', key, 'hi', hi, 'lo', string.format('%.0f', tonumber(string.sub(legacy, -15))))
   end
-  local lo = redis.call('HINCRBY', key, 'lo', ARGV[2 * i + 1])
+  local lo = redis.call('HINCRBY', key, 'lo', ARGV[3 * i - 1])
   local carry = math.floor(lo / base)
   if carry ~= 0 then
-    redis.call('HINCRBY', key, 'lo', string.format('%.0f', -carry * base))
+    lo = redis.call('HINCRBY', key, 'lo', string.format('%.0f', -carry * base))
   end
-  local hi = tonumber(ARGV[2 * i]) + carry
-  if hi ~= 0 then
-    redis.call('HINCRBY', key, 'hi', string.format('%.0f', hi))
+  local add = tonumber(ARGV[3 * i - 2]) + carry
+  local hi
+  if add ~= 0 then
+    hi = redis.call('HINCRBY', key, 'hi', string.format('%.0f', add))
+  else
+    hi = tonumber(redis.call('HGET', key, 'hi') or '0')
   end
-  redis.call('EXPIRE', key, ARGV[1])
+  redis.call('EXPIRE', key, ARGV[3 * i])
+  out[i] = {hi, lo}
 end
-return #KEYS
+return out
 ",
     )
 });
@@ -97,15 +104,87 @@ pub fn day_is_counted(day: NaiveDate, now: DateTime<Utc>, ttl_days: i64) -> bool
     day > now.date_naive() - Duration::days(ttl_days)
 }
 
-/// Adds accepted events to their day's counters in one atomic script. Returns how many counters
-/// changed; `Err` only to let the caller log and count the failure.
+/// How long a month's counter lives after its last change: past the month and ingestion's
+/// window for late events (35 days), whatever `COUNTER_TTL_DAYS` says for days.
+pub const MONTH_COUNTER_TTL_DAYS: i64 = 70;
+
+/// What a counter counts: a UTC day's units of a metric, or a UTC month's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Span {
+    Day,
+    Month,
+}
+
+/// One counter of a tenant: its span, the span's first day, the metric.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cell {
+    pub span: Span,
+    pub start: NaiveDate,
+    pub metric: String,
+}
+
+impl Cell {
+    pub fn day(day: NaiveDate, metric: &str) -> Cell {
+        Cell {
+            span: Span::Day,
+            start: day,
+            metric: metric.to_owned(),
+        }
+    }
+
+    /// The counter of the month that holds `day`.
+    pub fn month(day: NaiveDate, metric: &str) -> Cell {
+        Cell {
+            span: Span::Month,
+            start: crate::domain::period::PeriodType::Monthly.start_of(day),
+            metric: metric.to_owned(),
+        }
+    }
+
+    pub fn key(&self, tenant: TenantId) -> String {
+        match self.span {
+            Span::Day => keys::usage_counter(tenant, self.start, &self.metric),
+            Span::Month => keys::usage_month_counter(tenant, self.start, &self.metric),
+        }
+    }
+
+    /// Its lifetime after a change: `ttl_days` for a day, [`MONTH_COUNTER_TTL_DAYS`] for a month.
+    pub fn ttl_seconds(&self, ttl_days: i64) -> i64 {
+        match self.span {
+            Span::Day => ttl_days * 86_400,
+            Span::Month => MONTH_COUNTER_TTL_DAYS * 86_400,
+        }
+    }
+
+    /// Whether it is still counted at `now` (a day within `ttl_days`, a month within
+    /// [`MONTH_COUNTER_TTL_DAYS`] of its first day): older ones are not created again by a late
+    /// change, which would start them from that change alone.
+    pub fn is_counted(&self, now: DateTime<Utc>, ttl_days: i64) -> bool {
+        match self.span {
+            Span::Day => day_is_counted(self.start, now, ttl_days),
+            Span::Month => day_is_counted(self.start, now, MONTH_COUNTER_TTL_DAYS),
+        }
+    }
+}
+
+/// A counter after a change: what was added, and its value now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counted {
+    pub cell: Cell,
+    pub added: i128,
+    pub value: i128,
+}
+
+/// Adds accepted events to their day's and month's counters in one atomic script. Returns the
+/// counters changed with their new values; `Err` only to let the caller log and count the
+/// failure.
 pub async fn add(
     redis: &Redis,
     tenant: TenantId,
     events: &[&UsageEvent],
     now: DateTime<Utc>,
     ttl_days: i64,
-) -> Result<usize, RedisError> {
+) -> Result<Vec<Counted>, RedisError> {
     let mut sums: BTreeMap<(NaiveDate, &str), i128> = BTreeMap::new();
     for e in events {
         *sums
@@ -115,38 +194,81 @@ pub async fn add(
     add_totals(redis, tenant, &sums, now, ttl_days).await
 }
 
-/// Adds signed totals to a tenant's `(day, metric)` counters in one atomic script, skipping
-/// days past the TTL. Returns how many counters changed.
+/// Adds signed totals per `(day, metric)` to a tenant's day and month counters in one atomic
+/// script, skipping counters no longer counted ([`Cell::is_counted`]). Returns the counters
+/// changed, with their new values.
 pub async fn add_totals(
     redis: &Redis,
     tenant: TenantId,
     totals: &BTreeMap<(NaiveDate, &str), i128>,
     now: DateTime<Utc>,
     ttl_days: i64,
-) -> Result<usize, RedisError> {
-    let mut invocation = ADD.prepare_invoke();
-    invocation.arg(ttl_days * 86_400);
-    let mut changed = 0;
+) -> Result<Vec<Counted>, RedisError> {
+    let mut cells: BTreeMap<Cell, i128> = BTreeMap::new();
     for ((day, metric), total) in totals {
-        if !day_is_counted(*day, now, ttl_days) || *total == 0 {
-            continue;
+        for cell in [Cell::day(*day, metric), Cell::month(*day, metric)] {
+            if cell.is_counted(now, ttl_days) {
+                *cells.entry(cell).or_default() += *total;
+            }
         }
+    }
+    cells.retain(|_, total| *total != 0);
+    if cells.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = ADD.prepare_invoke();
+    for (cell, total) in &cells {
         let (hi, lo) = split(*total);
         invocation
-            .key(keys::usage_counter(tenant, *day, metric))
+            .key(cell.key(tenant))
             .arg(hi)
-            .arg(lo);
-        changed += 1;
-    }
-    if changed == 0 {
-        return Ok(0);
+            .arg(lo)
+            .arg(cell.ttl_seconds(ttl_days));
     }
     let mut conn = redis.connection().await?;
-    if let Err(e) = invocation.invoke_async::<()>(&mut conn).await {
-        redis.forget_connection_on(&e).await;
-        return Err(e.into());
+    let values: Vec<(i64, i64)> = match invocation.invoke_async(&mut conn).await {
+        Ok(values) => values,
+        Err(e) => {
+            redis.forget_connection_on(&e).await;
+            return Err(e.into());
+        }
+    };
+    Ok(cells
+        .into_iter()
+        .zip(values)
+        .map(|((cell, added), (hi, lo))| Counted {
+            cell,
+            added,
+            value: join(Some(hi), Some(lo)).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// The values of counters of one tenant (one hash slot) in one round trip: `None` for a counter
+/// that does not exist.
+pub async fn read(
+    redis: &Redis,
+    tenant: TenantId,
+    cells: &[Cell],
+) -> Result<Vec<Option<i128>>, RedisError> {
+    if cells.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(changed)
+    let mut invocation = READ.prepare_invoke();
+    for cell in cells {
+        invocation.key(cell.key(tenant));
+    }
+    let mut conn = redis.connection().await?;
+    match invocation
+        .invoke_async::<Vec<(Option<i64>, Option<i64>)>>(&mut conn)
+        .await
+    {
+        Ok(values) => Ok(values.into_iter().map(|(hi, lo)| join(hi, lo)).collect()),
+        Err(e) => {
+            redis.forget_connection_on(&e).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// KEYS: counters. Returns per key its state as one comparable token: `none`, `h:<hi>:<lo>`
@@ -171,8 +293,8 @@ return out
     )
 });
 
-/// KEYS: counters; ARGV[1]: TTL in seconds; ARGV[3i-1], ARGV[3i], ARGV[3i+1]: the token KEYS[i]
-/// was read as, and the high and low parts of its correct value. A counter still in the state
+/// KEYS: counters; ARGV[4i-3], ARGV[4i-2], ARGV[4i-1]: the token KEYS[i] was read as, and the
+/// high and low parts of its correct value; ARGV[4i]: its TTL in seconds. A counter still in the state
 /// it was read in is set to the correct value (deleted when that is 0); one that changed since
 /// (an increment raced the repair) is left alone. Returns 1 (set) or 0 (left) per key.
 static COMPARE_AND_SET: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -190,11 +312,11 @@ for i, key in ipairs(KEYS) do
   else
     now = 'none'
   end
-  if now == ARGV[3 * i - 1] then
+  if now == ARGV[4 * i - 3] then
     redis.call('DEL', key)
-    if ARGV[3 * i] ~= '0' or ARGV[3 * i + 1] ~= '0' then
-      redis.call('HSET', key, 'hi', ARGV[3 * i], 'lo', ARGV[3 * i + 1])
-      redis.call('EXPIRE', key, ARGV[1])
+    if ARGV[4 * i - 2] ~= '0' or ARGV[4 * i - 1] ~= '0' then
+      redis.call('HSET', key, 'hi', ARGV[4 * i - 2], 'lo', ARGV[4 * i - 1])
+      redis.call('EXPIRE', key, ARGV[4 * i])
     end
     out[i] = 1
   else
@@ -236,14 +358,14 @@ impl Observed {
 pub async fn observe(
     redis: &Redis,
     tenant: TenantId,
-    cells: &[(NaiveDate, String)],
+    cells: &[Cell],
 ) -> Result<Vec<Observed>, RedisError> {
     if cells.is_empty() {
         return Ok(Vec::new());
     }
     let mut invocation = SNAPSHOT.prepare_invoke();
-    for (day, metric) in cells {
-        invocation.key(keys::usage_counter(tenant, *day, metric));
+    for cell in cells {
+        invocation.key(cell.key(tenant));
     }
     let mut conn = redis.connection().await?;
     match invocation.invoke_async::<Vec<String>>(&mut conn).await {
@@ -258,8 +380,7 @@ pub async fn observe(
 /// A counter to set: its cell, the state it was observed in, and its correct value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fix {
-    pub day: NaiveDate,
-    pub metric: String,
+    pub cell: Cell,
     pub observed: Observed,
     pub value: i128,
 }
@@ -276,14 +397,14 @@ pub async fn repair(
         return Ok(Vec::new());
     }
     let mut invocation = COMPARE_AND_SET.prepare_invoke();
-    invocation.arg(ttl_days * 86_400);
     for fix in fixes {
         let (hi, lo) = split(fix.value);
         invocation
-            .key(keys::usage_counter(tenant, fix.day, &fix.metric))
+            .key(fix.cell.key(tenant))
             .arg(&fix.observed.token)
             .arg(hi)
-            .arg(lo);
+            .arg(lo)
+            .arg(fix.cell.ttl_seconds(ttl_days));
     }
     let mut conn = redis.connection().await?;
     match invocation.invoke_async::<Vec<i64>>(&mut conn).await {

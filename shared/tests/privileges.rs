@@ -22,8 +22,11 @@ const REVIEWED: &[&str] = &[
     // its own tenant's dedup keys (never updates or deletes one: expiry drops whole generations
     // as the owner), reads which generation is open, where the closed ones are and their
     // levels' Bloom filters (0015: bits no tenant reads back, every "maybe" is confirmed
-    // against the tenant-bound key table), reads the catalog and its own tenant's rollups. Nothing of payments, the outbox
-    // or tenants.
+    // against the tenant-bound key table), reads the catalog and its own tenant's rollups. Nothing of payments
+    // or tenants. Usage limits (0026): reads its own tenant's limits, records its own tenant's
+    // threshold crossings (as detected by ingestion) and appends their events to the outbox
+    // (usage.threshold.crossed only, its own tenant only: never a payment's event); reads the
+    // aggregation's watermark (the limits' PostgreSQL fallback).
     "meterbridge_ingest: CONNECT ON DATABASE",
     "meterbridge_ingest: EXECUTE ON FUNCTION api_key_rate_limits(uuid,bytea)",
     "meterbridge_ingest: EXECUTE ON FUNCTION authenticate_api_key(text)",
@@ -66,6 +69,25 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ingest: UPDATE ON COLUMN usage_events.void_reason",
     "meterbridge_ingest: UPDATE ON COLUMN usage_events.voided_at",
     "meterbridge_ingest: UPDATE ON COLUMN usage_events.voided_by",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.aggregate_id",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.aggregate_sequence",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.aggregate_type",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.correlation_id",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.created_at",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.event_id",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.event_type",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.idempotency_key",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.payload",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.schema_version",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.source_service",
+    "meterbridge_ingest: INSERT ON COLUMN outbox_events.tenant_id",
+    "meterbridge_ingest: INSERT ON TABLE usage_threshold_crossings",
+    "meterbridge_ingest: POLICY api_own_tenant ALL ON usage_threshold_crossings USING (tenant_id = current_tenant_id()) WITH CHECK ((tenant_id = current_tenant_id()) AND (detected_by = 'ingestion'::text))",
+    "meterbridge_ingest: POLICY api_own_tenant SELECT ON usage_limits USING (tenant_id = current_tenant_id())",
+    "meterbridge_ingest: POLICY ingest_threshold_events INSERT ON outbox_events WITH CHECK ((tenant_id = current_tenant_id()) AND (aggregate_type = 'usage_threshold'::text) AND (event_type = 'usage.threshold.crossed'::text))",
+    "meterbridge_ingest: SELECT ON COLUMN usage_aggregation_state.watermark",
+    "meterbridge_ingest: SELECT ON TABLE usage_limits",
+    "meterbridge_ingest: SELECT ON TABLE usage_threshold_crossings",
     "meterbridge_ingest: USAGE ON SCHEMA public",
     // verify-payment's role (migration 0013): connects; authenticates through the definer
     // functions and finds a webhook's tenant through webhook_tenant(); inserts and reads its own
@@ -167,6 +189,20 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: DELETE ON TABLE usage_actor_periods",
     "meterbridge_ops: DELETE ON TABLE usage_aggregation_queue",
     "meterbridge_ops: EXECUTE ON FUNCTION usage_aggregation_lock_id()",
+    // The aggregation appends final-period and late threshold events to the outbox (0025,
+    // 0026): usage events only.
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.aggregate_id",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.aggregate_sequence",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.aggregate_type",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.correlation_id",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.created_at",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.event_id",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.event_type",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.idempotency_key",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.payload",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.schema_version",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.source_service",
+    "meterbridge_ops: INSERT ON COLUMN outbox_events.tenant_id",
     "meterbridge_ops: INSERT ON TABLE usage_actor_days",
     "meterbridge_ops: INSERT ON TABLE usage_actor_periods",
     "meterbridge_ops: INSERT ON TABLE usage_aggregates",
@@ -181,7 +217,9 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: POLICY ops_read_all SELECT ON outbox_events USING true",
     "meterbridge_ops: POLICY ops_read_all SELECT ON tenants USING true",
     "meterbridge_ops: POLICY ops_read_all SELECT ON usage_events USING true",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON usage_period_event_settings USING true",
     "meterbridge_ops: POLICY ops_relay UPDATE ON outbox_events USING true WITH CHECK true",
+    "meterbridge_ops: POLICY ops_usage_events INSERT ON outbox_events WITH CHECK (((aggregate_type = 'usage_period'::text) AND (event_type ~~ 'usage.period.%'::text)) OR ((aggregate_type = 'usage_threshold'::text) AND (event_type = 'usage.threshold.crossed'::text)))",
     "meterbridge_ops: POLICY ops_retention DELETE ON outbox_events USING ((status = 'PUBLISHED'::text) AND (published_at < (now() - '1 day'::interval)))",
     "meterbridge_ops: ROLE LOGIN",
     "meterbridge_ops: SELECT ON COLUMN idempotency_records.created_at",
@@ -198,6 +236,7 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: SELECT ON TABLE usage_aggregation_queue",
     "meterbridge_ops: SELECT ON TABLE usage_aggregation_state",
     "meterbridge_ops: SELECT ON TABLE usage_events",
+    "meterbridge_ops: SELECT ON TABLE usage_period_event_settings",
     "meterbridge_ops: SET idle_in_transaction_session_timeout=60s",
     "meterbridge_ops: SET jit=off",
     "meterbridge_ops: SET lock_timeout=5s",
@@ -211,6 +250,13 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ops: UPDATE ON TABLE usage_actor_periods",
     "meterbridge_ops: UPDATE ON TABLE usage_aggregates",
     "meterbridge_ops: UPDATE ON TABLE usage_aggregation_state",
+    // Usage limits (0026): reads every tenant's limits, records the crossings ingestion missed
+    // (as detected by the aggregation) with their events.
+    "meterbridge_ops: INSERT ON TABLE usage_threshold_crossings",
+    "meterbridge_ops: POLICY ops_crossings ALL ON usage_threshold_crossings USING true WITH CHECK (detected_by = 'aggregation'::text)",
+    "meterbridge_ops: POLICY ops_read_all SELECT ON usage_limits USING true",
+    "meterbridge_ops: SELECT ON TABLE usage_limits",
+    "meterbridge_ops: SELECT ON TABLE usage_threshold_crossings",
     "meterbridge_ops: USAGE ON SCHEMA public",
     // PUBLIC (every role): nothing at all in this database.
 ];

@@ -71,7 +71,18 @@ async fn exercise(redis: &Redis, tenants: &[TenantId], now: DateTime<Utc>) {
         let changed = usage_counters::add_totals(redis, tenant, &totals, now, 7)
             .await
             .expect("add");
-        assert_eq!(changed, 4);
+        let days = changed
+            .iter()
+            .filter(|c| c.cell.span == usage_counters::Span::Day)
+            .count();
+        assert_eq!(days, 4);
+        // The month counters took both days (the same month, or two).
+        let month_total: i128 = changed
+            .iter()
+            .filter(|c| c.cell.span == usage_counters::Span::Month)
+            .map(|c| c.value)
+            .sum();
+        assert_eq!(month_total, totals.values().sum::<i128>());
         let void = BTreeMap::from([((today, "gb.out"), -1i128)]);
         usage_counters::add_totals(redis, tenant, &void, now, 7)
             .await
@@ -85,9 +96,9 @@ async fn exercise(redis: &Redis, tenants: &[TenantId], now: DateTime<Utc>) {
         );
 
         // Repair: a counter still as observed is set; one that moved since is left.
-        let cells: Vec<(NaiveDate, String)> = [today, yesterday]
+        let cells: Vec<usage_counters::Cell> = [today, yesterday]
             .into_iter()
-            .map(|day| (day, "api.requests".to_owned()))
+            .map(|day| usage_counters::Cell::day(day, "api.requests"))
             .collect();
         let observed = usage_counters::observe(redis, tenant, &cells)
             .await
@@ -100,9 +111,8 @@ async fn exercise(redis: &Redis, tenants: &[TenantId], now: DateTime<Utc>) {
         let fixes: Vec<Fix> = cells
             .into_iter()
             .zip(observed)
-            .map(|((day, metric), observed)| Fix {
-                day,
-                metric,
+            .map(|(cell, observed)| Fix {
+                cell,
                 observed,
                 value: 7,
             })

@@ -108,6 +108,65 @@ enum UsageCommand {
     },
     /// Per tenant: last aggregation, backlog, oldest unaggregated work
     AggregationStatus,
+    /// Which period types' final-period events a tenant gets (off by default)
+    #[command(name = "period-events")]
+    PeriodEvents {
+        #[command(subcommand)]
+        action: PeriodEventsAction,
+    },
+    /// A tenant's usage limits and their thresholds (they never refuse usage)
+    Limits {
+        #[command(subcommand)]
+        action: UsageLimitsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsageLimitsAction {
+    /// Set or replace a limit on a metric per daily or monthly period; audited
+    Set {
+        tenant: String,
+        #[arg(long)]
+        metric: String,
+        /// daily or monthly
+        #[arg(long)]
+        period: String,
+        /// Units of the metric per period (1 to 10^17)
+        #[arg(long)]
+        limit: u64,
+        /// A threshold in percent of the limit (repeatable; default 80 and 100)
+        #[arg(long = "threshold")]
+        thresholds: Vec<u16>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// A tenant's limits
+    List { tenant: String },
+    /// Remove a limit; audited
+    Remove {
+        tenant: String,
+        #[arg(long)]
+        metric: String,
+        #[arg(long)]
+        period: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PeriodEventsAction {
+    /// Exactly these period types (none: all off); audited
+    Set {
+        tenant: String,
+        /// daily, weekly, monthly (repeatable; none turns them all off)
+        #[arg(long = "period", value_parser = parse_period)]
+        periods: Vec<meterbridge::domain::period::PeriodType>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// The period types a tenant gets events for
+    Show { tenant: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +403,53 @@ impl Cli {
                     periods: (!periods.is_empty()).then_some(periods),
                 },
                 UsageCommand::AggregationStatus => Command::UsageAggregationStatus,
+                UsageCommand::PeriodEvents {
+                    action:
+                        PeriodEventsAction::Set {
+                            tenant,
+                            periods,
+                            reason,
+                        },
+                } => Command::UsagePeriodEventsSet {
+                    tenant,
+                    periods,
+                    reason,
+                    actor: None,
+                },
+                UsageCommand::PeriodEvents {
+                    action: PeriodEventsAction::Show { tenant },
+                } => Command::UsagePeriodEventsShow { tenant },
+                UsageCommand::Limits { action } => match action {
+                    UsageLimitsAction::Set {
+                        tenant,
+                        metric,
+                        period,
+                        limit,
+                        thresholds,
+                        reason,
+                    } => Command::UsageLimitsSet {
+                        tenant,
+                        metric,
+                        period,
+                        limit,
+                        thresholds: (!thresholds.is_empty()).then_some(thresholds),
+                        reason,
+                        actor: None,
+                    },
+                    UsageLimitsAction::List { tenant } => Command::UsageLimitsList { tenant },
+                    UsageLimitsAction::Remove {
+                        tenant,
+                        metric,
+                        period,
+                        reason,
+                    } => Command::UsageLimitsRemove {
+                        tenant,
+                        metric,
+                        period,
+                        reason,
+                        actor: None,
+                    },
+                },
             },
             Action::Subject { action } => match action {
                 SubjectCommand::Export {
@@ -458,6 +564,55 @@ mod tests {
         assert_eq!(
             parse(&["usage", "aggregate"]).unwrap(),
             Command::UsageAggregate
+        );
+        assert_eq!(
+            parse(&[
+                "usage",
+                "period-events",
+                "set",
+                "acme",
+                "--period",
+                "monthly",
+                "--reason",
+                "billing"
+            ])
+            .unwrap(),
+            serde_json::from_value::<Command>(serde_json::json!({
+                "action": "usage.period-events.set", "tenant": "acme", "periods": ["monthly"],
+                "reason": "billing"}))
+            .unwrap()
+        );
+        assert_eq!(
+            parse(&[
+                "usage",
+                "limits",
+                "set",
+                "acme",
+                "--metric",
+                "api.requests",
+                "--period",
+                "monthly",
+                "--limit",
+                "1000000",
+                "--threshold",
+                "50",
+                "--threshold",
+                "100",
+                "--reason",
+                "plan"
+            ])
+            .unwrap(),
+            serde_json::from_value::<Command>(serde_json::json!({
+                "action": "usage.limits.set", "tenant": "acme", "metric": "api.requests",
+                "period": "monthly", "limit": 1_000_000, "thresholds": [50, 100],
+                "reason": "plan"}))
+            .unwrap()
+        );
+        assert_eq!(
+            parse(&["usage", "period-events", "show", "acme"]).unwrap(),
+            Command::UsagePeriodEventsShow {
+                tenant: "acme".into()
+            }
         );
         // An export: to the bucket with --s3, as the payload; to standard output without.
         let payload = serde_json::json!({

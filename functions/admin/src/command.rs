@@ -149,6 +149,48 @@ pub enum Command {
     /// Per tenant: last aggregation, backlog, oldest unaggregated work.
     #[serde(rename = "usage.aggregation-status")]
     UsageAggregationStatus,
+    /// The period types whose final-period events (`usage.period.finalized`,
+    /// `usage.period.revised`) the tenant wants: exactly these (an empty list turns them off).
+    /// Audited in tenant_settings_audit.
+    #[serde(rename = "usage.period-events.set")]
+    UsagePeriodEventsSet {
+        tenant: String,
+        periods: Vec<meterbridge::domain::period::PeriodType>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// The period types whose final-period events the tenant gets.
+    #[serde(rename = "usage.period-events.show")]
+    UsagePeriodEventsShow { tenant: String },
+    /// Sets (or replaces) a tenant's usage limit on a metric per `daily` or `monthly` period,
+    /// with thresholds in percent of it (default 80 and 100); `usage.threshold.crossed` is
+    /// published once per period and threshold. Never refuses usage. Audited.
+    #[serde(rename = "usage.limits.set")]
+    UsageLimitsSet {
+        tenant: String,
+        metric: String,
+        period: String,
+        limit: u64,
+        #[serde(default)]
+        thresholds: Option<Vec<u16>>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// A tenant's usage limits.
+    #[serde(rename = "usage.limits.list")]
+    UsageLimitsList { tenant: String },
+    /// Removes a tenant's usage limit. Audited.
+    #[serde(rename = "usage.limits.remove")]
+    UsageLimitsRemove {
+        tenant: String,
+        metric: String,
+        period: String,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
     /// Erases a data subject of a tenant: their actor id replaced on every event by a random
     /// token, their events' metadata emptied; totals and distinct-actor counts unchanged. In
     /// steps; the same `requestId` again resumes it, or returns its receipt once finished.
@@ -199,6 +241,11 @@ impl Command {
             Command::UsageAggregate => "usage.aggregate",
             Command::UsageBackfill { .. } => "usage.backfill",
             Command::UsageAggregationStatus => "usage.aggregation-status",
+            Command::UsagePeriodEventsSet { .. } => "usage.period-events.set",
+            Command::UsagePeriodEventsShow { .. } => "usage.period-events.show",
+            Command::UsageLimitsSet { .. } => "usage.limits.set",
+            Command::UsageLimitsList { .. } => "usage.limits.list",
+            Command::UsageLimitsRemove { .. } => "usage.limits.remove",
             Command::SubjectErase { .. } => "subject.erase",
             Command::SubjectExport { .. } => "subject.export",
         }

@@ -22,7 +22,9 @@ use crate::error::AdminError;
 use crate::export::{self, Destination, ExportStore};
 use crate::limits;
 use crate::offboard;
+use crate::period_events;
 use crate::subject;
+use crate::usage_limits;
 
 const UNIQUE_VIOLATION: &str = "23505";
 
@@ -313,6 +315,66 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
                 &tenant,
                 api_key_prefix.as_deref(),
                 &requested,
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
+        Command::UsagePeriodEventsSet {
+            tenant,
+            periods,
+            reason,
+            actor,
+        } => {
+            Box::pin(period_events::set(
+                db,
+                &tenant,
+                &periods,
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
+        Command::UsagePeriodEventsShow { tenant } => {
+            Box::pin(period_events::show(db, &tenant)).await
+        }
+        Command::UsageLimitsSet {
+            tenant,
+            metric,
+            period,
+            limit,
+            thresholds,
+            reason,
+            actor,
+        } => {
+            let requested = usage_limits::Requested {
+                metric: &metric,
+                period: &period,
+                limit,
+                thresholds,
+            };
+            Box::pin(usage_limits::set(
+                db,
+                &tenant,
+                requested,
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
+        Command::UsageLimitsList { tenant } => Box::pin(usage_limits::list(db, &tenant)).await,
+        Command::UsageLimitsRemove {
+            tenant,
+            metric,
+            period,
+            reason,
+            actor,
+        } => {
+            Box::pin(usage_limits::remove(
+                db,
+                &tenant,
+                &metric,
+                &period,
                 &reason,
                 actor.as_deref(),
             ))

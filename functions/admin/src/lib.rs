@@ -9,7 +9,9 @@ pub mod export;
 pub mod handler;
 pub mod limits;
 pub mod offboard;
+pub mod period_events;
 pub mod subject;
+pub mod usage_limits;
 
 pub use command::Command;
 pub use error::AdminError;

@@ -226,6 +226,26 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
     let out = ok(&db, run("usage-backfill.json")).await;
     assert_eq!(out["backfill"]["outcome"], "done", "{out}");
     assert!(out["backfill"]["backfillQueued"].is_i64(), "{out}");
+    // Period events: monthly on, audited; shown as set.
+    let out = ok(&db, run("usage-period-events-set.json")).await;
+    assert_eq!(out["periods"], serde_json::json!(["monthly"]), "{out}");
+    assert_eq!(out["before"], serde_json::json!([]), "{out}");
+    let out = ok(&db, run("usage-period-events-show.json")).await;
+    assert_eq!(out["periods"], serde_json::json!(["monthly"]), "{out}");
+    // A usage limit: set (audited), listed, removed; a second removal finds nothing.
+    let out = ok(&db, run("usage-limits-set.json")).await;
+    assert_eq!(out["limit"]["limit"], "1000000", "{out}");
+    assert_eq!(out["limit"]["thresholds"], serde_json::json!([50, 80, 100]));
+    let out = ok(&db, run("usage-limits-list.json")).await;
+    assert_eq!(out["limits"].as_array().unwrap().len(), 1, "{out}");
+    let out = ok(&db, run("usage-limits-remove.json")).await;
+    assert_eq!(out["removed"]["metric"], "api.requests", "{out}");
+    assert_eq!(
+        err(&db, "usage-limits-remove.json").await.error_type(),
+        "NotFound"
+    );
+    let out = ok(&db, "usage-limits-set.json").await;
+    assert!(out["replaced"].is_null(), "{out}");
     let out = ok(&db, run("usage-aggregation-status.json")).await;
     assert!(out["aggregation"]["tenants"].is_array(), "{out}");
     assert!(

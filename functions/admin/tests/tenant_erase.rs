@@ -121,7 +121,8 @@ async fn seed(admin: &Admin, owner: &PgPool, tenant: &Tenant) {
     ] {
         sqlx::query(statement).bind(t).execute(owner).await.unwrap();
     }
-    // Limits (tenant and key), a subject erasure: through the admin actions.
+    // Limits (tenant and key), a subject erasure, period events, a usage limit: through the
+    // admin actions.
     for payload in [
         json!({"action": "tenant.limits.set", "tenant": tenant.slug.as_str(),
                "requestsPerSecond": 50, "reason": "seed"}),
@@ -129,6 +130,12 @@ async fn seed(admin: &Admin, owner: &PgPool, tenant: &Tenant) {
                "apiKeyPrefix": key.prefix, "requestsPerSecond": 5, "reason": "seed"}),
         json!({"action": "subject.erase", "tenant": tenant.slug.as_str(), "actorId": "u-2",
                "requestId": "DSAR-1", "reason": "seed"}),
+        json!({"action": "usage.period-events.set", "tenant": tenant.slug.as_str(),
+               "periods": ["monthly"], "reason": "seed"}),
+        // Crossed by the seeded events: the aggregation records the crossings.
+        json!({"action": "usage.limits.set", "tenant": tenant.slug.as_str(),
+               "metric": "api.requests", "period": "monthly", "limit": 5, "thresholds": [50],
+               "reason": "seed"}),
     ] {
         handle_event(admin, payload.clone())
             .await

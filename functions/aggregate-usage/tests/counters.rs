@@ -83,6 +83,13 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
             .and_utc(),
         actor: None,
     });
+    // The 12 day counters in the TTL, and a month counter per tenant, month and metric (the
+    // day outside the TTL included: a month's counter lives 70 days).
+    let month_cells: std::collections::BTreeSet<_> = events
+        .iter()
+        .map(|e| (e.tenant, e.at.format("%Y-%m").to_string(), e.metric))
+        .collect();
+    let counters = 12 + month_cells.len() as u64;
     insert(&owner, &events).await;
     let app = app(&owner, &[("REDIS_URL", &url)]).await;
     let client = redis::Client::open(url.as_str()).unwrap();
@@ -94,7 +101,7 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
     let repair = first.counters.clone().unwrap();
     assert_eq!(
         (repair.checked, repair.drift_found, repair.repaired),
-        (12, 12, 12),
+        (counters, counters, counters),
         "{first:?}"
     );
     for tenant in [a, b] {
@@ -115,13 +122,13 @@ async fn one_run_restores_every_counter_after_a_flush_and_fixes_drift(owner: PgP
     let again = run(&app, &owner, now()).await.counters.unwrap();
     assert_eq!(
         (again.checked, again.drift_found, again.repaired),
-        (12, 0, 0)
+        (counters, 0, 0)
     );
 
     // A flush: one run restores all of them.
     let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
     let healed = run(&app, &owner, now()).await.counters.unwrap();
-    assert_eq!((healed.drift_found, healed.repaired), (12, 12));
+    assert_eq!((healed.drift_found, healed.repaired), (counters, counters));
     assert_eq!(
         counter(&url, b, days[1], "leads.processed").await,
         Some(pg_total(&owner, b, days[1], "leads.processed").await)
@@ -164,7 +171,7 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
     );
     let tenant = TenantId(uuid::Uuid::new_v4());
     let today = today();
-    let cells = vec![(today, "api.requests".to_owned())];
+    let cells = vec![usage_counters::Cell::day(today, "api.requests")];
     let add = |n: i128| {
         let mut totals = BTreeMap::new();
         totals.insert((today, "api.requests"), n);
@@ -183,8 +190,7 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
         .unwrap();
     // ... so the repair (which read 5 and would set 40) leaves the counter as it is.
     let fix = usage_counters::Fix {
-        day: today,
-        metric: "api.requests".into(),
+        cell: usage_counters::Cell::day(today, "api.requests"),
         observed: seen[0].clone(),
         value: 40,
     };
@@ -213,14 +219,13 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
         Some(40)
     );
     // An absent counter is observed as absent and created by the repair; a zero deletes it.
-    let absent = vec![(today, "leads.processed".to_owned())];
+    let absent = vec![usage_counters::Cell::day(today, "leads.processed")];
     let seen = usage_counters::observe(&redis, tenant, &absent)
         .await
         .unwrap();
     assert_eq!(seen[0].value, None);
     let fix = usage_counters::Fix {
-        day: today,
-        metric: "leads.processed".into(),
+        cell: usage_counters::Cell::day(today, "leads.processed"),
         observed: seen[0].clone(),
         value: 3,
     };
@@ -238,8 +243,7 @@ async fn a_counter_that_changed_after_it_was_read_is_left_alone(owner: PgPool) {
         .await
         .unwrap();
     let fix = usage_counters::Fix {
-        day: today,
-        metric: "leads.processed".into(),
+        cell: usage_counters::Cell::day(today, "leads.processed"),
         observed: seen[0].clone(),
         value: 0,
     };
@@ -338,7 +342,8 @@ async fn increments_racing_repeated_repairs_are_never_lost(owner: PgPool) {
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn a_repair_of_many_counters_reads_their_days_in_one_scan(owner: PgPool) {
     // Its own Redis database (see own_redis_url), flushed: 80 tenants × 2 metrics × 2 days
-    // = 320 counters to restore, beyond the index-probe size.
+    // = 320 day counters to restore, beyond the index-probe size, and their month counters
+    // (one month, or two when the days straddle a month's end).
     let url = format!("{}/10", redis_url().trim_end_matches('/'));
     let today = today();
     let mut events = Vec::new();
@@ -364,7 +369,19 @@ async fn a_repair_of_many_counters_reads_their_days_in_one_scan(owner: PgPool) {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
     let report = run(&app, &owner, now()).await.counters.unwrap();
-    assert_eq!((report.checked, report.repaired), (320, 320), "{report:?}");
+    let months = if (today - Duration::days(2)).format("%Y-%m").to_string()
+        == today.format("%Y-%m").to_string()
+    {
+        1
+    } else {
+        2
+    };
+    let counters = 320 + 160 * months;
+    assert_eq!(
+        (report.checked, report.repaired),
+        (counters, counters),
+        "{report:?}"
+    );
     for tenant in [tenants[0], tenants[79]] {
         for day in [today, today - Duration::days(2)] {
             assert_eq!(

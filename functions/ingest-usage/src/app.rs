@@ -5,13 +5,18 @@ use std::sync::Arc;
 
 use meterbridge::auth::Authenticator;
 use meterbridge::clock::{Stamp, SystemClock};
-use meterbridge::domain::MetricCatalog;
+use meterbridge::domain::usage_limit::UsageLimit;
+use meterbridge::domain::{MetricCatalog, TenantId};
 use meterbridge::rate_limit::RateLimiter;
-use meterbridge::repo::metrics;
+use meterbridge::repo::{metrics, usage_limits};
+use meterbridge::ttl_cache::TtlCache;
 use meterbridge::{DbError, Services, StartupError};
 use tokio::sync::RwLock;
 
 use crate::config::IngestConfig;
+
+/// Tenants whose usage limits one container remembers.
+const USAGE_LIMITS_CACHED_TENANTS: usize = 10_000;
 
 pub struct App {
     pub services: Services,
@@ -20,6 +25,9 @@ pub struct App {
     /// Per-key and per-tenant budgets (`None`: limits are off).
     pub limiter: Option<RateLimiter>,
     catalog: RwLock<Option<(Stamp, Arc<MetricCatalog>)>>,
+    /// Each tenant's usage limits, read at most once per key-cache TTL (a change applies
+    /// within it, as a key's does).
+    usage_limits: TtlCache<TenantId, Arc<Vec<UsageLimit>>>,
 }
 
 impl App {
@@ -35,10 +43,27 @@ impl App {
             limiter: config
                 .rate_limits
                 .limiter("usage", Arc::clone(&services.clock)),
+            catalog: RwLock::new(None),
+            usage_limits: TtlCache::new(
+                config.auth_cache_ttl,
+                USAGE_LIMITS_CACHED_TENANTS,
+                Arc::clone(&services.clock),
+            ),
             services,
             config,
-            catalog: RwLock::new(None),
         }
+    }
+
+    /// A tenant's usage limits, from the cache or (once per TTL) from PostgreSQL.
+    pub async fn usage_limits(&self, tenant: TenantId) -> Result<Arc<Vec<UsageLimit>>, DbError> {
+        if let Some(limits) = self.usage_limits.get(&tenant) {
+            return Ok(limits);
+        }
+        let mut tx = self.services.db.tenant_read_tx(tenant).await?;
+        let limits = Arc::new(usage_limits::list(&mut tx, tenant).await?);
+        tx.commit().await?;
+        self.usage_limits.insert(tenant, Arc::clone(&limits));
+        Ok(limits)
     }
 
     /// The metric catalog, read from PostgreSQL at most once per `catalog_ttl`.

@@ -251,7 +251,7 @@ pub async fn ingest_batch(
             )
             .await
             {
-                Ok(_) => {}
+                Ok(counted) => crate::thresholds::record(app, caller, &counted, now).await,
                 Err(e) => {
                     metrics::counter!("RedisCounterFailures").increment(1);
                     tracing::warn!(error = %e, events = accepted.len(), "real-time counters not updated; PostgreSQL has the events");

@@ -13,6 +13,8 @@ pub mod ingest;
 pub mod query;
 pub mod routes;
 pub mod summary;
+pub mod thresholds;
+pub mod usage_limits;
 
 pub use app::App;
 pub use config::IngestConfig;

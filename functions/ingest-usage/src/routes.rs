@@ -12,7 +12,7 @@ use meterbridge::redis::Redis;
 use meterbridge::Database;
 
 use crate::app::App;
-use crate::{corrections, ingest, query, summary};
+use crate::{corrections, ingest, query, summary, usage_limits};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -22,17 +22,22 @@ pub enum Route {
     Summary,
     /// The event id, percent-decoded.
     VoidEvent(String),
+    UsageLimits,
+    /// The metric, percent-decoded.
+    MetricLimits(String),
 }
 
 impl Route {
     /// Every route, as API Gateway names it (`METHOD /path/{param}`): `openapi.yaml` and the
     /// function's `HttpApi` events in `template.yaml` list exactly these (tests/contract.rs).
-    pub const KEYS: [&'static str; 5] = [
+    pub const KEYS: [&'static str; 7] = [
         "POST /v1/usage/events",
         "GET /v1/usage/events",
         "GET /v1/usage/realtime",
         "GET /v1/usage/summary",
         "POST /v1/usage/events/{eventId}/void",
+        "GET /v1/usage/limits",
+        "GET /v1/usage/limits/{metric}",
     ];
 
     /// This route's entry in [`Route::KEYS`].
@@ -43,6 +48,8 @@ impl Route {
             Route::Realtime => Self::KEYS[2],
             Route::Summary => Self::KEYS[3],
             Route::VoidEvent(_) => Self::KEYS[4],
+            Route::UsageLimits => Self::KEYS[5],
+            Route::MetricLimits(_) => Self::KEYS[6],
         }
     }
 
@@ -50,7 +57,11 @@ impl Route {
     pub fn scope(&self) -> Scope {
         match self {
             Route::PostEvents | Route::VoidEvent(_) => Scope::UsageWrite,
-            Route::ListEvents | Route::Realtime | Route::Summary => Scope::UsageRead,
+            Route::ListEvents
+            | Route::Realtime
+            | Route::Summary
+            | Route::UsageLimits
+            | Route::MetricLimits(_) => Scope::UsageRead,
         }
     }
 }
@@ -73,6 +84,12 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         },
         ["v1", "usage", "realtime"] => allowed(Method::GET, Route::Realtime),
         ["v1", "usage", "summary"] => allowed(Method::GET, Route::Summary),
+        ["v1", "usage", "limits"] => allowed(Method::GET, Route::UsageLimits),
+        ["v1", "usage", "limits", metric] if !metric.is_empty() => {
+            let metric = percent_decode(metric)
+                .ok_or_else(|| ApiError::Malformed("the metric is not valid UTF-8".into()))?;
+            allowed(Method::GET, Route::MetricLimits(metric))
+        }
         ["v1", "usage", "events", id, "void"] if !id.is_empty() => {
             let id = percent_decode(id)
                 .ok_or_else(|| ApiError::NotFound("no such usage event".into()))?;
@@ -140,6 +157,8 @@ impl HttpApi for App {
             Route::Realtime => query::realtime(self, caller, call.request).await,
             Route::Summary => summary::summary(self, caller, call.request).await,
             Route::VoidEvent(id) => corrections::void_event(self, caller, &id, call.request).await,
+            Route::UsageLimits => usage_limits::limits(self, caller, None).await,
+            Route::MetricLimits(metric) => usage_limits::limits(self, caller, Some(&metric)).await,
         }
     }
 }
@@ -178,6 +197,26 @@ mod tests {
         assert_eq!(
             route(&Method::GET, "/v1/usage/summary").unwrap(),
             Route::Summary
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/usage/limits").unwrap(),
+            Route::UsageLimits
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/usage/limits/api.requests").unwrap(),
+            Route::MetricLimits("api.requests".into())
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/usage/limits/%ff")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/usage/limits")
+                .unwrap_err()
+                .status(),
+            405
         );
         assert_eq!(
             route(&Method::POST, "/v1/usage/events/evt%2F1%20a/void").unwrap(),

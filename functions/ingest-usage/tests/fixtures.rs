@@ -126,6 +126,37 @@ async fn every_fixture_runs_through_the_handler(owner: PgPool) {
     assert_eq!(r.body["metric"], "api.requests");
     assert!(r.body["aggregates"].is_array());
 
+    // Usage limits: none on the metric yet (404), then a monthly one, read by a fresh
+    // container (a container caches a tenant's limits for 60 s).
+    let r = send(&app, run("metric-usage-limits.json")).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    {
+        let mut conn = owner.acquire().await.unwrap();
+        let change = meterbridge::repo::usage_settings::Change {
+            tenant: fx.tenant.id,
+            actor: "test",
+            reason: "test",
+        };
+        let limit = meterbridge::domain::usage_limit::UsageLimit::new(
+            "api.requests",
+            meterbridge::domain::usage_limit::LimitPeriod::Monthly,
+            1000,
+            None,
+        )
+        .unwrap();
+        meterbridge::repo::usage_limits::set(&mut conn, &change, &limit)
+            .await
+            .unwrap();
+    }
+    let fresh = fx.app(&[]).await;
+    let r = send(&fresh, fx.fixture("metric-usage-limits.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["limits"][0]["limit"], "1000");
+    assert_eq!(r.body["limits"][0]["source"], "redis");
+    let r = send(&fresh, run("usage-limits.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["limits"].as_array().unwrap().len(), 1);
+
     // 3 + 2 + 1 accepted events are in PostgreSQL.
     assert_eq!(fx.stored_events().await, 6);
 

@@ -90,6 +90,18 @@ pub async fn run_handler(
     batch: usize,
     callers: usize,
 ) -> Row {
+    run_handler_as("handler (this design)", apps, key, work, batch, callers).await
+}
+
+/// [`run_handler`], reported under `workload`.
+pub async fn run_handler_as(
+    workload: &'static str,
+    apps: &[Arc<App>],
+    key: &str,
+    work: Vec<Vec<Value>>,
+    batch: usize,
+    callers: usize,
+) -> Row {
     let events: usize = work.iter().map(Vec::len).sum();
     // Requests are built before the clock starts: the handler's own work (parse, auth,
     // validate, one transaction, Redis) is what is measured.
@@ -132,7 +144,7 @@ pub async fn run_handler(
     })
     .await;
     Row {
-        workload: "handler (this design)",
+        workload,
         batch,
         callers,
         events,

@@ -38,6 +38,7 @@ mod maintenance;
 mod measure;
 mod neighbours;
 mod relay;
+mod usage_limits;
 mod verify;
 
 use meterbridge::domain::{MetricCatalog, Trust};
@@ -48,7 +49,8 @@ use meterbridge::testing::{
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use ingest::{
-    build_apps, make_batches, prepare, run_copy, run_copy_with_keys, run_handler, run_per_row,
+    build_apps, make_batches, prepare, run_copy, run_copy_with_keys, run_handler, run_handler_as,
+    run_per_row,
 };
 
 #[tokio::main]
@@ -156,17 +158,39 @@ async fn main() {
     } else {
         Vec::new()
     };
+    // The same workload for a tenant with usage limits on every metric.
+    let limited_key = if ingest_batches.is_empty() {
+        None
+    } else {
+        Some(usage_limits::limited_tenant(&owner, &catalog).await)
+    };
     for &batch in &ingest_batches {
         for &callers in &caller_counts {
             let apps = build_apps(&api_url, callers).await;
-            let (mut handler, mut per_row, mut copy, mut copy_keys) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut handler, mut per_row, mut copy, mut copy_keys, mut limited) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let keyed = has_key_table(&owner).await;
             for round in 0..repeat {
                 let tag = format!("{batch}x{callers}r{round}");
                 let work = make_batches(&format!("h{tag}"), total, batch);
                 reset(&owner).await;
                 handler.push(run_handler(&apps, &key.key, work, batch, callers).await);
+
+                if let Some(limited_key) = &limited_key {
+                    let work = make_batches(&format!("l{tag}"), total, batch);
+                    reset(&owner).await;
+                    limited.push(
+                        run_handler_as(
+                            usage_limits::LIMITED,
+                            &apps,
+                            &limited_key.key,
+                            work,
+                            batch,
+                            callers,
+                        )
+                        .await,
+                    );
+                }
 
                 let work = make_batches(&format!("r{tag}"), per_row_total, batch);
                 let prepared = prepare(&work, &tenant, &catalog);
@@ -190,7 +214,38 @@ async fn main() {
             if keyed {
                 rows.push(measure::median(copy_keys));
             }
+            if !limited.is_empty() {
+                rows.push(measure::median(limited));
+            }
         }
+    }
+    if let Some(limited_key) = &limited_key {
+        // The limits read beside the realtime read: 2,000 requests each, one container.
+        let app = build_apps(&api_url, 1).await.remove(0);
+        let (mut limits, mut realtime) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            limits.push(
+                usage_limits::reads(
+                    &app,
+                    &limited_key.key,
+                    "/v1/usage/limits",
+                    2000,
+                    usage_limits::LIMITS_READ,
+                )
+                .await,
+            );
+            realtime.push(
+                usage_limits::reads(
+                    &app,
+                    &limited_key.key,
+                    "/v1/usage/realtime",
+                    2000,
+                    usage_limits::REALTIME_READ,
+                )
+                .await,
+            );
+        }
+        rows.extend([limits, realtime].into_iter().map(measure::median));
     }
     if workloads.contains("verify") {
         for &callers in &caller_counts {

@@ -121,6 +121,13 @@ pub fn report(rows: &[Row]) {
                 if vs_copy >= 70.0 { "met" } else { "NOT met" },
                 if vs_row >= 20.0 { "met" } else { "NOT met" }
             );
+            if let Some(l) = find(crate::usage_limits::LIMITED) {
+                let ratio = l.rate() / h.rate() * 100.0;
+                println!(
+                    "batch 500, {callers} caller(s): with 3 thresholds on every metric = {ratio:.1}% of the rate without limits (target >= 97%: {})",
+                    if ratio >= 97.0 { "met" } else { "NOT met" }
+                );
+            }
             if let Some(c) = find("(c)") {
                 println!(
                     "batch 500, {callers} caller(s): handler = {:.0}% of COPY of the same rows (events + their dedup keys)",
@@ -130,6 +137,19 @@ pub fn report(rows: &[Row]) {
         }
         let relay = |name: &str| rows.iter().find(|r| r.workload == name);
         if callers == 1 {
+            if let (Some(limits), Some(realtime)) = (
+                relay(crate::usage_limits::LIMITS_READ),
+                relay(crate::usage_limits::REALTIME_READ),
+            ) {
+                println!(
+                    "limits read, in-process with real Redis: p50 {:.2} ms, p99 {:.2} ms (target < 5 ms: {}); realtime read p50 {:.2} ms, p99 {:.2} ms",
+                    limits.percentile(0.50),
+                    limits.percentile(0.99),
+                    if limits.percentile(0.99) < 5.0 { "met" } else { "NOT met" },
+                    realtime.percentile(0.50),
+                    realtime.percentile(0.99)
+                );
+            }
             if let (Some(relayed), Some(raw)) =
                 (relay(crate::relay::RELAY), relay(crate::relay::RAW))
             {

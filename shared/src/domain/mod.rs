@@ -12,6 +12,7 @@ pub mod rollup;
 pub mod tenant;
 pub mod time;
 pub mod usage;
+pub mod usage_limit;
 
 pub use api_key::{Scope, Scopes, SourceService, Trust};
 pub use metric::{Classification, MetricCatalog, MetricDefinition};

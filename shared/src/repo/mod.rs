@@ -15,5 +15,7 @@ pub mod tenants;
 pub mod usage_aggregates;
 pub mod usage_changes;
 pub mod usage_events;
+pub mod usage_limits;
+pub mod usage_settings;
 pub mod usage_storage;
 pub mod webhook_events;

@@ -780,11 +780,13 @@ pub async fn backlog(
     Ok(rows)
 }
 
-/// A daily cell and its total, for the counters' repair.
+/// A daily or monthly cell and its total, for the counters' repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DayTotal {
+pub struct CellTotal {
     pub tenant_id: Uuid,
-    pub day: NaiveDate,
+    pub period_type: PeriodType,
+    /// The period's first day.
+    pub start: NaiveDate,
     pub metric: String,
     pub total: i128,
 }
@@ -794,30 +796,83 @@ fn parse_total(text: &str) -> Result<i128, DbError> {
         .map_err(|_| DbError::Decode(format!("total {text:?} is not an integer")))
 }
 
-/// Every daily aggregate from `since` on (an index range), as the counters should hold it.
-pub async fn daily_totals_since(
+/// Every aggregate of `period` that starts on `since` or later (an index range), as the
+/// counters should hold it, by tenant.
+pub async fn totals_since(
     conn: &mut PgConnection,
+    period: PeriodType,
     since: NaiveDate,
-) -> Result<Vec<DayTotal>, DbError> {
+) -> Result<Vec<CellTotal>, DbError> {
     let rows = sqlx::query!(
         r#"SELECT tenant_id, period_start, metric, total_quantity::text AS "total!"
              FROM usage_aggregates
-            WHERE period_type = 'daily' AND period_start >= $1
+            WHERE period_type = $1 AND period_start >= $2
             ORDER BY tenant_id, period_start, metric"#,
+        period.as_str(),
         crate::domain::period::midnight(since)
     )
     .fetch_all(&mut *conn)
     .await?;
     rows.into_iter()
         .map(|r| {
-            Ok(DayTotal {
+            Ok(CellTotal {
                 tenant_id: r.tenant_id,
-                day: r.period_start.date_naive(),
+                period_type: period,
+                start: r.period_start.date_naive(),
                 metric: r.metric,
                 total: parse_total(&r.total)?,
             })
         })
         .collect()
+}
+
+/// A tenant's current total of each cell asked (metric, period type, first and last instant):
+/// the cell's rollup as of the aggregation's watermark, plus the events inserted and voided
+/// since (found through the transaction-id BRIN indexes, so the cost follows what the
+/// aggregation has not applied yet, not the period's volume). Exact unless a recompute of the
+/// cell is pending (the repair checks the queue; the API roles cannot). One statement, one
+/// snapshot; run it in the tenant's transaction for the API role.
+pub async fn current_totals(
+    conn: &mut PgConnection,
+    tenant: crate::domain::TenantId,
+    cells: &[(&str, PeriodType, DateTime<Utc>, DateTime<Utc>)],
+) -> Result<Vec<i128>, DbError> {
+    if cells.is_empty() {
+        return Ok(Vec::new());
+    }
+    let metrics: Vec<&str> = cells.iter().map(|c| c.0).collect();
+    let types: Vec<&str> = cells.iter().map(|c| c.1.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = cells.iter().map(|c| c.2).collect();
+    let ends: Vec<DateTime<Utc>> = cells.iter().map(|c| c.3).collect();
+    let rows = sqlx::query!(
+        r#"WITH w AS (SELECT watermark FROM usage_aggregation_state),
+           cells AS (
+               SELECT * FROM UNNEST($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
+                   WITH ORDINALITY AS c(metric, period_type, period_start, period_end, n)
+           ), changed AS (
+               SELECT metric, occurred_at, quantity FROM usage_events
+                WHERE tenant_id = $1 AND inserted_xact >= (SELECT watermark FROM w)
+               UNION ALL
+               SELECT metric, occurred_at, -quantity FROM usage_events
+                WHERE tenant_id = $1 AND xact_id >= (SELECT watermark FROM w)
+                  AND voided_at IS NOT NULL
+           )
+           SELECT (coalesce((SELECT a.total_quantity FROM usage_aggregates a
+                              WHERE a.tenant_id = $1 AND a.period_type = c.period_type
+                                AND a.period_start = c.period_start AND a.metric = c.metric), 0)
+                   + coalesce((SELECT sum(d.quantity) FROM changed d
+                                WHERE d.metric = c.metric AND d.occurred_at >= c.period_start
+                                  AND d.occurred_at < c.period_end), 0))::text AS "total!"
+             FROM cells c ORDER BY c.n"#,
+        tenant.0,
+        &metrics as &[&str],
+        &types as &[&str],
+        &starts,
+        &ends
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| parse_total(&r.total)).collect()
 }
 
 /// The current totals of daily cells, straight from the events (voided ones excluded), by

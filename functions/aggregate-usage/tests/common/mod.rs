@@ -200,6 +200,7 @@ pub async fn run(app: &App, owner: &PgPool, now: DateTime<Utc>) -> RunReport {
         total.cells_unchanged += r.cells_unchanged;
         total.revisions += r.revisions;
         total.finalized += r.finalized;
+        total.thresholds_crossed_late += r.thresholds_crossed_late;
         total.skipped_retired += r.skipped_retired;
         total.queued_after = r.queued_after;
         total.counters = r.counters;

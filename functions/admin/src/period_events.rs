@@ -1,0 +1,46 @@
+//! `usage.period-events.*`: which period types' final-period events (`usage.period.finalized`,
+//! `usage.period.revised`) a tenant wants — validate → one transaction (the change and its
+//! audit row) → respond. Off by default; the aggregation writes them from the next run.
+
+use meterbridge::domain::period::PeriodType;
+use meterbridge::repo::tenants;
+use meterbridge::repo::usage_settings::{self, Change};
+use meterbridge::{Database, DbError};
+use serde_json::{json, Value};
+
+use crate::error::AdminError;
+use crate::limits::checked_text;
+
+async fn tenant(db: &Database, slug: &str) -> Result<meterbridge::domain::TenantId, AdminError> {
+    Ok(tenants::find_by_slug(db.pool(), slug)
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("no tenant with slug {slug:?}")))?
+        .id)
+}
+
+/// Makes `periods` the tenant's set (an empty list turns them all off).
+pub async fn set(
+    db: &Database,
+    slug: &str,
+    periods: &[PeriodType],
+    reason: &str,
+    actor: Option<&str>,
+) -> Result<Value, AdminError> {
+    let change = Change {
+        tenant: tenant(db, slug).await?,
+        actor: checked_text(actor.unwrap_or("admin"), "actor", 128)?,
+        reason: checked_text(reason, "reason", 500)?,
+    };
+    let mut tx = db.begin().await?;
+    let before = usage_settings::set_period_events(&mut tx, &change, periods).await?;
+    let after = usage_settings::period_events(&mut tx, change.tenant).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(json!({"tenant": slug, "before": before, "periods": after}))
+}
+
+pub async fn show(db: &Database, slug: &str) -> Result<Value, AdminError> {
+    let tenant = tenant(db, slug).await?;
+    let mut conn = db.acquire().await?;
+    let periods = usage_settings::period_events(&mut conn, tenant).await?;
+    Ok(json!({"tenant": slug, "periods": periods}))
+}
