@@ -10,8 +10,10 @@ use meterbridge::domain::usage_limit::{LimitPeriod, UsageLimit};
 use meterbridge::domain::TenantId;
 use meterbridge::repo::usage_limits;
 use meterbridge::repo::usage_settings::Change;
-use meterbridge::testing::{create_tenant, now, redis_url, Bus};
-use serde_json::Value;
+use meterbridge::testing::{
+    create_api_key, create_tenant, database_url_as, now, redis_url, Bus, INGEST_ROLE,
+};
+use serde_json::{json, Value};
 use sqlx::PgPool;
 
 async fn set_limit(owner: &PgPool, tenant: uuid::Uuid, period: LimitPeriod, limit: u64) {
@@ -108,4 +110,79 @@ async fn a_crossing_ingestion_missed_is_announced_by_the_next_run(owner: PgPool)
         .iter()
         .all(|m| m["detail-type"] == "usage.threshold.crossed"));
     assert_eq!(threshold_events(&owner).await.len(), 2);
+}
+
+/// ingest-usage as the Lambda builds it, with its Redis out of reach (nothing listens on port 1).
+async fn ingestion_without_redis(owner: &PgPool) -> ingest_usage::App {
+    let vars: std::collections::HashMap<&str, String> = [
+        ("DATABASE_URL", database_url_as(owner, INGEST_ROLE)),
+        ("REDIS_URL", "redis://127.0.0.1:1".to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    let env = meterbridge::config::Env::from_lookup(move |k| vars.get(k).cloned());
+    let config = meterbridge::Config::from(&env, "ingest-usage").unwrap();
+    let services = meterbridge::Services::build_with_aws(config, None)
+        .await
+        .unwrap()
+        .with_clock(meterbridge::testing::clock());
+    ingest_usage::App::new(services, ingest_usage::IngestConfig::from(&env).unwrap())
+}
+
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_crossing_while_redis_is_down_is_sent_by_the_next_run(owner: PgPool) {
+    let tenant = create_tenant(&owner, "redis-down").await;
+    let key = create_api_key(&owner, &tenant, "crm", meterbridge::domain::Trust::Internal).await;
+    set_limit(&owner, tenant.id.0, LimitPeriod::Daily, 100).await;
+    meterbridge::testing::create_partitions_around_now(&owner).await;
+    let ingest = ingestion_without_redis(&owner).await;
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../events/ingest-usage/post-events.json"
+    ))
+    .unwrap();
+    let mut request: Value = serde_json::from_str(&template).unwrap();
+    request["headers"]["authorization"] = json!(format!("Bearer {}", key.key));
+    request["body"] = json!(json!({"events": [{
+        "eventId": "down-1", "metric": "api.requests", "quantity": 90,
+        "occurredAt": now().to_rfc3339(), "correlationId": "down-1"}]})
+    .to_string());
+    let reply = meterbridge::testing::Reply::of(
+        ingest_usage::handle(
+            &ingest,
+            meterbridge::testing::request_from_json(&request.to_string()),
+        )
+        .await,
+    );
+    assert_eq!(reply.status, 200, "stored without Redis: {:?}", reply.body);
+    assert_eq!(reply.body["accepted"], 1);
+    assert!(
+        threshold_events(&owner).await.is_empty(),
+        "no counters, no crossing seen"
+    );
+
+    let app = app(&owner, &[]).await;
+    let r = run(&app, &owner, now()).await;
+    assert_eq!(r.thresholds_crossed_late, 2, "{r:?}");
+    let bus = Bus::create(true).await;
+    bus.relay(&owner).await.run(later()).await.unwrap();
+    let published = bus.drain().await;
+    let mut seen: Vec<(i64, String)> = published
+        .iter()
+        .map(|m| {
+            let d = &m["detail"]["data"];
+            (
+                d["threshold"].as_i64().unwrap(),
+                d["detectedBy"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (50, "aggregation".to_owned()),
+            (80, "aggregation".to_owned())
+        ]
+    );
 }

@@ -2,7 +2,9 @@
 //! - `ingest`: usage ingestion through the real handler (in-process, real PostgreSQL and Redis)
 //!   beside (a) the older per-row design — one INSERT per event, each its own transaction —,
 //!   (b) the raw limit of the event rows — `COPY` of them — and (c) the raw limit of every row
-//!   the handler writes — `COPY` of the events and of their dedup keys, in one transaction;
+//!   the handler writes — `COPY` of the events and of their dedup keys, in one transaction; and
+//!   the same handler for a tenant with usage limits on every metric, then the limits read
+//!   beside the realtime read (`usage_limits.rs`);
 //! - `verify`: payment verifications through the real handler beside the raw limit — the same
 //!   statements as a plain SQL transaction;
 //! - `relay`: outbox rows relayed to a local PutEvents endpoint beside the raw limit — the same
