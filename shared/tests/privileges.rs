@@ -26,7 +26,8 @@ const REVIEWED: &[&str] = &[
     // or tenants. Usage limits (0026): reads its own tenant's limits, records its own tenant's
     // threshold crossings (as detected by ingestion) and appends their events to the outbox
     // (usage.threshold.crossed only, its own tenant only: never a payment's event); reads the
-    // aggregation's watermark (the limits' PostgreSQL fallback).
+    // aggregation's watermark (the limits' PostgreSQL fallback). Meters (0027): reads its own
+    // tenant's, to map CloudEvents.
     "meterbridge_ingest: CONNECT ON DATABASE",
     "meterbridge_ingest: EXECUTE ON FUNCTION api_key_rate_limits(uuid,bytea)",
     "meterbridge_ingest: EXECUTE ON FUNCTION authenticate_api_key(text)",
@@ -69,6 +70,8 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ingest: UPDATE ON COLUMN usage_events.void_reason",
     "meterbridge_ingest: UPDATE ON COLUMN usage_events.voided_at",
     "meterbridge_ingest: UPDATE ON COLUMN usage_events.voided_by",
+    "meterbridge_ingest: POLICY api_own_tenant SELECT ON meters USING (tenant_id = current_tenant_id())",
+    "meterbridge_ingest: SELECT ON TABLE meters",
     "meterbridge_ingest: INSERT ON COLUMN outbox_events.aggregate_id",
     "meterbridge_ingest: INSERT ON COLUMN outbox_events.aggregate_sequence",
     "meterbridge_ingest: INSERT ON COLUMN outbox_events.aggregate_type",

@@ -43,11 +43,55 @@ enum Action {
         #[command(subcommand)]
         action: UsageCommand,
     },
+    /// A tenant's meters: how its CloudEvents map to usage events
+    Meter {
+        #[command(subcommand)]
+        action: MeterCommand,
+    },
     /// A tenant's data subjects (end users): export and erasure
     Subject {
         #[command(subcommand)]
         action: SubjectCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum MeterCommand {
+    /// Set or replace a meter (one per CloudEvents type); audited
+    Set {
+        tenant: String,
+        slug: String,
+        /// The CloudEvents `type` it counts
+        #[arg(long)]
+        event_type: String,
+        /// The metric of the catalog its events count towards
+        #[arg(long)]
+        metric: String,
+        /// JSONPath of the quantity in `data` (absent: each event counts 1)
+        #[arg(long)]
+        value_property: Option<String>,
+        /// KEY=JSONPATH kept in the usage event's metadata (repeatable)
+        #[arg(long = "group-by", value_parser = parse_group_by)]
+        group_by: Vec<(String, String)>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// A tenant's meters
+    List { tenant: String },
+    /// Remove a meter; audited
+    Remove {
+        tenant: String,
+        slug: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+fn parse_group_by(value: &str) -> Result<(String, String), String> {
+    value
+        .split_once('=')
+        .map(|(k, p)| (k.to_owned(), p.to_owned()))
+        .ok_or_else(|| "expected KEY=JSONPATH, e.g. model=$.model".to_owned())
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,6 +495,37 @@ impl Cli {
                     },
                 },
             },
+            Action::Meter { action } => match action {
+                MeterCommand::Set {
+                    tenant,
+                    slug,
+                    event_type,
+                    metric,
+                    value_property,
+                    group_by,
+                    reason,
+                } => Command::MeterSet {
+                    tenant,
+                    slug,
+                    event_type,
+                    metric,
+                    value_property,
+                    group_by: group_by.into_iter().collect(),
+                    reason,
+                    actor: None,
+                },
+                MeterCommand::List { tenant } => Command::MeterList { tenant },
+                MeterCommand::Remove {
+                    tenant,
+                    slug,
+                    reason,
+                } => Command::MeterRemove {
+                    tenant,
+                    slug,
+                    reason,
+                    actor: None,
+                },
+            },
             Action::Subject { action } => match action {
                 SubjectCommand::Export {
                     tenant,
@@ -608,6 +683,45 @@ mod tests {
                 "reason": "plan"}))
             .unwrap()
         );
+        assert_eq!(
+            parse(&[
+                "meter",
+                "set",
+                "acme",
+                "tokens",
+                "--event-type",
+                "prompt",
+                "--metric",
+                "api.requests",
+                "--value-property",
+                "$.tokens",
+                "--group-by",
+                "model=$.model",
+                "--reason",
+                "llm"
+            ])
+            .unwrap(),
+            serde_json::from_value::<Command>(serde_json::json!({
+                "action": "meter.set", "tenant": "acme", "slug": "tokens", "eventType": "prompt",
+                "metric": "api.requests", "valueProperty": "$.tokens",
+                "groupBy": {"model": "$.model"}, "reason": "llm"}))
+            .unwrap()
+        );
+        assert!(parse(&[
+            "meter",
+            "set",
+            "acme",
+            "t",
+            "--event-type",
+            "p",
+            "--metric",
+            "m",
+            "--group-by",
+            "no-equals",
+            "--reason",
+            "r"
+        ])
+        .is_err());
         assert_eq!(
             parse(&["usage", "period-events", "show", "acme"]).unwrap(),
             Command::UsagePeriodEventsShow {

@@ -178,6 +178,36 @@ pub enum Command {
         #[serde(default)]
         actor: Option<String>,
     },
+    /// Sets (or replaces) a tenant's meter: how its CloudEvents of `eventType` map to usage
+    /// events of `metric` (`POST /api/v1/events`). Audited.
+    #[serde(rename = "meter.set", rename_all = "camelCase")]
+    MeterSet {
+        tenant: String,
+        slug: String,
+        event_type: String,
+        metric: String,
+        /// A JSONPath into `data` (`$.tokens`); absent: each event counts 1.
+        #[serde(default)]
+        value_property: Option<String>,
+        /// Metadata key → JSONPath into `data`.
+        #[serde(default)]
+        group_by: std::collections::BTreeMap<String, String>,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// A tenant's meters.
+    #[serde(rename = "meter.list")]
+    MeterList { tenant: String },
+    /// Removes a tenant's meter. Audited.
+    #[serde(rename = "meter.remove")]
+    MeterRemove {
+        tenant: String,
+        slug: String,
+        reason: String,
+        #[serde(default)]
+        actor: Option<String>,
+    },
     /// A tenant's usage limits.
     #[serde(rename = "usage.limits.list")]
     UsageLimitsList { tenant: String },
@@ -245,6 +275,9 @@ impl Command {
             Command::UsagePeriodEventsShow { .. } => "usage.period-events.show",
             Command::UsageLimitsSet { .. } => "usage.limits.set",
             Command::UsageLimitsList { .. } => "usage.limits.list",
+            Command::MeterSet { .. } => "meter.set",
+            Command::MeterList { .. } => "meter.list",
+            Command::MeterRemove { .. } => "meter.remove",
             Command::UsageLimitsRemove { .. } => "usage.limits.remove",
             Command::SubjectErase { .. } => "subject.erase",
             Command::SubjectExport { .. } => "subject.export",

@@ -21,6 +21,7 @@ use crate::command::Command;
 use crate::error::AdminError;
 use crate::export::{self, Destination, ExportStore};
 use crate::limits;
+use crate::meters;
 use crate::offboard;
 use crate::period_events;
 use crate::subject;
@@ -363,6 +364,41 @@ pub async fn execute(admin: &Admin, command: Command) -> Result<Value, AdminErro
             .await
         }
         Command::UsageLimitsList { tenant } => Box::pin(usage_limits::list(db, &tenant)).await,
+        Command::MeterSet {
+            tenant,
+            slug,
+            event_type,
+            metric,
+            value_property,
+            group_by,
+            reason,
+            actor,
+        } => {
+            let meter = meterbridge::domain::meter::MeterDefinition {
+                slug,
+                event_type,
+                metric,
+                value_property,
+                group_by,
+            };
+            Box::pin(meters::set(db, &tenant, &meter, &reason, actor.as_deref())).await
+        }
+        Command::MeterList { tenant } => Box::pin(meters::list(db, &tenant)).await,
+        Command::MeterRemove {
+            tenant,
+            slug,
+            reason,
+            actor,
+        } => {
+            Box::pin(meters::remove(
+                db,
+                &tenant,
+                &slug,
+                &reason,
+                actor.as_deref(),
+            ))
+            .await
+        }
         Command::UsageLimitsRemove {
             tenant,
             metric,

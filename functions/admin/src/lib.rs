@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod handler;
 pub mod limits;
+pub mod meters;
 pub mod offboard;
 pub mod period_events;
 pub mod subject;

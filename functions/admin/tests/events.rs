@@ -246,6 +246,14 @@ async fn every_admin_event_runs_through_the_handler(owner: PgPool) {
     );
     let out = ok(&db, "usage-limits-set.json").await;
     assert!(out["replaced"].is_null(), "{out}");
+    // A meter: set (audited), listed, removed; a second removal finds nothing.
+    let out = ok(&db, run("meter-set.json")).await;
+    assert_eq!(out["meter"]["eventType"], "api-calls", "{out}");
+    let out = ok(&db, run("meter-list.json")).await;
+    assert_eq!(out["meters"][0]["groupBy"]["method"], "$.method", "{out}");
+    let out = ok(&db, run("meter-remove.json")).await;
+    assert_eq!(out["removed"]["slug"], "api_calls", "{out}");
+    assert_eq!(err(&db, "meter-remove.json").await.error_type(), "NotFound");
     let out = ok(&db, run("usage-aggregation-status.json")).await;
     assert!(out["aggregation"]["tenants"].is_array(), "{out}");
     assert!(

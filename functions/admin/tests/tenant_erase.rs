@@ -132,6 +132,8 @@ async fn seed(admin: &Admin, owner: &PgPool, tenant: &Tenant) {
                "requestId": "DSAR-1", "reason": "seed"}),
         json!({"action": "usage.period-events.set", "tenant": tenant.slug.as_str(),
                "periods": ["monthly"], "reason": "seed"}),
+        json!({"action": "meter.set", "tenant": tenant.slug.as_str(), "slug": "calls",
+               "eventType": "api-calls", "metric": "api.requests", "reason": "seed"}),
         // Crossed by the seeded events: the aggregation records the crossings.
         json!({"action": "usage.limits.set", "tenant": tenant.slug.as_str(),
                "metric": "api.requests", "period": "monthly", "limit": 5, "thresholds": [50],

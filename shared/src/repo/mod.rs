@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod idempotency;
+pub mod meters;
 pub mod metrics;
 pub mod outbox;
 pub mod payment_audit;
