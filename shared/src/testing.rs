@@ -55,6 +55,24 @@ pub fn today() -> NaiveDate {
     now().date_naive()
 }
 
+/// The value of the real-time counter at `key` in the Redis of `url` (`None`: absent), read
+/// straight from Redis as a test checks it.
+pub async fn read_counter(url: &str, key: &str) -> Option<i128> {
+    let client = redis::Client::open(url).expect("a Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis is reachable");
+    let (hi, lo): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg("hi")
+        .arg("lo")
+        .query_async(&mut conn)
+        .await
+        .expect("a counter is a hash");
+    crate::usage_counters::join(hi, lo)
+}
+
 /// Creates the day partitions of `usage_events` from `first` to `last` (inclusive) that are
 /// missing, as the owner. The migrations create those around the real today; a test that runs
 /// as of another day, or writes events at fixed instants, creates its own.

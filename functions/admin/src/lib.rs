@@ -11,6 +11,7 @@ pub mod limits;
 pub mod meters;
 pub mod offboard;
 pub mod period_events;
+pub mod settings;
 pub mod subject;
 pub mod usage_limits;
 

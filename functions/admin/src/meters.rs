@@ -3,31 +3,13 @@
 //! function applies a change within its cache's 60 s.
 
 use meterbridge::domain::meter::MeterDefinition;
-use meterbridge::domain::{MetricCatalog, TenantId};
-use meterbridge::repo::usage_settings::Change;
-use meterbridge::repo::{meters, metrics, tenants};
+use meterbridge::domain::MetricCatalog;
+use meterbridge::repo::{meters, metrics};
 use meterbridge::{Database, DbError};
 use serde_json::{json, Value};
 
 use crate::error::AdminError;
-use crate::limits::checked_text;
-
-async fn change<'a>(
-    db: &Database,
-    slug: &str,
-    reason: &'a str,
-    actor: Option<&'a str>,
-) -> Result<Change<'a>, AdminError> {
-    let tenant: TenantId = tenants::find_by_slug(db.pool(), slug)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("no tenant with slug {slug:?}")))?
-        .id;
-    Ok(Change {
-        tenant,
-        actor: checked_text(actor.unwrap_or("admin"), "actor", 128)?,
-        reason: checked_text(reason, "reason", 500)?,
-    })
-}
+use crate::settings::{change, tenant as tenant_id};
 
 pub async fn set(
     db: &Database,
@@ -89,10 +71,7 @@ pub async fn remove(
 }
 
 pub async fn list(db: &Database, tenant: &str) -> Result<Value, AdminError> {
-    let id = tenants::find_by_slug(db.pool(), tenant)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("no tenant with slug {tenant:?}")))?
-        .id;
+    let id = tenant_id(db, tenant).await?;
     let mut conn = db.acquire().await?;
     Ok(json!({"tenant": tenant, "meters": meters::list(&mut conn, id).await?}))
 }

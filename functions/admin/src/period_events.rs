@@ -3,20 +3,12 @@
 //! audit row) → respond. Off by default; the aggregation writes them from the next run.
 
 use meterbridge::domain::period::PeriodType;
-use meterbridge::repo::tenants;
-use meterbridge::repo::usage_settings::{self, Change};
+use meterbridge::repo::usage_settings;
 use meterbridge::{Database, DbError};
 use serde_json::{json, Value};
 
 use crate::error::AdminError;
-use crate::limits::checked_text;
-
-async fn tenant(db: &Database, slug: &str) -> Result<meterbridge::domain::TenantId, AdminError> {
-    Ok(tenants::find_by_slug(db.pool(), slug)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("no tenant with slug {slug:?}")))?
-        .id)
-}
+use crate::settings;
 
 /// Makes `periods` the tenant's set (an empty list turns them all off).
 pub async fn set(
@@ -26,11 +18,7 @@ pub async fn set(
     reason: &str,
     actor: Option<&str>,
 ) -> Result<Value, AdminError> {
-    let change = Change {
-        tenant: tenant(db, slug).await?,
-        actor: checked_text(actor.unwrap_or("admin"), "actor", 128)?,
-        reason: checked_text(reason, "reason", 500)?,
-    };
+    let change = settings::change(db, slug, reason, actor).await?;
     let mut tx = db.begin().await?;
     let before = usage_settings::set_period_events(&mut tx, &change, periods).await?;
     let after = usage_settings::period_events(&mut tx, change.tenant).await?;
@@ -39,7 +27,7 @@ pub async fn set(
 }
 
 pub async fn show(db: &Database, slug: &str) -> Result<Value, AdminError> {
-    let tenant = tenant(db, slug).await?;
+    let tenant = settings::tenant(db, slug).await?;
     let mut conn = db.acquire().await?;
     let periods = usage_settings::period_events(&mut conn, tenant).await?;
     Ok(json!({"tenant": slug, "periods": periods}))

@@ -3,14 +3,13 @@
 //! usage; the API functions apply a change within their cache's 60 s.
 
 use meterbridge::domain::usage_limit::{LimitPeriod, UsageLimit};
-use meterbridge::domain::{MetricCatalog, TenantId};
-use meterbridge::repo::usage_settings::Change;
-use meterbridge::repo::{metrics, tenants, usage_limits};
+use meterbridge::domain::MetricCatalog;
+use meterbridge::repo::{metrics, usage_limits};
 use meterbridge::{Database, DbError};
 use serde_json::{json, Value};
 
 use crate::error::AdminError;
-use crate::limits::checked_text;
+use crate::settings;
 
 /// What `usage.limits.set` asks for.
 pub struct Requested<'a> {
@@ -18,13 +17,6 @@ pub struct Requested<'a> {
     pub period: &'a str,
     pub limit: u64,
     pub thresholds: Option<Vec<u16>>,
-}
-
-async fn tenant(db: &Database, slug: &str) -> Result<TenantId, AdminError> {
-    Ok(tenants::find_by_slug(db.pool(), slug)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("no tenant with slug {slug:?}")))?
-        .id)
 }
 
 /// The metric, when the catalog has it.
@@ -66,11 +58,7 @@ pub async fn set(
         requested.thresholds,
     )
     .map_err(|e| AdminError::BadRequest(format!("{}: {}", e.field, e.message)))?;
-    let change = Change {
-        tenant: tenant(db, slug).await?,
-        actor: checked_text(actor.unwrap_or("admin"), "actor", 128)?,
-        reason: checked_text(reason, "reason", 500)?,
-    };
+    let change = settings::change(db, slug, reason, actor).await?;
     known_metric(db, requested.metric).await?;
     let mut tx = db.begin().await?;
     let before = usage_limits::set(&mut tx, &change, &limit).await?;
@@ -92,11 +80,7 @@ pub async fn remove(
     actor: Option<&str>,
 ) -> Result<Value, AdminError> {
     let period = period(period_name)?;
-    let change = Change {
-        tenant: tenant(db, slug).await?,
-        actor: checked_text(actor.unwrap_or("admin"), "actor", 128)?,
-        reason: checked_text(reason, "reason", 500)?,
-    };
+    let change = settings::change(db, slug, reason, actor).await?;
     let mut tx = db.begin().await?;
     let removed = usage_limits::remove(&mut tx, &change, metric, period).await?;
     tx.commit().await.map_err(DbError::from)?;
@@ -110,7 +94,7 @@ pub async fn remove(
 }
 
 pub async fn list(db: &Database, slug: &str) -> Result<Value, AdminError> {
-    let tenant = tenant(db, slug).await?;
+    let tenant = settings::tenant(db, slug).await?;
     let mut conn = db.acquire().await?;
     let limits = usage_limits::list(&mut conn, tenant).await?;
     Ok(json!({"tenant": slug, "limits": limits.iter().map(as_json).collect::<Vec<_>>()}))

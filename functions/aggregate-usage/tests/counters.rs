@@ -24,16 +24,8 @@ fn own_redis_url() -> String {
 }
 
 async fn counter(url: &str, tenant: uuid::Uuid, day: NaiveDate, metric: &str) -> Option<i128> {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let (hi, lo): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
-        .arg(keys::usage_counter(TenantId(tenant), day, metric))
-        .arg("hi")
-        .arg("lo")
-        .query_async(&mut conn)
+    meterbridge::testing::read_counter(url, &keys::usage_counter(TenantId(tenant), day, metric))
         .await
-        .unwrap();
-    usage_counters::join(hi, lo)
 }
 
 async fn pg_total(owner: &PgPool, tenant: uuid::Uuid, day: NaiveDate, metric: &str) -> i128 {

@@ -38,21 +38,12 @@ async fn threshold_events(owner: &PgPool) -> Vec<Value> {
 }
 
 async fn month_counter(tenant: uuid::Uuid) -> Option<i128> {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let key = meterbridge::redis::keys::usage_month_counter(
         TenantId(tenant),
         now().date_naive(),
         "api.requests",
     );
-    let (hi, lo): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
-        .arg(key)
-        .arg("hi")
-        .arg("lo")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    meterbridge::usage_counters::join(hi, lo)
+    meterbridge::testing::read_counter(&redis_url(), &key).await
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]

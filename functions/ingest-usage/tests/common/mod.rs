@@ -173,21 +173,12 @@ impl Fixture {
 
     /// Today's Redis counter for a metric of this tenant.
     pub async fn counter(&self, metric: &str) -> Option<i128> {
-        let client = redis::Client::open(redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let key = meterbridge::redis::keys::usage_counter(
             self.tenant.id,
             meterbridge::testing::now().date_naive(),
             metric,
         );
-        let (hi, lo): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
-            .arg(key)
-            .arg("hi")
-            .arg("lo")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        meterbridge::usage_counters::join(hi, lo)
+        meterbridge::testing::read_counter(&redis_url(), &key).await
     }
 }
 
