@@ -93,11 +93,18 @@ where
     .await
 }
 
-/// The path from `/v1/` on: API Gateway may prefix a stage (`/prod/v1/...`); a trailing slash
-/// is ignored.
+/// The path from `/v1/` (or OpenMeter's `/api/v1/`, whichever comes first) on: API Gateway may
+/// prefix a stage (`/prod/v1/...`); a trailing slash is ignored.
 pub fn api_path(path: &str) -> &str {
     let path = path.trim_end_matches('/');
-    path.find("/v1/").map_or(path, |at| &path[at..])
+    let native = path.find("/v1/");
+    let openmeter = path.find("/api/v1/");
+    match (openmeter, native) {
+        (Some(o), Some(n)) if o < n => &path[o..],
+        (_, Some(n)) => &path[n..],
+        (Some(o), None) => &path[o..],
+        (None, None) => path,
+    }
 }
 
 /// The whole request, start to finish; never fails (errors become problem+json responses).
@@ -253,6 +260,12 @@ mod tests {
         assert_eq!(api_path("/v1/usage/events"), "/v1/usage/events");
         assert_eq!(api_path("/prod/v1/usage/events/"), "/v1/usage/events");
         assert_eq!(api_path("/other"), "/other");
+        assert_eq!(api_path("/api/v1/events"), "/api/v1/events");
+        assert_eq!(api_path("/prod/api/v1/events/"), "/api/v1/events");
+        assert_eq!(
+            api_path("/prod/v1/usage/limits/api.v1"),
+            "/v1/usage/limits/api.v1"
+        );
         assert_eq!(api_path("/"), "");
     }
 }

@@ -20,6 +20,12 @@ pub struct FieldError {
     /// JSON pointer to the offending value (`/events/3/quantity`).
     pub pointer: String,
     pub message: String,
+    /// For a batch refused whole: the failing item's position in the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    /// For a batch refused whole: the failing item's own id, as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl FieldError {
@@ -32,7 +38,16 @@ impl FieldError {
             code: code.into(),
             pointer: pointer.into(),
             message: message.into(),
+            index: None,
+            id: None,
         }
+    }
+
+    /// The same error, naming the batch item it is about (its id at most 128 characters).
+    pub fn of_item(mut self, index: usize, id: Option<&str>) -> Self {
+        self.index = Some(index);
+        self.id = id.map(|id| id.chars().take(128).collect());
+        self
     }
 }
 
@@ -79,6 +94,19 @@ pub enum ApiError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// Events of a batch that is stored whole or not at all are invalid: nothing was stored.
+    #[error("{detail}")]
+    InvalidEvents {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// Events of a batch that is stored whole or not at all conflict with stored events or with
+    /// each other: nothing was stored.
+    #[error("{detail}")]
+    ConflictingEvents {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
     #[error("{detail}")]
     Unavailable {
         detail: String,
@@ -110,6 +138,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidEvents { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ConflictingEvents { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -130,6 +160,8 @@ impl ApiError {
                 ("unsupported_media_type", "Unsupported media type")
             }
             ApiError::Unprocessable { .. } => ("validation_failed", "Validation failed"),
+            ApiError::InvalidEvents { .. } => ("invalid_events", "Invalid events"),
+            ApiError::ConflictingEvents { .. } => ("conflicting_events", "Conflicting events"),
             ApiError::Unavailable { .. } => ("service_unavailable", "Service unavailable"),
             ApiError::RateLimited { .. } => ("rate_limited", "Too many requests"),
             ApiError::Internal => ("internal_error", "Internal error"),
@@ -143,7 +175,9 @@ impl ApiError {
     pub fn to_problem(&self, instance: Option<&str>, correlation_id: Option<&str>) -> Problem {
         let (code, title) = self.kind();
         let errors = match self {
-            ApiError::Unprocessable { errors, .. } => errors.clone(),
+            ApiError::Unprocessable { errors, .. }
+            | ApiError::InvalidEvents { errors, .. }
+            | ApiError::ConflictingEvents { errors, .. } => errors.clone(),
             _ => Vec::new(),
         };
         Problem {

@@ -5,17 +5,18 @@ use std::sync::Arc;
 
 use meterbridge::auth::Authenticator;
 use meterbridge::clock::{Stamp, SystemClock};
+use meterbridge::domain::meter::Meter;
 use meterbridge::domain::usage_limit::UsageLimit;
 use meterbridge::domain::{MetricCatalog, TenantId};
 use meterbridge::rate_limit::RateLimiter;
-use meterbridge::repo::{metrics, usage_limits};
+use meterbridge::repo::{meters, metrics, usage_limits};
 use meterbridge::ttl_cache::TtlCache;
 use meterbridge::{DbError, Services, StartupError};
 use tokio::sync::RwLock;
 
 use crate::config::IngestConfig;
 
-/// Tenants whose usage limits one container remembers.
+/// Tenants whose usage limits (and meters) one container remembers.
 const USAGE_LIMITS_CACHED_TENANTS: usize = 10_000;
 
 pub struct App {
@@ -28,6 +29,8 @@ pub struct App {
     /// Each tenant's usage limits, read at most once per key-cache TTL (a change applies
     /// within it, as a key's does).
     usage_limits: TtlCache<TenantId, Arc<Vec<UsageLimit>>>,
+    /// Each tenant's meters (the CloudEvents mapping), read at most once per key-cache TTL.
+    meters: TtlCache<TenantId, Arc<Vec<Meter>>>,
 }
 
 impl App {
@@ -49,9 +52,27 @@ impl App {
                 USAGE_LIMITS_CACHED_TENANTS,
                 Arc::clone(&services.clock),
             ),
+            meters: TtlCache::new(
+                config.auth_cache_ttl,
+                USAGE_LIMITS_CACHED_TENANTS,
+                Arc::clone(&services.clock),
+            ),
             services,
             config,
         }
+    }
+
+    /// A tenant's meters, from the cache or (once per TTL) from PostgreSQL.
+    pub async fn meters(&self, tenant: TenantId) -> Result<Arc<Vec<Meter>>, DbError> {
+        if let Some(meters) = self.meters.get(&tenant) {
+            return Ok(meters);
+        }
+        let mut tx = self.services.db.tenant_read_tx(tenant).await?;
+        let definitions = meters::list(&mut tx, tenant).await?;
+        tx.commit().await?;
+        let parsed = crate::cloudevents::parse_meters(&definitions);
+        self.meters.insert(tenant, Arc::clone(&parsed));
+        Ok(parsed)
     }
 
     /// A tenant's usage limits, from the cache or (once per TTL) from PostgreSQL.

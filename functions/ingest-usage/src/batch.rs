@@ -122,6 +122,27 @@ impl Batch {
         self.leaders.iter().map(|(_, e)| e).collect()
     }
 
+    /// The later events of the batch that share a unique key with an earlier one but not its
+    /// payload: (their index, the earlier one's index).
+    pub fn conflicts_within(&self) -> Vec<(usize, usize)> {
+        self.followers
+            .iter()
+            .filter(|(_, _, same)| !same)
+            .map(|&(index, position, _)| (index, self.leaders[position].0))
+            .collect()
+    }
+
+    /// The leaders that a stored event holds a key of with another payload: each with its
+    /// index and why.
+    pub fn conflicts_with(&self, source: &str, existing: &[ExistingKeys]) -> Vec<EventResult> {
+        self.leaders
+            .iter()
+            .map(|(index, event)| settle_skipped(*index, event, source, existing))
+            // A leader no stored event holds a key of was not in the collision.
+            .filter(|r| r.status == Status::Conflict && r.code != Some("unresolved_collision"))
+            .collect()
+    }
+
     /// Settles every leader from the insert's outcome: inserted → accepted; skipped → duplicate
     /// or conflict against the stored event that holds its key. Then the followers.
     /// `source` is the submitting key's: event ids and idempotency keys are its own key spaces.
@@ -208,7 +229,9 @@ fn outcome(
     }
 }
 
-fn settle_skipped(
+/// A leader that did not go in: a duplicate of the stored event holding its key, or a
+/// conflict with it (another payload).
+pub fn settle_skipped(
     index: usize,
     event: &UsageEvent,
     source: &str,

@@ -124,31 +124,49 @@ pub fn take_events(body: Value, max_events: usize) -> Result<Vec<Value>, ApiErro
 /// commit: a batch that loses every round is rare enough to answer 503 (retry), never to loop.
 const COLLISION_ROUNDS: usize = 8;
 
-/// The stored events and keys a batch collided with.
-type Stored = (Vec<String>, Vec<usage_events::ExistingKeys>);
+/// What storing a batch came to.
+pub(crate) enum Stored {
+    /// The ids of the events inserted, and the stored events the others collided with.
+    Done(Vec<String>, Vec<usage_events::ExistingKeys>),
+    /// The veto refused the batch and nothing was stored: the stored events it collided with.
+    Refused(Vec<usage_events::ExistingKeys>),
+}
+
+/// For a batch stored whole or not at all: given the events whose keys are taken and the stored
+/// events holding them, `true` refuses the whole batch.
+pub(crate) type Veto<'a> =
+    &'a (dyn Fn(&[&UsageEvent], &[usage_events::ExistingKeys]) -> bool + Sync);
 
 /// Stores the leaders in one transaction, retried as a whole on a deadlock or serialization
 /// failure (see [`store_once`]). Events go in in the order of their operation keys, and
 /// remembered keys in key order, so two batches that share keys take their index locks in the
 /// same order and wait for each other rather than deadlock; the retry covers what ordering
 /// cannot rule out.
-async fn store(app: &App, caller: &Caller, leaders: &[&UsageEvent]) -> Result<Stored, ApiError> {
+pub(crate) async fn store(
+    app: &App,
+    caller: &Caller,
+    leaders: &[&UsageEvent],
+    veto: Option<Veto<'_>>,
+) -> Result<Stored, ApiError> {
     let keys: Vec<DedupKeys> = leaders
         .iter()
         .map(|e| DedupKeys::of(caller.tenant_id, &caller.source, e))
         .collect();
     let db = &app.services.db;
-    Ok(retry_transient(|| store_once(db, caller, leaders, &keys)).await?)
+    Ok(retry_transient(|| store_once(db, caller, leaders, &keys, veto)).await?)
 }
 
 /// First optimistically: every event is new, one INSERT of events and keys. When some key is
 /// taken, again, in turn with the tenant's other colliding batches: find the taken keys and
-/// their holders, and insert only the events none of whose keys is taken. Returns the inserted event ids and the holders.
+/// their holders, and insert only the events none of whose keys is taken — unless `veto`
+/// refuses the batch for what it collided with, in which case nothing is inserted. Returns the
+/// inserted event ids and the holders.
 async fn store_once(
     db: &Database,
     caller: &Caller,
     leaders: &[&UsageEvent],
     keys: &[DedupKeys],
+    veto: Option<Veto<'_>>,
 ) -> Result<Stored, DbError> {
     let (tenant, source) = (caller.tenant_id, &caller.source);
     let mut tx = db.tenant_tx(tenant).await?;
@@ -157,7 +175,7 @@ async fn store_once(
         == Insert::Stored
     {
         tx.commit().await?;
-        return Ok((
+        return Ok(Stored::Done(
             leaders.iter().map(|e| e.event_id.clone()).collect(),
             Vec::new(),
         ));
@@ -177,14 +195,27 @@ async fn store_once(
         let taken =
             usage_events::find_taken(&mut tx, &generations, tenant, &remembered, &operations)
                 .await?;
+        let is_taken = |k: &DedupKeys| {
+            k.remembered()
+                .chain([k.operation])
+                .any(|key| taken.keys.contains(&key))
+        };
+        if let Some(veto) = veto {
+            let collided: Vec<&UsageEvent> = leaders
+                .iter()
+                .zip(keys)
+                .filter(|(_, k)| is_taken(k))
+                .map(|(e, _)| *e)
+                .collect();
+            if veto(&collided, &taken.holders) {
+                tx.rollback().await?;
+                return Ok(Stored::Refused(taken.holders));
+            }
+        }
         let (fresh, fresh_keys): (Vec<&UsageEvent>, Vec<DedupKeys>) = leaders
             .iter()
             .zip(keys)
-            .filter(|(_, k)| {
-                !k.remembered()
-                    .chain([k.operation])
-                    .any(|key| taken.keys.contains(&key))
-            })
+            .filter(|(_, k)| !is_taken(k))
             .map(|(e, k)| (*e, *k))
             .unzip();
         if fresh.is_empty()
@@ -193,7 +224,7 @@ async fn store_once(
                 == Insert::Stored
         {
             tx.commit().await?;
-            return Ok((
+            return Ok(Stored::Done(
                 fresh.iter().map(|e| e.event_id.clone()).collect(),
                 taken.holders,
             ));
@@ -235,30 +266,11 @@ pub async fn ingest_batch(
 
     let leaders = batch.leaders();
     if !leaders.is_empty() {
-        let (inserted, existing) = store(app, caller, &leaders).await?;
-        batch.settle(caller.source.as_str(), &inserted, &existing);
-    }
-
-    let accepted = batch.accepted();
-    if let Some(redis) = &app.services.redis {
-        if !accepted.is_empty() {
-            match counters::add(
-                redis,
-                caller.tenant_id,
-                &accepted,
-                now,
-                app.config.counter_ttl_days,
-            )
-            .await
-            {
-                Ok(counted) => crate::thresholds::record(app, caller, &counted, now).await,
-                Err(e) => {
-                    metrics::counter!("RedisCounterFailures").increment(1);
-                    tracing::warn!(error = %e, events = accepted.len(), "real-time counters not updated; PostgreSQL has the events");
-                }
-            }
+        if let Stored::Done(inserted, existing) = store(app, caller, &leaders, None).await? {
+            batch.settle(caller.source.as_str(), &inserted, &existing);
         }
     }
+    count(app, caller, &batch.accepted(), now).await;
 
     let (counts, results) = batch.finish();
     metrics::counter!("UsageEventsAccepted").increment(counts.accepted as u64);
@@ -273,6 +285,37 @@ pub async fn ingest_batch(
         "batch ingested"
     );
     Ok((counts, results))
+}
+
+/// Adds events just stored to the real-time counters, then records the usage-limit
+/// thresholds they crossed. Redis trouble is logged and counted, never the caller's.
+pub(crate) async fn count(
+    app: &App,
+    caller: &Caller,
+    accepted: &[&UsageEvent],
+    now: DateTime<Utc>,
+) {
+    let Some(redis) = &app.services.redis else {
+        return;
+    };
+    if accepted.is_empty() {
+        return;
+    }
+    match counters::add(
+        redis,
+        caller.tenant_id,
+        accepted,
+        now,
+        app.config.counter_ttl_days,
+    )
+    .await
+    {
+        Ok(counted) => crate::thresholds::record(app, caller, &counted, now).await,
+        Err(e) => {
+            metrics::counter!("RedisCounterFailures").increment(1);
+            tracing::warn!(error = %e, events = accepted.len(), "real-time counters not updated; PostgreSQL has the events");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod batch;
+pub mod cloudevents;
 pub mod config;
 pub mod corrections;
 pub mod cursor;

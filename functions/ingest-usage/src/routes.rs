@@ -12,7 +12,7 @@ use meterbridge::redis::Redis;
 use meterbridge::Database;
 
 use crate::app::App;
-use crate::{corrections, ingest, query, summary, usage_limits};
+use crate::{cloudevents, corrections, ingest, query, summary, usage_limits};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -25,12 +25,14 @@ pub enum Route {
     UsageLimits,
     /// The metric, percent-decoded.
     MetricLimits(String),
+    /// OpenMeter-compatible CloudEvents ingestion.
+    CloudEvents,
 }
 
 impl Route {
     /// Every route, as API Gateway names it (`METHOD /path/{param}`): `openapi.yaml` and the
     /// function's `HttpApi` events in `template.yaml` list exactly these (tests/contract.rs).
-    pub const KEYS: [&'static str; 7] = [
+    pub const KEYS: [&'static str; 8] = [
         "POST /v1/usage/events",
         "GET /v1/usage/events",
         "GET /v1/usage/realtime",
@@ -38,6 +40,7 @@ impl Route {
         "POST /v1/usage/events/{eventId}/void",
         "GET /v1/usage/limits",
         "GET /v1/usage/limits/{metric}",
+        "POST /api/v1/events",
     ];
 
     /// This route's entry in [`Route::KEYS`].
@@ -50,13 +53,14 @@ impl Route {
             Route::VoidEvent(_) => Self::KEYS[4],
             Route::UsageLimits => Self::KEYS[5],
             Route::MetricLimits(_) => Self::KEYS[6],
+            Route::CloudEvents => Self::KEYS[7],
         }
     }
 
     /// The scope a key needs for this route (a void also needs an internal key).
     pub fn scope(&self) -> Scope {
         match self {
-            Route::PostEvents | Route::VoidEvent(_) => Scope::UsageWrite,
+            Route::PostEvents | Route::VoidEvent(_) | Route::CloudEvents => Scope::UsageWrite,
             Route::ListEvents
             | Route::Realtime
             | Route::Summary
@@ -85,6 +89,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["v1", "usage", "realtime"] => allowed(Method::GET, Route::Realtime),
         ["v1", "usage", "summary"] => allowed(Method::GET, Route::Summary),
         ["v1", "usage", "limits"] => allowed(Method::GET, Route::UsageLimits),
+        ["api", "v1", "events"] => allowed(Method::POST, Route::CloudEvents),
         ["v1", "usage", "limits", metric] if !metric.is_empty() => {
             let metric = percent_decode(metric)
                 .ok_or_else(|| ApiError::Malformed("the metric is not valid UTF-8".into()))?;
@@ -139,6 +144,7 @@ impl HttpApi for App {
     fn events_in(&self, route: &Route, request: &Request) -> u32 {
         match route {
             Route::PostEvents => ingest::count_events(request.body().as_ref()),
+            Route::CloudEvents => cloudevents::count_events(request.body().as_ref()),
             _ => 0,
         }
     }
@@ -158,6 +164,7 @@ impl HttpApi for App {
             Route::Summary => summary::summary(self, caller, call.request).await,
             Route::VoidEvent(id) => corrections::void_event(self, caller, &id, call.request).await,
             Route::UsageLimits => usage_limits::limits(self, caller, None).await,
+            Route::CloudEvents => cloudevents::post_events(self, caller, call.request).await,
             Route::MetricLimits(metric) => usage_limits::limits(self, caller, Some(&metric)).await,
         }
     }

@@ -160,6 +160,34 @@ async fn every_fixture_runs_through_the_handler(owner: PgPool) {
     // 3 + 2 + 1 accepted events are in PostgreSQL.
     assert_eq!(fx.stored_events().await, 6);
 
+    // CloudEvents through the meter of events/admin/meter-set.json: 204, twice (a replay).
+    {
+        let mut conn = owner.acquire().await.unwrap();
+        let change = meterbridge::repo::usage_settings::Change {
+            tenant: fx.tenant.id,
+            actor: "test",
+            reason: "test",
+        };
+        let admin: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(events_dir().join("../admin/meter-set.json")).unwrap(),
+        )
+        .unwrap();
+        let meter: meterbridge::domain::meter::MeterDefinition =
+            serde_json::from_value(serde_json::json!({
+                "slug": admin["slug"], "eventType": admin["eventType"], "metric": admin["metric"],
+                "valueProperty": admin["valueProperty"], "groupBy": admin["groupBy"]}))
+            .unwrap();
+        meterbridge::repo::meters::set(&mut conn, &change, &meter)
+            .await
+            .unwrap();
+    }
+    let fresh = fx.app(&[]).await;
+    let r = send(&fresh, run("post-cloudevents.json")).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = send(&fresh, fx.fixture("post-cloudevents.json")).await;
+    assert_eq!(r.status, 204, "a replay: {}", r.body);
+    assert_eq!(fx.stored_events().await, 8);
+
     let mut files: Vec<String> = std::fs::read_dir(events_dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
