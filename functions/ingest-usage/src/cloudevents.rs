@@ -11,13 +11,13 @@ use lambda_http::http::{header, StatusCode};
 use lambda_http::{Body, Request, Response};
 use meterbridge::auth::Caller;
 use meterbridge::domain::meter::{CloudEvent, Meter};
-use meterbridge::domain::usage::{validate_event, Submitter, UsageEvent};
+use meterbridge::domain::usage::{validate_event, UsageEvent};
 use meterbridge::http::{parse_json_body, ApiError, FieldError};
 use serde_json::Value;
 
 use crate::app::App;
 use crate::batch::{settle_skipped, Batch, Status};
-use crate::ingest::{count, store, Stored};
+use crate::ingest::{check_batch_size, count, store, submitter, Stored};
 
 /// The events of a request body, counted without reading them: what the request weighs
 /// against the rate limiter's event budgets (a single event is 1, an array its length).
@@ -69,17 +69,7 @@ fn events_of(request: &Request, body: Value, max: usize) -> Result<Vec<Value>, A
             )))
         }
     };
-    if events.is_empty() {
-        return Err(ApiError::Malformed(
-            "the batch is empty; send 1 or more events".into(),
-        ));
-    }
-    if events.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "{} events in one request; the limit is {max}",
-            events.len()
-        )));
-    }
+    check_batch_size(&events, max, "the batch is empty; send 1 or more events")?;
     Ok(events)
 }
 
@@ -182,15 +172,7 @@ async fn map_and_validate(
 ) -> Result<Vec<(usize, Option<String>, UsageEvent)>, ApiError> {
     let catalog = app.catalog().await?;
     let now = app.services.clock.now();
-    let submitter = Submitter {
-        tenant_id: caller.tenant_id,
-        tenant_slug: &caller.tenant_slug,
-        source: &caller.source,
-        trust: caller.trust,
-        catalog: &catalog,
-        now,
-        limits: app.config.event_limits,
-    };
+    let submitter = submitter(app, caller, &catalog, now);
     let total = raw.len();
     let mut errors = Vec::new();
     let mut valid = Vec::with_capacity(total);

@@ -7,6 +7,7 @@ use meterbridge::auth::Caller;
 use meterbridge::db::retry_transient;
 use meterbridge::domain::dedup::DedupKeys;
 use meterbridge::domain::usage::{raw_event_id, validate_event, Submitter, UsageEvent};
+use meterbridge::domain::MetricCatalog;
 use meterbridge::http::{json_response, parse_json_body, ApiError};
 use meterbridge::repo::usage_events::{self, Insert};
 use meterbridge::{Database, DbError};
@@ -104,18 +105,45 @@ pub fn take_events(body: Value, max_events: usize) -> Result<Vec<Value>, ApiErro
             "\"events\" must be an array of events".into(),
         ));
     };
+    check_batch_size(
+        &events,
+        max_events,
+        "\"events\" is empty; send 1 or more events",
+    )?;
+    Ok(events)
+}
+
+/// A batch holds 1 to `max` events: empty is 400 (saying `empty`), more is 413.
+pub(crate) fn check_batch_size(events: &[Value], max: usize, empty: &str) -> Result<(), ApiError> {
     if events.is_empty() {
-        return Err(ApiError::Malformed(
-            "\"events\" is empty; send 1 or more events".into(),
-        ));
+        return Err(ApiError::Malformed(empty.to_owned()));
     }
-    if events.len() > max_events {
+    if events.len() > max {
         return Err(ApiError::PayloadTooLarge(format!(
-            "{} events in one request; the limit is {max_events}",
+            "{} events in one request; the limit is {max}",
             events.len()
         )));
     }
-    Ok(events)
+    Ok(())
+}
+
+/// Who submits a batch, as its key establishes it, with the catalog and the instant the
+/// validation reads.
+pub(crate) fn submitter<'a>(
+    app: &App,
+    caller: &'a Caller,
+    catalog: &'a MetricCatalog,
+    now: DateTime<Utc>,
+) -> Submitter<'a> {
+    Submitter {
+        tenant_id: caller.tenant_id,
+        tenant_slug: &caller.tenant_slug,
+        source: &caller.source,
+        trust: caller.trust,
+        catalog,
+        now,
+        limits: app.config.event_limits,
+    }
 }
 
 /// How many times a batch is tried again after a concurrent writer took one of its keys
@@ -244,15 +272,7 @@ pub async fn ingest_batch(
 ) -> Result<(Counts, Vec<EventResult>), ApiError> {
     let catalog = app.catalog().await?;
     let now = app.services.clock.now();
-    let submitter = Submitter {
-        tenant_id: caller.tenant_id,
-        tenant_slug: &caller.tenant_slug,
-        source: &caller.source,
-        trust: caller.trust,
-        catalog: &catalog,
-        now,
-        limits: app.config.event_limits,
-    };
+    let submitter = submitter(app, caller, &catalog, now);
     let mut batch = Batch::new(raw_events.len());
     let mut valid = Vec::with_capacity(raw_events.len());
     for (index, raw) in raw_events.into_iter().enumerate() {
