@@ -11,6 +11,7 @@ pub mod config;
 pub mod corrections;
 pub mod cursor;
 pub mod ingest;
+pub mod meter_query;
 pub mod query;
 pub mod routes;
 pub mod summary;

@@ -256,7 +256,7 @@ pub(crate) fn bad_param(name: &str, problem: &str) -> ApiError {
     ApiError::Malformed(format!("query parameter {name} {problem}"))
 }
 
-fn instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+pub(crate) fn instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
     parse_instant(value).map_err(|e| bad_param(name, e.message()))
 }
 

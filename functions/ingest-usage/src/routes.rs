@@ -12,7 +12,7 @@ use meterbridge::redis::Redis;
 use meterbridge::Database;
 
 use crate::app::App;
-use crate::{cloudevents, corrections, ingest, query, summary, usage_limits};
+use crate::{cloudevents, corrections, ingest, meter_query, query, summary, usage_limits};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -27,12 +27,14 @@ pub enum Route {
     MetricLimits(String),
     /// OpenMeter-compatible CloudEvents ingestion.
     CloudEvents,
+    /// OpenMeter-compatible meter query; the meter's slug, percent-decoded.
+    MeterQuery(String),
 }
 
 impl Route {
     /// Every route, as API Gateway names it (`METHOD /path/{param}`): `openapi.yaml` and the
     /// function's `HttpApi` events in `template.yaml` list exactly these (tests/contract.rs).
-    pub const KEYS: [&'static str; 8] = [
+    pub const KEYS: [&'static str; 9] = [
         "POST /v1/usage/events",
         "GET /v1/usage/events",
         "GET /v1/usage/realtime",
@@ -41,6 +43,7 @@ impl Route {
         "GET /v1/usage/limits",
         "GET /v1/usage/limits/{metric}",
         "POST /api/v1/events",
+        "GET /api/v1/meters/{slug}/query",
     ];
 
     /// This route's entry in [`Route::KEYS`].
@@ -54,6 +57,7 @@ impl Route {
             Route::UsageLimits => Self::KEYS[5],
             Route::MetricLimits(_) => Self::KEYS[6],
             Route::CloudEvents => Self::KEYS[7],
+            Route::MeterQuery(_) => Self::KEYS[8],
         }
     }
 
@@ -65,7 +69,8 @@ impl Route {
             | Route::Realtime
             | Route::Summary
             | Route::UsageLimits
-            | Route::MetricLimits(_) => Scope::UsageRead,
+            | Route::MetricLimits(_)
+            | Route::MeterQuery(_) => Scope::UsageRead,
         }
     }
 }
@@ -90,6 +95,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["v1", "usage", "summary"] => allowed(Method::GET, Route::Summary),
         ["v1", "usage", "limits"] => allowed(Method::GET, Route::UsageLimits),
         ["api", "v1", "events"] => allowed(Method::POST, Route::CloudEvents),
+        ["api", "v1", "meters", slug, "query"] if !slug.is_empty() => {
+            let slug =
+                percent_decode(slug).ok_or_else(|| ApiError::NotFound("no such meter".into()))?;
+            allowed(Method::GET, Route::MeterQuery(slug))
+        }
         ["v1", "usage", "limits", metric] if !metric.is_empty() => {
             let metric = percent_decode(metric)
                 .ok_or_else(|| ApiError::Malformed("the metric is not valid UTF-8".into()))?;
@@ -166,6 +176,7 @@ impl HttpApi for App {
             Route::UsageLimits => usage_limits::limits(self, caller, None).await,
             Route::CloudEvents => cloudevents::post_events(self, caller, call.request).await,
             Route::MetricLimits(metric) => usage_limits::limits(self, caller, Some(&metric)).await,
+            Route::MeterQuery(slug) => meter_query::query(self, caller, &slug, call.request).await,
         }
     }
 }
@@ -235,7 +246,19 @@ mod tests {
                 .status(),
             405
         );
+        assert_eq!(
+            route(&Method::GET, "/api/v1/meters/tokens_total/query").unwrap(),
+            Route::MeterQuery("tokens_total".into())
+        );
+        assert_eq!(
+            route(&Method::POST, "/api/v1/meters/tokens_total/query")
+                .unwrap_err()
+                .status(),
+            405
+        );
         for bad in [
+            "/api/v1/meters//query",
+            "/api/v1/meters/%zz/query",
             "/v1/usage/events//void",
             "/v1/usage/events/%zz/void",
             "/v1/usage/events/%ff/void",

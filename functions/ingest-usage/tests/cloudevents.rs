@@ -6,30 +6,10 @@
 mod common;
 
 use common::{send, Fixture};
-use meterbridge::domain::meter::MeterDefinition;
 use meterbridge::domain::Trust;
-use meterbridge::repo::meters;
-use meterbridge::repo::usage_settings::Change;
 use meterbridge::testing::{create_api_key, create_tenant};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-
-async fn meter(fx: &Fixture, event_type: &str, metric: &str, value: Option<&str>) {
-    let mut conn = fx.owner.acquire().await.unwrap();
-    let change = Change {
-        tenant: fx.tenant.id,
-        actor: "test",
-        reason: "test",
-    };
-    let definition = MeterDefinition {
-        slug: event_type.replace('.', "_"),
-        event_type: event_type.into(),
-        metric: metric.into(),
-        value_property: value.map(str::to_owned),
-        group_by: [("model".to_owned(), "$.model".to_owned())].into(),
-    };
-    meters::set(&mut conn, &change, &definition).await.unwrap();
-}
 
 fn post(key: &str, content_type: &str, body: &Value) -> lambda_http::Request {
     let mut event: Value = serde_json::from_str(&common::fixture_text("post-events.json")).unwrap();
@@ -64,7 +44,8 @@ async fn stored(fx: &Fixture) -> Vec<(String, i64, Option<String>, Value)> {
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn cloudevents_are_stored_through_meters_and_replays_change_nothing(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
-    meter(&fx, "prompt", "api.requests", Some("$.tokens")).await;
+    fx.set_meter("prompt", "prompt", "api.requests", Some("$.tokens"))
+        .await;
     let app = fx.app(&[]).await;
     let key = &fx.internal.key;
 
@@ -103,7 +84,8 @@ async fn cloudevents_are_stored_through_meters_and_replays_change_nothing(owner:
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn a_request_with_any_bad_event_is_refused_whole(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
-    meter(&fx, "prompt", "api.requests", Some("$.tokens")).await;
+    fx.set_meter("prompt", "prompt", "api.requests", Some("$.tokens"))
+        .await;
     let app = fx.app(&[]).await;
     let key = &fx.internal.key;
     let batch_type = "application/cloudevents-batch+json";
@@ -177,7 +159,7 @@ async fn a_request_with_any_bad_event_is_refused_whole(owner: PgPool) {
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn meters_and_the_rules_of_native_ingestion_hold_per_tenant_and_key(owner: PgPool) {
     let fx = Fixture::new(&owner).await;
-    meter(&fx, "prompt", "api.requests", None).await;
+    fx.set_meter("prompt", "prompt", "api.requests", None).await;
     let app = fx.app(&[]).await;
     let event = cloudevent(&fx, "1", "gateway", 12);
     let one = "application/cloudevents+json";

@@ -187,6 +187,23 @@ async fn every_fixture_runs_through_the_handler(owner: PgPool) {
     let r = send(&fresh, fx.fixture("post-cloudevents.json")).await;
     assert_eq!(r.status, 204, "a replay: {}", r.body);
     assert_eq!(fx.stored_events().await, 8);
+    // Read back through the meter: per day and method, 3 GET and 2 POST.
+    let r = send(&fresh, run("query-meter.json")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["windowSize"], "DAY");
+    let mut by_method: Vec<(String, i64)> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["groupBy"]["method"].as_str().unwrap().to_owned(),
+                row["value"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    by_method.sort();
+    assert_eq!(by_method, [("GET".to_owned(), 3), ("POST".to_owned(), 2)]);
 
     let mut files: Vec<String> = std::fs::read_dir(events_dir())
         .unwrap()

@@ -4,6 +4,7 @@ pub mod advisory_locks;
 pub mod api_key;
 pub mod dedup;
 pub mod meter;
+pub mod meter_query;
 pub mod metric;
 pub mod outbox;
 pub mod payment;

@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod idempotency;
+pub mod meter_usage;
 pub mod meters;
 pub mod metrics;
 pub mod outbox;

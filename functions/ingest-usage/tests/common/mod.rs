@@ -110,7 +110,6 @@ impl Fixture {
         request_from_json(&event.to_string())
     }
 
-    /// A GET with a query string, authenticated with `key`.
     /// POST /v1/usage/events/{eventId}/void with `key` and `body`.
     pub fn void(&self, key: &str, event_id: &str, body: &Value) -> Request {
         let mut request: Value = serde_json::from_str(&fixture_text("void-event.json")).unwrap();
@@ -122,6 +121,7 @@ impl Fixture {
         request_from_json(&request.to_string())
     }
 
+    /// A GET with a query string (a name may repeat), authenticated with `key`.
     pub fn get(&self, key: &str, path: &str, query: &[(&str, &str)]) -> Request {
         let mut event: Value = serde_json::from_str(&fixture_text("list-events.json")).unwrap();
         event["headers"]["authorization"] = Value::String(format!("Bearer {key}"));
@@ -140,6 +140,27 @@ impl Fixture {
         );
         event["queryStringParameters"] = Value::Object(params);
         request_from_json(&event.to_string())
+    }
+
+    /// Sets the tenant's meter `slug` for CloudEvents of `event_type` (as the admin function
+    /// does), its quantity at `value` (or 1) and a groupBy key `model` at `$.model`.
+    pub async fn set_meter(&self, slug: &str, event_type: &str, metric: &str, value: Option<&str>) {
+        let mut conn = self.owner.acquire().await.unwrap();
+        let change = meterbridge::repo::usage_settings::Change {
+            tenant: self.tenant.id,
+            actor: "test",
+            reason: "test",
+        };
+        let definition = meterbridge::domain::meter::MeterDefinition {
+            slug: slug.into(),
+            event_type: event_type.into(),
+            metric: metric.into(),
+            value_property: value.map(str::to_owned),
+            group_by: [("model".to_owned(), "$.model".to_owned())].into(),
+        };
+        meterbridge::repo::meters::set(&mut conn, &change, &definition)
+            .await
+            .unwrap();
     }
 
     /// One valid event with a unique id.

@@ -1,0 +1,134 @@
+//! A meter's usage over a time range (`GET /api/v1/meters/{slug}/query`): the sum of the
+//! quantities of the meter's events — of its metric, stored from CloudEvents of its type, not
+//! voided — per window, subject and groupBy values.
+//!
+//! One index range, `(tenant, metric, occurred_at)` of `usage_events_tenant_metric_time_idx`,
+//! read at most `max_scanned` rows deep: a range holding more events of the metric than that is
+//! refused (narrow it) rather than read, whatever the tenant stores. Run it in the tenant's
+//! read transaction ([`crate::Database::tenant_read_tx`]).
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::db::DbError;
+use crate::domain::meter_query::WindowSize;
+use crate::domain::TenantId;
+
+#[derive(Debug, Clone)]
+pub struct MeterUsageQuery<'a> {
+    /// The meter's CloudEvents `type` and its metric.
+    pub event_type: &'a str,
+    pub metric: &'a str,
+    /// `[from, to)`.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub window: Option<WindowSize>,
+    /// Only these subjects (actors), when given.
+    pub subjects: Option<&'a [String]>,
+    /// One row per subject.
+    pub by_subject: bool,
+    /// One row per combination of these groupBy keys' values.
+    pub group_by: &'a [String],
+    /// Only events whose groupBy values include these (a JSON object of strings).
+    pub group_filter: &'a Value,
+    /// Most events of the metric in the range one query reads.
+    pub max_scanned: i64,
+    /// Most rows one answer carries.
+    pub max_rows: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterUsageRow {
+    /// The start of the row's window (`None` without a window size).
+    pub window_start: Option<DateTime<Utc>>,
+    pub subject: Option<String>,
+    /// The row's groupBy values, one per key asked for (`null` where an event had none).
+    pub group_by: Value,
+    pub value: i128,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MeterUsage {
+    Rows(Vec<MeterUsageRow>),
+    /// The range holds more than `max_scanned` events of the metric.
+    TooManyEvents,
+    /// The answer would hold more than `max_rows` rows.
+    TooManyRows,
+}
+
+pub async fn query(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    q: &MeterUsageQuery<'_>,
+) -> Result<MeterUsage, DbError> {
+    // Rows of the range that are not the meter's fall into one group with no keys (matched
+    // false): they are counted toward the rows read, never toward a value.
+    let rows = sqlx::query!(
+        r#"SELECT g.window_start, g.subject, g.group_by AS "group_by: Value",
+                  g.value::text AS value, g.matched AS "matched!",
+                  (sum(g.events) OVER ())::int8 AS "scanned!"
+             FROM (SELECT s.window_start, s.subject, s.group_by,
+                          sum(s.quantity) FILTER (WHERE s.matched) AS value,
+                          bool_or(s.matched) AS matched, count(*) AS events
+                     FROM (SELECT e.quantity, m.matched,
+                                  CASE WHEN m.matched AND $6::text IS NOT NULL
+                                       THEN date_trunc($6, e.occurred_at, 'UTC') END
+                                      AS window_start,
+                                  CASE WHEN m.matched AND $8 THEN e.actor_id END AS subject,
+                                  CASE WHEN m.matched AND cardinality($9::text[]) > 0
+                                       THEN (SELECT jsonb_object_agg(k, e.metadata -> k)
+                                               FROM unnest($9::text[]) AS k) END AS group_by
+                             FROM (SELECT quantity, occurred_at, actor_id, metadata, voided_at
+                                     FROM usage_events
+                                    WHERE tenant_id = $1 AND metric = $2
+                                      AND occurred_at >= $3 AND occurred_at < $4
+                                    LIMIT $11) e
+                            CROSS JOIN LATERAL (
+                                  SELECT e.voided_at IS NULL
+                                     AND e.metadata -> 'cloudevents' ->> 'type' = $5
+                                     AND ($7::text[] IS NULL OR e.actor_id = ANY ($7))
+                                     AND e.metadata @> $10::jsonb AS matched) m) s
+                    GROUP BY 1, 2, 3) g
+            ORDER BY g.window_start NULLS LAST, g.subject NULLS FIRST, g.group_by NULLS FIRST
+            LIMIT $12"#,
+        tenant.0,
+        q.metric,
+        q.from,
+        q.to,
+        q.event_type,
+        q.window.map(WindowSize::trunc_unit),
+        q.subjects,
+        q.by_subject,
+        q.group_by,
+        q.group_filter,
+        q.max_scanned + 1,
+        q.max_rows + 2
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.first().is_some_and(|r| r.scanned > q.max_scanned) {
+        return Ok(MeterUsage::TooManyEvents);
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows.into_iter().filter(|r| r.matched) {
+        let value = r
+            .value
+            .as_deref()
+            .unwrap_or("0")
+            .parse::<i128>()
+            .map_err(|_| DbError::Decode(format!("sum {:?} is not an integer", r.value)))?;
+        out.push(MeterUsageRow {
+            window_start: r.window_start,
+            subject: r.subject,
+            group_by: r
+                .group_by
+                .unwrap_or_else(|| Value::Object(Default::default())),
+            value,
+        });
+    }
+    if out.len() as i64 > q.max_rows {
+        return Ok(MeterUsage::TooManyRows);
+    }
+    Ok(MeterUsage::Rows(out))
+}
