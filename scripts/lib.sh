@@ -8,6 +8,8 @@ MB_CACHE=${MB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meterbridge}
 MB_TOOLS_VENV=$MB_CACHE/venv-tools   # moto server + cargo-lambda (+ boto3 for seeding secrets)
 MB_SAM_VENV=$MB_CACHE/venv-sam       # aws-sam-cli + cfn-lint (pins an older boto3 than moto wants)
 MB_CONTRACT_VENV=$MB_CACHE/venv-contract # openapi-spec-validator + schemathesis
+MB_CLIENTS_VENV=$MB_CACHE/venv-clients   # the CloudEvents Python SDK (scripts/openmeter_clients.sh)
+MB_CLIENTS_NODE=$MB_CACHE/clients-node   # OpenMeter's Node SDK, as pinned by scripts/clients/package-lock.json
 MOTO_PORT=${MOTO_PORT:-5055}
 MOTO_VERSION=5.2.6   # 5.2.1 answered CompleteMultipartUpload with a root element the SDKs reject
 CARGO_LAMBDA_VERSION=1.9.2
@@ -15,6 +17,7 @@ SAM_VERSION=1.170.0
 CFN_LINT_VERSION=1.58.0
 SCHEMATHESIS_VERSION=4.32.5
 OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+CLOUDEVENTS_VERSION=2.2.0
 PG_HOST=127.0.0.1
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
@@ -107,6 +110,27 @@ ensure_contract_venv() {
   python3 -m venv "$MB_CONTRACT_VENV"
   "$MB_CONTRACT_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
     "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
+}
+
+ensure_clients() {
+  # OpenMeter's Node SDK at the version of scripts/clients/package-lock.json (npm ci: exactly the
+  # locked tree), and the CloudEvents Python SDK.
+  command -v npm >/dev/null || apt_install nodejs npm
+  mkdir -p "$MB_CLIENTS_NODE"
+  if ! cmp -s "$MB_ROOT/scripts/clients/package-lock.json" "$MB_CLIENTS_NODE/package-lock.json" \
+     || [ ! -d "$MB_CLIENTS_NODE/node_modules/@openmeter/sdk" ]; then
+    say "installing the OpenMeter Node SDK into $MB_CLIENTS_NODE"
+    cp "$MB_ROOT/scripts/clients/package.json" "$MB_ROOT/scripts/clients/package-lock.json" "$MB_CLIENTS_NODE/"
+    (cd "$MB_CLIENTS_NODE" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  if [ -x "$MB_CLIENTS_VENV/bin/python" ] && [ "$("$MB_CLIENTS_VENV/bin/python" -c \
+       'import importlib.metadata as m; print(m.version("cloudevents"))' 2>/dev/null)" = "$CLOUDEVENTS_VERSION" ]; then
+    return
+  fi
+  ensure_python_venv
+  say "installing cloudevents $CLOUDEVENTS_VERSION into $MB_CLIENTS_VENV"
+  python3 -m venv "$MB_CLIENTS_VENV"
+  "$MB_CLIENTS_VENV/bin/pip" install -q --disable-pip-version-check "cloudevents==$CLOUDEVENTS_VERSION"
 }
 
 moto_up() { curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT/moto-api/" 2>/dev/null; }

@@ -28,6 +28,12 @@ fi
 if [ -f "$KEY_FILE" ]; then
   admin "{\"action\":\"api-key.revoke\",\"prefix\":\"$(sed -n 's/^MB_FUZZ_PREFIX=//p' "$KEY_FILE")\"}" >/dev/null 2>&1 || true
 fi
+# A meter and a usage limit (those of the demo's admin fixtures), so that the meter query and the
+# limits of the spec's example paths reach the handlers' logic rather than a 404.
+for fixture in meter-set usage-limits-set; do
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["tenant"]=sys.argv[2]; print(json.dumps(d))' \
+    "events/admin/$fixture.json" "$FUZZ_TENANT" | { read -r payload; admin "$payload" >/dev/null; }
+done
 # A source of its own per run: idempotency records are kept per (tenant, source), and a
 # generated Idempotency-Key seen by an earlier run would replay that run's response, in the
 # shape the API had then.

@@ -49,6 +49,9 @@ EXECVE_LOG=$MB_CACHE/demo-execve.log
 say "contract fuzzing: scripts/schemathesis.sh against the stack the demo left running"
 bash scripts/schemathesis.sh
 
+say "real clients: OpenMeter's Node SDK and the CloudEvents Python SDK (scripts/openmeter_clients.sh)"
+bash scripts/openmeter_clients.sh
+
 say "local stack scripts (scripts/tests)"
 for script_test in scripts/tests/*.sh; do bash "$script_test"; done
 

@@ -87,6 +87,10 @@ pub async fn post_events(
     let total = raw.len();
     let meters = app.meters(caller.tenant_id).await?;
     let events = map_and_validate(app, caller, &meters, raw).await?;
+    if events.is_empty() {
+        // Every event had a quantity of 0: valid, and nothing to store.
+        return no_content();
+    }
 
     // Within the request: the same event twice is fine, the same id with another payload is not.
     let ids: Vec<Option<String>> = events.iter().map(|(_, id, _)| id.clone()).collect();
@@ -143,12 +147,16 @@ pub async fn post_events(
                 duplicates = counts.duplicates,
                 "cloudevents ingested"
             );
-            Response::builder()
-                .status(StatusCode::NO_CONTENT)
-                .body(Body::Empty)
-                .map_err(|_| ApiError::Internal)
+            no_content()
         }
     }
+}
+
+fn no_content() -> Result<Response<Body>, ApiError> {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Body::Empty)
+        .map_err(|_| ApiError::Internal)
 }
 
 fn conflicting(n: usize, total: usize, errors: Vec<FieldError>) -> ApiError {
@@ -198,14 +206,21 @@ async fn map_and_validate(
             ));
             continue;
         };
-        let usage = match meter.usage_event(&event, now) {
+        let mut usage = match meter.usage_event(&event, now) {
             Ok(usage) => usage,
             Err(e) => {
                 errors.push(fail("invalid_value", e.field, e.message));
                 continue;
             }
         };
+        // A quantity of 0 (a call that used no tokens) is valid and adds nothing: checked by
+        // every other rule, then not stored. A usage event's quantity is positive.
+        let zero = usage.get("quantity").and_then(Value::as_i64) == Some(0);
+        if zero {
+            usage["quantity"] = Value::from(1);
+        }
         match validate_event(usage, &submitter) {
+            Ok(_) if zero => {}
             Ok(usage) => valid.push((index, id, usage)),
             Err(rejection) => {
                 let field = match rejection.field.as_str() {

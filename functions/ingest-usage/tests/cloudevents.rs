@@ -79,6 +79,24 @@ async fn cloudevents_are_stored_through_meters_and_replays_change_nothing(owner:
     assert_eq!(rows[0].3["model"], "small");
     assert_eq!(rows[0].3["cloudevents"]["type"], "prompt");
     assert_eq!(fx.counter("api.requests").await, Some(47), "counted once");
+
+    // A quantity of 0 is valid and adds nothing: 204, nothing stored, alone or in a batch; it
+    // is still checked by every other rule.
+    let zero = cloudevent(&fx, "z", "gateway", 0);
+    let r = send(&app, post(key, "application/cloudevents+json", &zero)).await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let batch = json!([
+        cloudevent(&fx, "z2", "gateway", 0),
+        cloudevent(&fx, "3", "gateway", 3)
+    ]);
+    let r = send(&app, post(key, "application/json", &batch)).await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let mut stale_zero = cloudevent(&fx, "z3", "gateway", 0);
+    stale_zero["time"] = json!("2001-01-01T00:00:00Z");
+    let r = send(&app, post(key, "application/json", &stale_zero)).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(stored(&fx).await.len(), 4);
+    assert_eq!(fx.counter("api.requests").await, Some(50));
 }
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
