@@ -281,6 +281,30 @@ pub async fn pool_as(pool: &PgPool, role: &str) -> PgPool {
         .unwrap_or_else(|e| panic!("cannot connect as {role}: {e}"))
 }
 
+/// Runs the aggregation as the scheduled function does (as the ops role, "now" by the tests'
+/// clock) until its watermark is past every stored event: a transaction open elsewhere on the
+/// server, a parallel test's, may hold a run's watermark back for a moment.
+pub async fn aggregate_until_caught_up(owner: &PgPool) {
+    use crate::aggregation::{AggregationConfig, Aggregator};
+    let ops = crate::Database::from_pool(pool_as(owner, OPS_ROLE).await);
+    let aggregator = Aggregator::new(&ops, None, AggregationConfig::default());
+    for _ in 0..600 {
+        let report = aggregator
+            .aggregate(now(), std::time::Instant::now() + Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("aggregation: {e}"));
+        let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(xact_id), 0) FROM usage_events")
+            .fetch_one(owner)
+            .await
+            .unwrap_or_else(|e| panic!("newest xact: {e}"));
+        if report.outcome == "done" && report.collected.watermark > newest {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the aggregation never caught up");
+}
+
 /// A fresh, uniquely named tenant (slug `<hint>-<random>`).
 pub async fn create_tenant(owner: &PgPool, hint: &str) -> Tenant {
     let slug = TenantSlug::parse(&format!(

@@ -7,41 +7,15 @@ mod common;
 use std::time::Duration;
 
 use common::Stack;
-use meterbridge::aggregation::{AggregationConfig, Aggregator};
 use meterbridge::domain::usage_limit::{LimitPeriod, UsageLimit};
 use meterbridge::repo::{usage_limits, usage_settings};
-use meterbridge::testing::{pool_as, OPS_ROLE};
-use meterbridge::Database;
+use meterbridge::testing::aggregate_until_caught_up;
 use meterbridge_client::{
     Classification, Client, Error, NewPayment, Payment, PaymentQuery, PaymentStatus, Period,
     Source, StatusCode, SummaryQuery, TransitionOutcome, Verification, VerificationMethod,
 };
 use serde_json::json;
 use sqlx::PgPool;
-
-/// The aggregation as the scheduled function runs it, until it has taken every event.
-async fn aggregate(owner: &PgPool) {
-    let ops = Database::from_pool(pool_as(owner, OPS_ROLE).await);
-    let aggregator = Aggregator::new(&ops, None, AggregationConfig::default());
-    for _ in 0..600 {
-        let report = aggregator
-            .aggregate(
-                meterbridge::testing::now(),
-                std::time::Instant::now() + Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(xact_id), 0) FROM usage_events")
-            .fetch_one(owner)
-            .await
-            .unwrap();
-        if report.outcome == "done" && report.collected.watermark > newest {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the aggregation never caught up");
-}
 
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn usage_reads_return_what_was_recorded(owner: PgPool) {
@@ -81,7 +55,7 @@ async fn usage_reads_return_what_was_recorded(owner: PgPool) {
     assert_eq!(realtime.counters["api.requests"], 5);
     assert_eq!(realtime.counters["leads.processed"], 5);
 
-    aggregate(&owner).await;
+    aggregate_until_caught_up(&owner).await;
     let summary = client
         .summary(
             &SummaryQuery::new(Period::Daily)

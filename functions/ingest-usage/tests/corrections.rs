@@ -7,42 +7,15 @@ mod common;
 
 use common::*;
 use lambda_http::Request;
-use meterbridge::aggregation::{AggregationConfig, Aggregator};
 use meterbridge::domain::{Scope, Scopes, Trust};
 use meterbridge::testing::{
-    create_api_key, create_scoped_api_key, create_tenant, pool_as, OPS_ROLE,
+    aggregate_until_caught_up, create_api_key, create_scoped_api_key, create_tenant, pool_as,
 };
-use meterbridge::Database;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
 fn void_request(fx: &Fixture, key: &str, event_id: &str, body: &Value) -> Request {
     fx.void(key, event_id, body)
-}
-
-async fn aggregate(owner: &PgPool) {
-    let ops = Database::from_pool(pool_as(owner, OPS_ROLE).await);
-    let aggregator = Aggregator::new(&ops, None, AggregationConfig::default());
-    // Until the watermark passes every event here (another test's open transaction may hold
-    // it back for a moment).
-    for _ in 0..600 {
-        let report = aggregator
-            .aggregate(
-                meterbridge::testing::now(),
-                std::time::Instant::now() + std::time::Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(xact_id), 0) FROM usage_events")
-            .fetch_one(owner)
-            .await
-            .unwrap();
-        if report.outcome == "done" && report.collected.watermark > newest {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("aggregation never caught up");
 }
 
 fn daily_total(summary: &Value, metric: &str) -> Option<String> {
@@ -66,7 +39,7 @@ async fn an_internal_key_voids_once_and_everything_follows(owner: PgPool) {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(fx.counter("api.requests").await, Some(42));
-    aggregate(&owner).await;
+    aggregate_until_caught_up(&owner).await;
     let today = meterbridge::testing::now().date_naive().to_string();
     let summary = send(
         &app,
@@ -140,7 +113,7 @@ async fn an_internal_key_voids_once_and_everything_follows(owner: PgPool) {
     assert_eq!(realtime.body["counters"]["api.requests"], 12);
 
     // Aggregates exclude it after the next run.
-    aggregate(&owner).await;
+    aggregate_until_caught_up(&owner).await;
     let summary = send(
         &app,
         fx.get(
@@ -345,7 +318,7 @@ async fn the_summary_is_tenant_scoped_and_its_parameters_bounded(owner: PgPool) 
     let app = fx.app(&[]).await;
     fx.submit(&app, json!({"events": [fx.event(1, "api.requests", 9)]}))
         .await;
-    aggregate(&owner).await;
+    aggregate_until_caught_up(&owner).await;
     let get =
         |key: &str, query: &[(&str, &str)]| send(&app, fx.get(key, "/v1/usage/summary", query));
     let mine = get(&fx.internal.key, &[("period", "weekly")]).await;
