@@ -251,11 +251,13 @@ async fn a_meter_reads_back_its_events_per_window_subject_and_group(owner: PgPoo
         fx.get(
             &key,
             "/api/v1/meters/searches/query",
-            &[("from", &from), ("to", &to)],
+            &[("from", &from), ("to", &to), ("groupBy", "model")],
         ),
     )
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    // Its event has no model: the key is there, null.
+    assert_eq!(rows(&r.body)[0].3, json!({"model": null}));
     assert_eq!(rows(&r.body)[0].4, 1);
     let (status, body) = query(
         &fx,

@@ -12,6 +12,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::db::DbError;
+use crate::domain::meter::MAX_GROUP_BY;
 use crate::domain::meter_query::WindowSize;
 use crate::domain::TenantId;
 
@@ -28,7 +29,7 @@ pub struct MeterUsageQuery<'a> {
     pub subjects: Option<&'a [String]>,
     /// One row per subject.
     pub by_subject: bool,
-    /// One row per combination of these groupBy keys' values.
+    /// One row per combination of these groupBy keys' values (at most [`MAX_GROUP_BY`]).
     pub group_by: &'a [String],
     /// Only events whose groupBy values include these (a JSON object of strings).
     pub group_filter: &'a Value,
@@ -62,10 +63,17 @@ pub async fn query(
     tenant: TenantId,
     q: &MeterUsageQuery<'_>,
 ) -> Result<MeterUsage, DbError> {
+    if q.group_by.len() > MAX_GROUP_BY {
+        return Err(DbError::Decode(format!(
+            "at most {MAX_GROUP_BY} groupBy keys, not {}",
+            q.group_by.len()
+        )));
+    }
     // Rows of the range that are not the meter's fall into one group with no keys (matched
-    // false): they are counted toward the rows read, never toward a value.
+    // false): they are counted toward the rows read, never toward a value. A row's groupBy
+    // values are an array with a place for each of the (at most 16) keys: no subquery per row.
     let rows = sqlx::query!(
-        r#"SELECT g.window_start, g.subject, g.group_by AS "group_by: Value",
+        r#"SELECT g.window_start, g.subject, g.group_by AS "group_by: Vec<Option<String>>",
                   g.value::text AS value, g.matched AS "matched!",
                   (sum(g.events) OVER ())::int8 AS "scanned!"
              FROM (SELECT s.window_start, s.subject, s.group_by,
@@ -77,8 +85,23 @@ pub async fn query(
                                       AS window_start,
                                   CASE WHEN m.matched AND $8 THEN e.actor_id END AS subject,
                                   CASE WHEN m.matched AND cardinality($9::text[]) > 0
-                                       THEN (SELECT jsonb_object_agg(k, e.metadata -> k)
-                                               FROM unnest($9::text[]) AS k) END AS group_by
+                                       THEN ARRAY[
+                                             e.metadata ->> $9[1],
+                                             e.metadata ->> $9[2],
+                                             e.metadata ->> $9[3],
+                                             e.metadata ->> $9[4],
+                                             e.metadata ->> $9[5],
+                                             e.metadata ->> $9[6],
+                                             e.metadata ->> $9[7],
+                                             e.metadata ->> $9[8],
+                                             e.metadata ->> $9[9],
+                                             e.metadata ->> $9[10],
+                                             e.metadata ->> $9[11],
+                                             e.metadata ->> $9[12],
+                                             e.metadata ->> $9[13],
+                                             e.metadata ->> $9[14],
+                                             e.metadata ->> $9[15],
+                                             e.metadata ->> $9[16]] END AS group_by
                              FROM (SELECT quantity, occurred_at, actor_id, metadata, voided_at
                                      FROM usage_events
                                     WHERE tenant_id = $1 AND metric = $2
@@ -121,9 +144,13 @@ pub async fn query(
         out.push(MeterUsageRow {
             window_start: r.window_start,
             subject: r.subject,
-            group_by: r
-                .group_by
-                .unwrap_or_else(|| Value::Object(Default::default())),
+            group_by: Value::Object(
+                q.group_by
+                    .iter()
+                    .zip(r.group_by.unwrap_or_default())
+                    .map(|(key, value)| (key.clone(), value.map_or(Value::Null, Value::String)))
+                    .collect(),
+            ),
             value,
         });
     }
