@@ -23,6 +23,9 @@
 //!   floods far over its rate limit, and the limiter's own cost; see `neighbours.rs`.
 //! - `erasure` (not in the default set): one data subject with 1 % of 10 M stored events
 //!   erased while another tenant ingests; see `erasure.rs`.
+//! - `meter-query` (not in the default set): the OpenMeter-compatible meter query over the
+//!   1,000,000 events it reads at most, beside the plain SQL sum of the same rows; see
+//!   `meter_query.rs`.
 //!
 //! `scripts/bench.sh` (or `cargo run --release -p meterbridge-bench`). `BENCH_MIGRATIONS=N`
 //! measures the schema as of migration N (the before of a schema change). `BENCH_WORKLOADS`
@@ -38,6 +41,7 @@ mod growth;
 mod ingest;
 mod maintenance;
 mod measure;
+mod meter_query;
 mod neighbours;
 mod relay;
 mod usage_limits;
@@ -279,6 +283,10 @@ async fn main() {
         rows.extend([relayed, raw].into_iter().map(measure::median));
         let payments = verify::seed(&owner, &tenant, verifications).await;
         rows.push(relay::run_fast_path(&payments_url, &endpoint, &key.key, payments).await);
+    }
+    if workloads.contains("meter-query") {
+        let app = build_apps(&api_url, 1).await.remove(0);
+        rows.extend(meter_query::run(&owner, &app, repeat).await);
     }
     measure::report(&rows);
     if workloads.contains("aggregate") {
