@@ -70,7 +70,8 @@ pub async fn query(
         )));
     }
     // Rows of the range that are not the meter's fall into one group with no keys (matched
-    // false): they are counted toward the rows read, never toward a value. A row's groupBy
+    // false): they are counted toward the rows read, never toward a value. The LIMIT keeps at
+    // most max_rows + 2 groups: enough to tell an answer too long. A row's groupBy
     // values are an array with a place for each of the (at most 16) keys: no subquery per row.
     let rows = sqlx::query!(
         r#"SELECT g.window_start, g.subject, g.group_by AS "group_by: Vec<Option<String>>",
@@ -113,7 +114,6 @@ pub async fn query(
                                      AND ($7::text[] IS NULL OR e.actor_id = ANY ($7))
                                      AND e.metadata @> $10::jsonb AS matched) m) s
                     GROUP BY 1, 2, 3) g
-            ORDER BY g.window_start NULLS LAST, g.subject NULLS FIRST, g.group_by NULLS FIRST
             LIMIT $12"#,
         tenant.0,
         q.metric,
@@ -133,8 +133,17 @@ pub async fn query(
     if rows.first().is_some_and(|r| r.scanned > q.max_scanned) {
         return Ok(MeterUsage::TooManyEvents);
     }
+    // Ordered here, not in SQL: an ORDER BY under the LIMIT makes PostgreSQL sort every row it
+    // read (it cannot know how few groups there are) where a hash aggregate needs no sort.
+    let mut rows: Vec<_> = rows.into_iter().filter(|r| r.matched).collect();
+    if rows.len() as i64 > q.max_rows {
+        return Ok(MeterUsage::TooManyRows);
+    }
+    rows.sort_by(|a, b| {
+        (&a.window_start, &a.subject, &a.group_by).cmp(&(&b.window_start, &b.subject, &b.group_by))
+    });
     let mut out = Vec::with_capacity(rows.len());
-    for r in rows.into_iter().filter(|r| r.matched) {
+    for r in rows {
         let value = r
             .value
             .as_deref()
@@ -153,9 +162,6 @@ pub async fn query(
             ),
             value,
         });
-    }
-    if out.len() as i64 > q.max_rows {
-        return Ok(MeterUsage::TooManyRows);
     }
     Ok(MeterUsage::Rows(out))
 }
