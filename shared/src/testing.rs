@@ -100,6 +100,21 @@ pub async fn create_partitions_around_now(owner: &PgPool) {
     .await;
 }
 
+/// Moves the day partition of `day` (`YYYY-MM-DD`) to the archive schema, as the storage
+/// maintenance does past the retention.
+pub async fn archive(owner: &PgPool, day: &str) {
+    let table = format!("usage_events_p{}", day.replace('-', ""));
+    for statement in [
+        format!("ALTER TABLE usage_events DETACH PARTITION {table}"),
+        format!("ALTER TABLE {table} SET SCHEMA usage_archive"),
+    ] {
+        sqlx::query(&statement)
+            .execute(owner)
+            .await
+            .expect("archive a day partition");
+    }
+}
+
 /// Moves the aggregation's watermark past every event stored so far, as if the aggregation had
 /// taken them (for work that treats taken and pending events differently, like an erasure).
 pub async fn mark_aggregated(owner: &PgPool) {

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use admin::export::{self, s3_client, Asked, ExportStore, MIN_PART_SIZE};
 use admin::{handle_event, Admin};
-use common::{aggregate_all, archive, at, day};
+use common::{aggregate_all, at, day};
 use meterbridge::clock::FrozenClock;
-use meterbridge::testing::{create_day_partitions, create_tenant, moto_sdk_config};
+use meterbridge::testing::{archive, create_day_partitions, create_tenant, moto_sdk_config};
 use meterbridge::Database;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

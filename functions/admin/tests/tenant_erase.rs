@@ -14,14 +14,14 @@ use std::time::Duration;
 use admin::offboard::WebhookSecrets;
 use admin::{handle_event, Admin, AdminError};
 use chrono::{DateTime, Utc};
-use common::{aggregate_all, archive, day};
+use common::{aggregate_all, day};
 use meterbridge::clock::FrozenClock;
 use meterbridge::config::RedisSource;
 use meterbridge::domain::{Tenant, Trust};
 use meterbridge::redis::Redis;
 use meterbridge::repo::tenant_erasures;
 use meterbridge::testing::{
-    create_api_key, create_day_partitions, create_tenant, moto_sdk_config, redis_url,
+    archive, create_api_key, create_day_partitions, create_tenant, moto_sdk_config, redis_url,
 };
 use meterbridge::Database;
 use serde_json::{json, Value};

@@ -14,7 +14,7 @@ use chrono::Duration as Days;
 use common::*;
 use meterbridge::domain::TenantId;
 use meterbridge::repo::subject_erasures::{self, Pace, Request, ANOTHER_SUBJECT};
-use meterbridge::testing::{create_tenant, database_name};
+use meterbridge::testing::{archive, create_tenant, database_name};
 use sqlx::PgPool;
 
 const SUBJECT: &str = "subject-4d7e1b-marker";
@@ -56,17 +56,6 @@ async fn with_metadata(owner: &PgPool, tenant: uuid::Uuid) {
     .execute(owner)
     .await
     .unwrap();
-}
-
-/// Moves a day partition to the archive, as the storage maintenance does past the retention.
-async fn archive(owner: &PgPool, day: &str) {
-    let table = format!("usage_events_p{}", day.replace('-', ""));
-    for statement in [
-        format!("ALTER TABLE usage_events DETACH PARTITION {table}"),
-        format!("ALTER TABLE {table} SET SCHEMA usage_archive"),
-    ] {
-        sqlx::query(&statement).execute(owner).await.unwrap();
-    }
 }
 
 fn pg_dump(owner: &PgPool) -> String {

@@ -15,17 +15,6 @@ pub fn at(rfc3339: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(rfc3339).unwrap().into()
 }
 
-/// Moves a day partition to the archive, as the storage maintenance does past the retention.
-pub async fn archive(owner: &PgPool, day: &str) {
-    let table = format!("usage_events_p{}", day.replace('-', ""));
-    for statement in [
-        format!("ALTER TABLE usage_events DETACH PARTITION {table}"),
-        format!("ALTER TABLE {table} SET SCHEMA usage_archive"),
-    ] {
-        sqlx::query(&statement).execute(owner).await.unwrap();
-    }
-}
-
 /// Aggregation runs until the watermark is past every stored event (a transaction open
 /// elsewhere on the server, a parallel test's, holds a run's watermark back).
 pub async fn aggregate_all(admin: &Admin, owner: &PgPool) {
