@@ -9,6 +9,11 @@
 //! expires by itself; a lease is a member of the tenant's in-flight set scored by its expiry, so
 //! a container that dies holding one frees it when the function's timeout has passed.
 //!
+//! A container remembers the budgets' state Redis reported with a refusal, and refuses a
+//! request that state already refuses without asking Redis again (see [`Refusals`]): a caller
+//! retrying in a loop past its limit costs the shared Redis a round trip only when its budget
+//! could pass again.
+//!
 //! When Redis cannot be reached the request is not refused for that reason (usage is never
 //! lost because the limiter failed): the same budgets are charged in this container's memory
 //! instead, the `RateLimiterFallback` metric counts it, and an alarm watches that metric.
@@ -350,10 +355,64 @@ pub struct RateLimiter {
     clock: Arc<dyn Clock>,
     /// The fallback's budgets: their TATs by Redis key.
     local: Mutex<HashMap<String, i64>>,
+    /// The TATs Redis answered with its last refusals, by Redis key (see [`Refusals`]).
+    refusals: Refusals,
 }
 
 /// The fallback forgets its budgets past this many (a flood of keys costs no memory).
 const LOCAL_BUDGETS: usize = 10_000;
+
+/// What Redis said when it last refused a request of this container: each budget's TAT, by its
+/// Redis key. A TAT only ever moves forward (every container's charge pushes it later; none
+/// pulls it back), so a remembered one is a lower bound of the budget's state now, and a
+/// request it already refuses would be refused by Redis too — with the same arithmetic
+/// ([`charge`]) and today's rates, as the script would. Such a request is refused here without
+/// a round trip: a caller retrying in a loop costs the shared Redis nothing until its budget
+/// could pass again, when the request goes to Redis as any other. Allowed requests always go to
+/// Redis; nothing here ever lets a request through.
+#[derive(Default)]
+struct Refusals(Mutex<HashMap<String, i64>>);
+
+impl Refusals {
+    fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// The TATs remembered for `keys` that still bind at `now` (`None` for the others), or
+    /// `None` when none does; those that no longer bind are forgotten.
+    fn bounds(&self, keys: &[String], now: i64) -> Option<Vec<Option<i64>>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let tats: Vec<Option<i64>> = keys
+            .iter()
+            .map(|k| match map.get(k) {
+                Some(tat) if *tat > now => Some(*tat),
+                Some(_) => {
+                    map.remove(k);
+                    None
+                }
+                None => None,
+            })
+            .collect();
+        tats.iter().any(Option::is_some).then_some(tats)
+    }
+
+    /// Remembers the TATs Redis reported with a refusal (past ones bind nothing).
+    fn remember(&self, keys: Vec<String>, tats: &[Option<i64>], now: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= LOCAL_BUDGETS {
+            map.retain(|_, tat| *tat > now);
+            if map.len() >= LOCAL_BUDGETS {
+                map.clear();
+            }
+        }
+        for (key, tat) in keys.into_iter().zip(tats) {
+            if let Some(tat) = tat.filter(|tat| *tat > now) {
+                let kept = map.entry(key).or_insert(tat);
+                *kept = (*kept).max(tat);
+            }
+        }
+    }
+}
 
 impl RateLimiter {
     pub fn new(endpoint: &'static str, lease_for: Duration, clock: Arc<dyn Clock>) -> Self {
@@ -362,6 +421,7 @@ impl RateLimiter {
             lease_for,
             clock,
             local: Mutex::new(HashMap::new()),
+            refusals: Refusals::default(),
         }
     }
 
@@ -370,9 +430,13 @@ impl RateLimiter {
     }
 
     /// Charges a request against its budgets and takes an in-flight slot; with no Redis, or
-    /// none reachable, against this container's budgets.
+    /// none reachable, against this container's budgets. A request that what Redis answered
+    /// this container's last refusals already refuses is refused without asking it again.
     pub async fn check(&self, redis: Option<&Redis>, ask: &Ask) -> Decision {
         let now = self.now_us();
+        if let Some(limited) = self.refused_before(ask, now) {
+            return Decision::Limited(limited);
+        }
         if let Some(redis) = redis {
             match self.check_redis(redis, ask, now).await {
                 Ok(decision) => return decision,
@@ -383,6 +447,25 @@ impl RateLimiter {
             }
         }
         self.check_local(ask, now)
+    }
+
+    /// The refusal Redis would answer, computed from the TATs of its earlier refusals, if
+    /// those already refuse the request.
+    fn refused_before(&self, ask: &Ask, now: i64) -> Option<Limited> {
+        if self.refusals.is_empty() {
+            return None;
+        }
+        let budgets = ask.budgets();
+        let keys: Vec<String> = budgets
+            .iter()
+            .map(|(b, _, _)| b.key(self.endpoint, ask.tenant, ask.key_id))
+            .collect();
+        let tats = self.refusals.bounds(&keys, now)?;
+        let states = states(&budgets, &tats, now);
+        if states.iter().all(|s| s.charge.allowed) {
+            return None;
+        }
+        Some(limited(states, false, ask.limits.max_in_flight))
     }
 
     async fn check_redis(
@@ -442,6 +525,11 @@ impl RateLimiter {
                 source: Source::Redis,
             });
         }
+        let keys = budgets
+            .iter()
+            .map(|(b, _, _)| b.key(self.endpoint, ask.tenant, ask.key_id))
+            .collect();
+        self.refusals.remember(keys, &tats, now);
         let in_flight_full =
             ask.limits.max_in_flight > 0 && held >= i64::from(ask.limits.max_in_flight);
         Ok(Decision::Limited(limited(

@@ -291,6 +291,97 @@ async fn without_redis_the_containers_budgets_apply_and_redis_takes_over_again()
     assert_eq!(source, Source::Redis);
 }
 
+/// One request without events of `key`.
+async fn request(
+    limiter: &RateLimiter,
+    redis: &Redis,
+    tenant: TenantId,
+    key: Uuid,
+    limits: Limits,
+) -> Decision {
+    limiter
+        .check(Some(redis), &ask(tenant, key, limits, 0))
+        .await
+}
+
+/// Refused once by Redis, a caller retrying at once is refused by the container from what Redis
+/// answered — no round trip (shown with Redis unreachable: had the check gone out, the
+/// container's own fresh budget would have let it through) — until the budget could pass again,
+/// when the request goes to Redis as any other. A key's refusal binds only that key; the
+/// tenant's binds all its keys.
+#[tokio::test]
+async fn a_refused_caller_is_refused_here_until_its_budget_could_pass() {
+    let up = redis();
+    let down = Redis::new(
+        RedisSource::Url("redis://127.0.0.1:1".into()),
+        None,
+        Duration::from_millis(100),
+    );
+    let clock = at_2027();
+    let limiter = RateLimiter::new("usage", LEASE, clock.clone());
+    let (tenant, key, other_key) = (TenantId(Uuid::new_v4()), Uuid::new_v4(), Uuid::new_v4());
+    let limits = limits(Rate::new(5, 10), 0);
+    for _ in 0..10 {
+        assert!(matches!(
+            request(&limiter, &up, tenant, key, limits).await,
+            Decision::Allowed { .. }
+        ));
+    }
+    let Decision::Limited(by_redis) = request(&limiter, &up, tenant, key, limits).await else {
+        panic!("past the burst")
+    };
+    assert_eq!(by_redis.by, Some(Budget::KeyRequests));
+
+    // Refused here, the same answer Redis gave; another key is not bound by it.
+    let Decision::Limited(here) = request(&limiter, &down, tenant, key, limits).await else {
+        panic!("refused without asking Redis")
+    };
+    assert_eq!(here.by, by_redis.by);
+    assert_eq!(here.retry_after, by_redis.retry_after);
+    assert_eq!(here.budgets, by_redis.budgets);
+    let Decision::Allowed { source, .. } =
+        request(&limiter, &down, tenant, other_key, limits).await
+    else {
+        panic!("another key of the tenant is not bound by this key's refusal")
+    };
+    assert_eq!(source, Source::Container);
+
+    // Once the budget could pass, the request goes out: to Redis, which lets it through once.
+    clock.advance_wall(Duration::from_millis(200));
+    let Decision::Allowed { source, .. } = request(&limiter, &up, tenant, key, limits).await else {
+        panic!("Retry-After honoured")
+    };
+    assert_eq!(source, Source::Redis);
+    assert!(matches!(
+        request(&limiter, &up, tenant, key, limits).await,
+        Decision::Limited(_)
+    ));
+
+    // The tenant's budget refusing binds every key of the tenant.
+    let tenant_limits = Limits {
+        tenant_requests: Rate::new(1, 2),
+        ..limits
+    };
+    let (tenant, key, other_key) = (TenantId(Uuid::new_v4()), Uuid::new_v4(), Uuid::new_v4());
+    for expected_allowed in [true, true, false] {
+        let decision = limiter
+            .check(Some(&*up), &ask(tenant, key, tenant_limits, 0))
+            .await;
+        assert_eq!(
+            matches!(decision, Decision::Allowed { .. }),
+            expected_allowed
+        );
+    }
+    let Decision::Limited(here) = limiter
+        .check(Some(&down), &ask(tenant, other_key, tenant_limits, 0))
+        .await
+    else {
+        panic!("the tenant's budget is spent for every key")
+    };
+    assert_eq!(here.by, Some(Budget::TenantRequests));
+    assert_eq!(here.retry_after, Duration::from_secs(1));
+}
+
 /// The API roles read a key's limits only through the key itself: the table is closed to them,
 /// and the definer function answers nothing for a key id without that key's hash.
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
