@@ -3,9 +3,11 @@
 //! (15), alone and then while tenant A floods from 4 callers with no pause, far over its event
 //! budget (its key overridden to `BENCH_NEIGHBOURS_A_LIMIT` events a second, 5,000 by default,
 //! burst twice that). Printed: B's throughput and p50/p99 latency alone, beside A sending at
-//! exactly its limit (A's legitimate load) and while A floods — each tenant's containers pinned
-//! to a core of their own, as Lambda gives each container its own compute, then alone and
-//! flooded again on shared cores — A's accepted rate against its limit, and the limiter's own cost — one caller
+//! exactly its limit (A's legitimate load) and while A floods — each tenant's containers and
+//! their PostgreSQL backends pinned to a core of their own, as Lambda gives each container its
+//! own compute and a database server runs concurrent queries on cores of their own (see
+//! [`pin_backends`]), then alone and flooded again on shared cores — A's accepted rate against
+//! its limit, and the limiter's own cost — one caller
 //! ingesting as fast as it can with limits on against limits off, `BENCH_NEIGHBOURS_COST_ROUNDS`
 //! (3) rounds, the order alternating, in the same run. Every request goes through
 //! `ingest_usage::handle` with Redis, each caller a container of its own: its App on a thread
@@ -157,11 +159,45 @@ where
         runtime.block_on(async move {
             let app = build_apps_with(&api_url, 1, limits).await.remove(0);
             let _ = ingest_usage::handle(&app, request(&template(), &key)).await;
+            if let Some(core) = core {
+                pin_backends(&app, core).await;
+            }
             ready.wait();
             work(app, key).await
         })
     })
 }
+
+/// Pins the PostgreSQL backends of `app`'s connections to `core`, beside the container's own
+/// thread: a tenant's database work then runs on that tenant's core, as on a database server
+/// with a core for each query it runs at once (RDS), and what tenants still share is the
+/// server's memory, locks and WAL. Every connection of the pool is opened here and kept (the
+/// pool's idle timeout is minutes, a phase seconds). Needs the right to change another user's
+/// process (root, or CAP_SYS_NICE); without it the backends stay where they are, said once.
+async fn pin_backends(app: &App, core: core_affinity::CoreId) {
+    let pool = app.services.db.pool();
+    let max = app.services.config.db_max_connections as usize;
+    let mut held = Vec::with_capacity(max);
+    for _ in 0..max {
+        held.push(pool.acquire().await.expect("a connection to pin"));
+    }
+    for conn in &mut held {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut **conn)
+            .await
+            .expect("backend pid");
+        let pinned = std::process::Command::new("taskset")
+            .args(["-p", "-c", &core.id.to_string(), &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !pinned && !BACKENDS_UNPINNED.swap(true, Ordering::Relaxed) {
+            eprintln!("neighbours: could not pin PostgreSQL backend {pid} to core {} (taskset needs root or CAP_SYS_NICE): the database's work runs on any core", core.id);
+        }
+    }
+}
+
+static BACKENDS_UNPINNED: AtomicBool = AtomicBool::new(false);
 
 /// Waits for a container's thread, off the runtime.
 async fn join<T: Send + 'static>(thread: std::thread::JoinHandle<T>) -> T {
@@ -282,9 +318,9 @@ pub async fn run(owner: &PgPool, api_url: &str) {
     let c = create_tenant(owner, "solo").await;
     let c_key = create_api_key(owner, &c, "crm", Trust::Internal).await;
     limit_key(owner, &c, &c_key.prefix, Rate::new(1_000_000, 10_000_000)).await;
-    // Tenant B's containers on the first core, tenant A's on the last (in Lambda each container
-    // has compute of its own, and what tenants share is PostgreSQL and Redis, which run on
-    // every core here); then the same flood with every thread wherever the OS puts it.
+    // Tenant B's containers and their backends on the first core, tenant A's on the last (in
+    // Lambda each container has compute of its own, and what tenants share is the database
+    // server and Redis); then the same flood with every thread wherever the OS puts it.
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pinned = match (cores.first(), cores.last()) {
         (Some(b), Some(a)) if cores.len() >= 2 => Placement {
@@ -349,7 +385,7 @@ pub async fn run(owner: &PgPool, api_url: &str) {
         core.map_or("any core".to_owned(), |c| format!("core {}", c.id))
     };
     println!();
-    println!("noisy neighbours — {seconds} s a phase; tenant B: batches of {BATCH} at {b_rate}/s, one caller; tenant A: {A_CALLERS} callers, key limit {a_limit} events/s (burst {}); ingest_usage::handle with Redis, each caller a container of its own (its App on its own thread and single-threaded runtime); pinned: B's container on {}, A's on {} (PostgreSQL and Redis on any core)", 2 * a_limit, placed(pinned.b), placed(pinned.a));
+    println!("noisy neighbours — {seconds} s a phase; tenant B: batches of {BATCH} at {b_rate}/s, one caller; tenant A: {A_CALLERS} callers, key limit {a_limit} events/s (burst {}); ingest_usage::handle with Redis, each caller a container of its own (its App on its own thread and single-threaded runtime); pinned: B's container and its PostgreSQL backends on {}, A's on {} (Redis and PostgreSQL's own processes on any core)", 2 * a_limit, placed(pinned.b), placed(pinned.a));
     println!(
         "  {:<44} {:>10} {:>10} {:>10}",
         "tenant B", "events/s", "p50 ms", "p99 ms"
