@@ -24,7 +24,9 @@
 //! Ingestion and the jobs take turns (they never overlap), so each is timed alone, by the wall
 //! clock ([`Instant`]). Before the first event the empty database's key generation is made to
 //! open at the simulated start, as if deployed then. The run prints per simulated day the
-//! ingestion rate and each job's median and maximum run time, then the ratios and the
+//! ingestion rate (also over the steps no autovacuum overlapped), the insert statement's server
+//! time and buffers a call (where the server loads `pg_stat_statements`, see [`InsertCost`]),
+//! and each job's median and maximum run time, then the ratios and the
 //! write amplification of the dedup keys (see [`KeyBytes`]), each with its goal. It checks the
 //! free disk space of the PostgreSQL data directory first (about 1 KB an event, and 10 GB to
 //! spare), runs in a database of its own (`meterbridge_sim`), and drops it at the end unless
@@ -176,6 +178,85 @@ struct Day {
     /// The machine's 1-minute load average, summed over the day's steps: other work on the
     /// machine shows here (the simulation itself keeps about 2 busy).
     load: f64,
+    /// The ingestion insert's server-side cost over the day (pg_stat_statements), when the
+    /// server has the extension loaded.
+    insert: Option<InsertCost>,
+    /// The events and request time of the steps during which no autovacuum worker was seen
+    /// (at the step's start and end): ingestion with the machine to itself.
+    quiet_events: usize,
+    quiet_ingest: Duration,
+}
+
+/// Autovacuum workers running now, on any database. The simulation compresses a day into
+/// minutes of wall clock, and autovacuum works on the wall clock: a day's vacuums share the
+/// two cores with that day's ingestion, several hundred times denser than in a real day.
+async fn autovacuum_workers(owner: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE backend_type = 'autovacuum worker' AND state = 'active'",
+    )
+    .fetch_one(owner)
+    .await
+    .unwrap_or(0)
+}
+
+/// What the ingestion's insert statement (`usage_events::insert`, one per request) cost the
+/// server, cumulative: pg_stat_statements's calls, execution time and shared blocks of it.
+#[derive(Debug, Default, Clone, Copy)]
+struct InsertCost {
+    calls: i64,
+    millis: f64,
+    blocks_hit: i64,
+    blocks_read: i64,
+}
+
+impl InsertCost {
+    /// The statement's totals so far in this database, `None` where pg_stat_statements is not
+    /// loaded (`shared_preload_libraries`) or the extension cannot be created.
+    async fn read(owner: &PgPool) -> Option<InsertCost> {
+        let row: (Option<i64>, Option<f64>, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT sum(calls)::int8, sum(total_exec_time), sum(shared_blks_hit)::int8,
+                    sum(shared_blks_read)::int8
+               FROM pg_stat_statements
+              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND query LIKE 'WITH input AS%INSERT INTO usage_events%'",
+        )
+        .fetch_one(owner)
+        .await
+        .ok()?;
+        Some(InsertCost {
+            calls: row.0.unwrap_or(0),
+            millis: row.1.unwrap_or(0.0),
+            blocks_hit: row.2.unwrap_or(0),
+            blocks_read: row.3.unwrap_or(0),
+        })
+    }
+
+    /// What was spent between `before` and `self`.
+    fn since(self, before: InsertCost) -> InsertCost {
+        InsertCost {
+            calls: self.calls - before.calls,
+            millis: self.millis - before.millis,
+            blocks_hit: self.blocks_hit - before.blocks_hit,
+            blocks_read: self.blocks_read - before.blocks_read,
+        }
+    }
+
+    /// "ms a call / shared blocks a call (of which read)", or "-".
+    fn cell(cost: Option<InsertCost>) -> String {
+        match cost {
+            Some(c) if c.calls > 0 => {
+                let per = |v: i64| v as f64 / c.calls as f64;
+                format!(
+                    "{:.1} / {:.0} ({:.1})",
+                    c.millis / c.calls as f64,
+                    per(c.blocks_hit + c.blocks_read),
+                    per(c.blocks_read)
+                )
+            }
+            _ => "-".to_owned(),
+        }
+    }
 }
 
 /// The 1-minute load average (`/proc/loadavg`), 0 where there is none.
@@ -569,6 +650,10 @@ pub async fn run(admin_url: &str) {
         Some(version) => meterbridge::testing::migrate_up_to(&owner, version).await,
         None => meterbridge::db::MIGRATOR.run(&owner).await.unwrap(),
     }
+    // The insert's per-day cost, where the server loads pg_stat_statements (see InsertCost).
+    let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&owner)
+        .await;
     let schema: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
         .fetch_one(&owner)
         .await
@@ -675,20 +760,22 @@ pub async fn run(admin_url: &str) {
         s.maintenance_steps * STEP_MINUTES as usize
     );
     println!(
-        "  per day: events/s = the day's events / the wall-clock time of their requests; each job's median and maximum run; merged/full = compaction runs that attached a merged partition / that compacted fully; keys GB = the key partitions at the day's end; load = the machine's mean 1-minute load average (the simulation keeps about 2 busy: more is other work)"
+        "  per day: events/s = the day's events / the wall-clock time of their requests; no vacuum = the same over the steps during which no autovacuum worker ran (seen at the step's start and end; a simulated day takes minutes, so a real day's vacuums crowd into them) and those steps' share of the events; each job's median and maximum run; merged/full = compaction runs that attached a merged partition / that compacted fully; keys GB = the key partitions at the day's end; load = the machine's mean 1-minute load average (the simulation keeps about 2 busy: more is other work); insert = the ingestion insert statement's mean server time and shared blocks a call (read: not in shared_buffers), from pg_stat_statements where the server loads it"
     );
     println!();
     println!(
-        "{:>4} {:>10} {:>21} {:>21} {:>11} {:>21} {:>8} {:>7} {:>5}",
+        "{:>4} {:>10} {:>15} {:>21} {:>21} {:>11} {:>21} {:>8} {:>7} {:>5} {:>22}",
         "day",
         "events/s",
+        "no vacuum (%)",
         "maintenance ms p50/max",
         "compaction ms p50/max",
         "merged/full",
         "aggregation ms p50/max",
         "keys GB",
         "DB GB",
-        "load"
+        "load",
+        "insert ms / blks (read)"
     );
 
     let mut bytes = KeyBytes::default();
@@ -697,6 +784,7 @@ pub async fn run(admin_url: &str) {
     let mut empty = (0usize, Duration::ZERO);
     let mut next_tenant = 0usize;
     let started = Instant::now();
+    let mut insert_before = InsertCost::read(&owner).await;
     for d in 0..s.days {
         let mut day = Day::default();
         for step in 0..STEPS_PER_DAY {
@@ -740,10 +828,15 @@ pub async fn run(admin_url: &str) {
             // The step's events, sent at its end.
             let (requests, count) = step_requests(&template, &keys, &s, d, step, &mut next_tenant);
             clock.set(at + chrono::Duration::minutes(STEP_MINUTES));
+            let vacuums_before = autovacuum_workers(&owner).await;
             let (elapsed, accepted) = ingest(&apps, requests).await;
             assert_eq!(accepted, count, "every event is new and valid");
             day.events += count;
             day.ingest += elapsed;
+            if vacuums_before == 0 && autovacuum_workers(&owner).await == 0 {
+                day.quiet_events += count;
+                day.quiet_ingest += elapsed;
+            }
             day.load += load_average();
             if empty.0 < s.empty_events {
                 empty.0 += count;
@@ -755,6 +848,11 @@ pub async fn run(admin_url: &str) {
             .fetch_one(&owner)
             .await
             .unwrap();
+        let insert_now = InsertCost::read(&owner).await;
+        day.insert = insert_now
+            .zip(insert_before)
+            .map(|(now, then)| now.since(then));
+        insert_before = insert_now;
         print_day(d + 1, &day);
         days.push(day);
         if s.max_wall.is_some_and(|limit| started.elapsed() > limit) {
@@ -794,6 +892,19 @@ pub async fn run(admin_url: &str) {
     }
 }
 
+/// The rate of the day's steps during which no autovacuum ran, and their share of the day's
+/// events.
+fn quiet_cell(day: &Day) -> String {
+    if day.quiet_events == 0 {
+        return "- (0%)".to_owned();
+    }
+    format!(
+        "{:.0} ({:.0}%)",
+        day.quiet_events as f64 / day.quiet_ingest.as_secs_f64(),
+        day.quiet_events as f64 / day.events.max(1) as f64 * 100.0
+    )
+}
+
 fn print_day(number: usize, day: &Day) {
     let cell = |runs: &[Run]| {
         let (p50, max) = summary(runs);
@@ -822,9 +933,10 @@ fn print_day(number: usize, day: &Day) {
         notes.push_str(&format!("  ({unfinished} aggregation runs did not finish)"));
     }
     println!(
-        "{:>4} {:>10.0} {:>21} {:>21} {:>11} {:>21} {:>8.2} {:>7.2} {:>5.1}{notes}",
+        "{:>4} {:>10.0} {:>15} {:>21} {:>21} {:>11} {:>21} {:>8.2} {:>7.2} {:>5.1} {:>22}{notes}",
         number,
         day.events as f64 / day.ingest.as_secs_f64(),
+        quiet_cell(day),
         cell(&day.maintenance),
         cell(&day.compaction),
         merges,
@@ -832,6 +944,7 @@ fn print_day(number: usize, day: &Day) {
         day.key_bytes as f64 / 1e9,
         day.database_bytes as f64 / 1e9,
         day.load / STEPS_PER_DAY as f64,
+        InsertCost::cell(day.insert),
     );
 }
 
@@ -868,6 +981,26 @@ fn report(s: &Settings, days: &[Day], empty: (usize, Duration), bytes: &KeyBytes
         last_rate / first_two * 100.0,
         last_rate / empty_rate * 100.0
     );
+    let final_day = &days[last - 1];
+    if final_day.quiet_events > 0 {
+        let quiet = final_day.quiet_events as f64 / final_day.quiet_ingest.as_secs_f64();
+        println!(
+            "  day {last} while no autovacuum ran: {quiet:.0} events/s ({:.0}% of empty), over {:.0}% of its events",
+            quiet / empty_rate * 100.0,
+            final_day.quiet_events as f64 / final_day.events as f64 * 100.0
+        );
+    }
+    let per_call = |d: &Day| {
+        d.insert
+            .filter(|c| c.calls > 0)
+            .map(|c| (c.blocks_hit + c.blocks_read) as f64 / c.calls as f64)
+    };
+    if let (Some(first), Some(final_blocks)) = (per_call(&days[0]), per_call(final_day)) {
+        println!(
+            "  the insert's server work (pg_stat_statements): {first:.0} shared blocks a call on day 1, {final_blocks:.0} on day {last} ({:+.0}%)",
+            (final_blocks / first - 1.0) * 100.0
+        );
+    }
 
     let early = 5.min(last);
     println!();
