@@ -118,6 +118,40 @@ fn rows(body: &Value) -> Vec<(String, String, Value, Value, i64)> {
         .collect()
 }
 
+/// A range holding only events that are not the meter's — native events of its metric, which
+/// have no CloudEvents type, and one without an actor — answers no rows, whatever the filters.
+#[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
+async fn a_range_of_other_events_only_answers_no_rows(owner: PgPool) {
+    let fx = Fixture::new(&owner).await;
+    let app = fx.app(&[]).await;
+    fx.set_meter("prompt_tokens", "prompt", "api.requests", Some("$.tokens"))
+        .await;
+    let b = base(&fx);
+    let mut with_actor = fx.event(1, "api.requests", 5);
+    with_actor["occurredAt"] = json!(ts(b + Duration::hours(1)));
+    with_actor["actorId"] = json!("alice");
+    let mut without_actor = fx.event(2, "api.requests", 7);
+    without_actor["occurredAt"] = json!(ts(b + Duration::hours(2)));
+    let r = fx
+        .submit(&app, json!({"events": [with_actor, without_actor]}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let (from, to) = (ts(b), ts(b + Duration::days(1)));
+    let key = fx.internal.key.clone();
+    for extra in [
+        &[][..],
+        &[("windowSize", "DAY")],
+        &[("subject", "alice")],
+        &[("groupBy", "model"), ("windowSize", "HOUR")],
+    ] {
+        let mut params = vec![("from", from.as_str()), ("to", to.as_str())];
+        params.extend_from_slice(extra);
+        let (status, body) = query(&fx, &app, &key, &params).await;
+        assert_eq!(status, 200, "{extra:?}: {body}");
+        assert_eq!(body["data"], json!([]), "{extra:?}");
+    }
+}
+
 #[sqlx::test(migrator = "meterbridge::db::MIGRATOR")]
 async fn a_meter_reads_back_its_events_per_window_subject_and_group(owner: PgPool) {
     let fx = Fixture::new(&owner).await;

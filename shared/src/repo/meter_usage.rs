@@ -70,7 +70,8 @@ pub async fn query(
         )));
     }
     // Rows of the range that are not the meter's fall into one group with no keys (matched
-    // false): they are counted toward the rows read, never toward a value. The LIMIT keeps at
+    // false; IS TRUE, since an event without a CloudEvents type or an actor makes the test
+    // null, not false): they are counted toward the rows read, never toward a value. The LIMIT keeps at
     // most max_rows + 2 groups: enough to tell an answer too long. A row's groupBy
     // values are an array with a place for each of the (at most 16) keys: no subquery per row.
     let rows = sqlx::query!(
@@ -109,10 +110,10 @@ pub async fn query(
                                       AND occurred_at >= $3 AND occurred_at < $4
                                     LIMIT $11) e
                             CROSS JOIN LATERAL (
-                                  SELECT e.voided_at IS NULL
+                                  SELECT (e.voided_at IS NULL
                                      AND e.metadata -> 'cloudevents' ->> 'type' = $5
                                      AND ($7::text[] IS NULL OR e.actor_id = ANY ($7))
-                                     AND e.metadata @> $10::jsonb AS matched) m) s
+                                     AND e.metadata @> $10::jsonb) IS TRUE AS matched) m) s
                     GROUP BY 1, 2, 3) g
             LIMIT $12"#,
         tenant.0,
