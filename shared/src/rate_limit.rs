@@ -449,6 +449,14 @@ impl RateLimiter {
         self.check_local(ask, now)
     }
 
+    /// The Redis key of each of `budgets`.
+    fn keys(&self, ask: &Ask, budgets: &[(Budget, Rate, u32)]) -> Vec<String> {
+        budgets
+            .iter()
+            .map(|(b, _, _)| b.key(self.endpoint, ask.tenant, ask.key_id))
+            .collect()
+    }
+
     /// The refusal Redis would answer, computed from the TATs of its earlier refusals, if
     /// those already refuse the request.
     fn refused_before(&self, ask: &Ask, now: i64) -> Option<Limited> {
@@ -456,10 +464,7 @@ impl RateLimiter {
             return None;
         }
         let budgets = ask.budgets();
-        let keys: Vec<String> = budgets
-            .iter()
-            .map(|(b, _, _)| b.key(self.endpoint, ask.tenant, ask.key_id))
-            .collect();
+        let keys = self.keys(ask, &budgets);
         let tats = self.refusals.bounds(&keys, now)?;
         let states = states(&budgets, &tats, now);
         if states.iter().all(|s| s.charge.allowed) {
@@ -475,13 +480,14 @@ impl RateLimiter {
         now: i64,
     ) -> Result<Decision, RedisError> {
         let budgets = ask.budgets();
+        let keys = self.keys(ask, &budgets);
         let lease_id = Uuid::new_v4().to_string();
         let set = in_flight_key(self.endpoint, ask.tenant);
         let mut invocation = CHECK.prepare_invoke();
         invocation.arg(now).arg(budgets.len());
-        for (budget, rate, cost) in &budgets {
+        for (key, (_, rate, cost)) in keys.iter().zip(&budgets) {
             invocation
-                .key(budget.key(self.endpoint, ask.tenant, ask.key_id))
+                .key(key)
                 .arg(rate.interval_us())
                 .arg(rate.tolerance_us())
                 .arg(*cost);
@@ -525,10 +531,6 @@ impl RateLimiter {
                 source: Source::Redis,
             });
         }
-        let keys = budgets
-            .iter()
-            .map(|(b, _, _)| b.key(self.endpoint, ask.tenant, ask.key_id))
-            .collect();
         self.refusals.remember(keys, &tats, now);
         let in_flight_full =
             ask.limits.max_in_flight > 0 && held >= i64::from(ask.limits.max_in_flight);
@@ -541,10 +543,7 @@ impl RateLimiter {
 
     fn check_local(&self, ask: &Ask, now: i64) -> Decision {
         let budgets = ask.budgets();
-        let keys: Vec<String> = budgets
-            .iter()
-            .map(|(b, _, _)| b.key(self.endpoint, ask.tenant, ask.key_id))
-            .collect();
+        let keys = self.keys(ask, &budgets);
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if local.len() >= LOCAL_BUDGETS {
             local.retain(|_, tat| *tat > now);
