@@ -59,7 +59,7 @@ const REVIEWED: &[&str] = &[
     "meterbridge_ingest: SELECT ON TABLE usage_aggregates",
     "meterbridge_ingest: SELECT ON TABLE usage_event_keys",
     "meterbridge_ingest: SELECT ON TABLE usage_events",
-    "meterbridge_ingest: SELECT ON TABLE usage_key_filter_rows",
+    "meterbridge_ingest: SELECT ON TABLE usage_key_filter_slices",
     "meterbridge_ingest: SELECT ON TABLE usage_key_generations",
     "meterbridge_ingest: SELECT ON TABLE usage_key_levels",
     "meterbridge_ingest: SELECT ON TABLE usage_key_parts",

@@ -545,7 +545,7 @@ async fn load(
         recent_generation(&mut conn, history, first_seq).await;
         for statement in [
             "VACUUM ANALYZE usage_event_keys",
-            "VACUUM ANALYZE usage_key_filter_rows",
+            "VACUUM ANALYZE usage_key_filter_slices",
         ] {
             sqlx::query(statement).execute(&mut *conn).await.unwrap();
         }

@@ -85,13 +85,13 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
     let parts = sqlx::query!(
         r#"SELECT min(g.generation) AS "first!", max(g.generation) AS "last!",
                   bool_or(g.closed_at IS NULL) AS "open!",
-                  p.level AS "level?", l.blocks AS "blocks?", p.slot AS "slot?",
-                  (p.name IS NOT NULL AND p.filter_next IS NULL) AS "filtered!"
+                  p.level AS "level?", l.blocks AS "blocks?", l.slots AS "slots?",
+                  p.slot AS "slot?", (p.name IS NOT NULL AND p.filter_next IS NULL) AS "filtered!"
              FROM usage_key_generations g
              LEFT JOIN usage_key_parts p ON p.name = g.stored_in
              LEFT JOIN usage_key_levels l ON l.level = p.level
             WHERE g.expired_at IS NULL
-            GROUP BY g.stored_in, p.name, p.level, l.blocks, p.slot, p.filter_next"#
+            GROUP BY g.stored_in, p.name, p.level, l.blocks, l.slots, p.slot, p.filter_next"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -106,8 +106,13 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
         .map(|p| HeldPart {
             first: p.first,
             last: p.last,
-            filter: match (p.filtered, p.level, p.blocks, p.slot) {
-                (true, Some(level), Some(blocks), Some(slot)) => Some((level, blocks, slot)),
+            filter: match (p.filtered, p.level, p.blocks, p.slots, p.slot) {
+                (true, Some(level), Some(blocks), Some(slots), Some(slot)) => Some(PartFilter {
+                    level,
+                    blocks,
+                    slots,
+                    slot,
+                }),
                 _ => None,
             },
         })
@@ -115,13 +120,23 @@ pub async fn hold_key_generation(conn: &mut PgConnection) -> Result<KeyGeneratio
     Ok(KeyGenerations::of(open, &held))
 }
 
-/// A closed partition as [`hold_key_generation`] read it: its live generations, and its level,
-/// the level's blocks and its slot when its filter is complete.
+/// A closed partition as [`hold_key_generation`] read it: its live generations, and where its
+/// filter is when it is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldPart {
     pub first: i32,
     pub last: i32,
-    pub filter: Option<(i16, i32, i16)>,
+    pub filter: Option<PartFilter>,
+}
+
+/// Where a partition's filter is: its level, the level's geometry (its filter rows' blocks, and
+/// the members each row holds: `slots` bits a slice, migration 0028) and the partition's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartFilter {
+    pub level: i16,
+    pub blocks: i32,
+    pub slots: i16,
+    pub slot: i16,
 }
 
 /// The key generations as held by [`hold_key_generation`]: the open one, which takes new keys,
@@ -147,6 +162,8 @@ pub struct FilteredPart {
     pub level: i16,
     /// The level's blocks (its filter's geometry).
     pub blocks: i32,
+    /// The level's slots: the width of a slice of its filter rows.
+    pub slots: i16,
     /// Its member slot in the level's filter rows.
     pub slot: i16,
     pub first: i32,
@@ -160,9 +177,15 @@ impl KeyGenerations {
         let mut filtered = Vec::new();
         for part in parts {
             match part.filter {
-                Some((level, blocks, slot)) => filtered.push(FilteredPart {
+                Some(PartFilter {
                     level,
                     blocks,
+                    slots,
+                    slot,
+                }) => filtered.push(FilteredPart {
+                    level,
+                    blocks,
+                    slots,
                     slot,
                     first: part.first,
                     last: part.last,
@@ -199,6 +222,7 @@ impl KeyGenerations {
         FilterColumns {
             levels: f.iter().map(|p| p.level).collect(),
             blocks: f.iter().map(|p| p.blocks).collect(),
+            widths: f.iter().map(|p| p.slots).collect(),
             slots: f.iter().map(|p| p.slot).collect(),
             firsts: f.iter().map(|p| p.first).collect(),
             lasts: f.iter().map(|p| p.last).collect(),
@@ -210,6 +234,8 @@ impl KeyGenerations {
 struct FilterColumns {
     levels: Vec<i16>,
     blocks: Vec<i32>,
+    /// The level's slots (a slice's width), per partition.
+    widths: Vec<i16>,
     slots: Vec<i16>,
     firsts: Vec<i32>,
     lasts: Vec<i32>,
@@ -295,20 +321,13 @@ pub async fn insert(
                     WHERE generation BETWEEN $18 AND $19 AND tenant_id = $1
                       AND key_hash = ANY($16::uuid[]))
                 + (SELECT count(*) FROM UNNEST($16::uuid[]) AS p(key_hash)
-                    CROSS JOIN (SELECT DISTINCT level, blocks
-                                  FROM UNNEST($20::int2[], $21::int4[]) AS l(level, blocks)) l
                     -- Each step reads what the one before found, in this order (LIMIT and
-                    -- OFFSET keep the planner from reordering or flattening them): a filter
-                    -- row per key and level, one index probe whatever the level holds; the
-                    -- key's six bit positions, computed once (usage_key_level_maybe, unrolled:
-                    -- it computed them again for every member); the members whose six bits are
-                    -- set (about 1 % each); for each of those, one probe of that member's
-                    -- partition alone.
-                    CROSS JOIN LATERAL (
-                          SELECT r.bits::"bit" AS bits FROM usage_key_filter_rows r
-                           WHERE r.level = l.level
-                             AND r.block = usage_key_level_block(p.key_hash, l.blocks)
-                           LIMIT 1) f
+                    -- OFFSET keep the planner from reordering or flattening them): the key's
+                    -- six bit positions, computed once; for each level, its filter row (one
+                    -- index probe, whatever the level holds) and in it the six slices of those
+                    -- positions ANDed (migration 0028: each bit still set is a member that may
+                    -- hold the key, about 0.4 % each); the members whose bit is set, only when
+                    -- one is; for each of those, one probe of that member's partition alone.
                     CROSS JOIN LATERAL (
                           SELECT usage_key_level_bit(p.key_hash, 0) AS b0,
                                  usage_key_level_bit(p.key_hash, 1) AS b1,
@@ -317,17 +336,26 @@ pub async fn insert(
                                  usage_key_level_bit(p.key_hash, 4) AS b4,
                                  usage_key_level_bit(p.key_hash, 5) AS b5
                           OFFSET 0) b
+                    CROSS JOIN (SELECT DISTINCT level, blocks, slots
+                                  FROM UNNEST($20::int2[], $21::int4[], $25::int2[])
+                                       AS l(level, blocks, slots)) l
+                    CROSS JOIN LATERAL (
+                          SELECT substring(r.bits FROM b.b0 * l.slots + 1 FOR l.slots)
+                               & substring(r.bits FROM b.b1 * l.slots + 1 FOR l.slots)
+                               & substring(r.bits FROM b.b2 * l.slots + 1 FOR l.slots)
+                               & substring(r.bits FROM b.b3 * l.slots + 1 FOR l.slots)
+                               & substring(r.bits FROM b.b4 * l.slots + 1 FOR l.slots)
+                               & substring(r.bits FROM b.b5 * l.slots + 1 FOR l.slots) AS maybe
+                            FROM usage_key_filter_slices r
+                           WHERE r.level = l.level
+                             AND r.block = usage_key_level_block(p.key_hash, l.blocks)
+                           LIMIT 1) f
                     CROSS JOIN LATERAL (
                           SELECT m.first_gen, m.last_gen
                             FROM UNNEST($20::int2[], $22::int2[], $23::int4[], $24::int4[])
                                  AS m(level, slot, first_gen, last_gen)
-                           WHERE m.level = l.level
-                             AND get_bit(f.bits, m.slot * 512 + b.b0) = 1
-                             AND get_bit(f.bits, m.slot * 512 + b.b1) = 1
-                             AND get_bit(f.bits, m.slot * 512 + b.b2) = 1
-                             AND get_bit(f.bits, m.slot * 512 + b.b3) = 1
-                             AND get_bit(f.bits, m.slot * 512 + b.b4) = 1
-                             AND get_bit(f.bits, m.slot * 512 + b.b5) = 1
+                           WHERE position(B'1' IN f.maybe) > 0
+                             AND m.level = l.level AND get_bit(f.maybe, m.slot) = 1
                           OFFSET 0) c
                     CROSS JOIN LATERAL (
                           SELECT FROM usage_event_keys k
@@ -358,7 +386,8 @@ pub async fn insert(
         &f.blocks,
         &f.slots,
         &f.firsts,
-        &f.lasts
+        &f.lasts,
+        &f.widths
     )
     .fetch_one(&mut *conn)
     .await;
@@ -701,13 +730,21 @@ mod tests {
             last,
             filter,
         };
+        let filter = |level, blocks, slot| {
+            Some(PartFilter {
+                level,
+                blocks,
+                slots: [40, 12, 12][level as usize - 1],
+                slot,
+            })
+        };
         // A week (3-9), a day (10-12), two hours filtered; hour 14 not yet; 15 open.
         let g = KeyGenerations::of(
             15,
             &[
-                part(10, 12, Some((2, 64, 1))),
-                part(3, 9, Some((3, 256, 0))),
-                part(13, 13, Some((1, 8, 4))),
+                part(10, 12, filter(2, 64, 1)),
+                part(3, 9, filter(3, 256, 0)),
+                part(13, 13, filter(1, 8, 4)),
                 part(14, 14, None),
             ],
         );
@@ -722,8 +759,13 @@ mod tests {
         assert_eq!(g.live(), (3, 15));
         let f = g.filter_columns();
         assert_eq!(
-            (f.levels, f.blocks, f.slots),
-            (vec![1, 2, 3], vec![8, 64, 256], vec![4, 1, 0])
+            (f.levels, f.blocks, f.widths, f.slots),
+            (
+                vec![1, 2, 3],
+                vec![8, 64, 256],
+                vec![40, 12, 12],
+                vec![4, 1, 0]
+            )
         );
         // Nothing closed: only the open generation is live.
         let g = KeyGenerations::of(1, &[]);
