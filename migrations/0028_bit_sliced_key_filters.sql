@@ -125,7 +125,7 @@ CREATE OR REPLACE FUNCTION public.usage_key_filter_write(
         v_keep  bit varying;
     BEGIN
         SELECT slots INTO v_slots FROM public.usage_key_levels WHERE level = p_level;
-        IF p_slot < 0 OR p_slot >= v_slots THEN
+        IF v_slots IS NULL OR p_slot < 0 OR p_slot >= v_slots THEN
             RAISE EXCEPTION 'slot % is not one of level %''s % slots', p_slot, p_level, v_slots
                 USING ERRCODE = '22023';
         END IF;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Duration as Days, Utc};
 use common::{statuses, Fixture};
 use meterbridge::domain::usage::{validate_event, EventLimits, Submitter};
-use meterbridge::domain::{SourceService, Trust};
+use meterbridge::domain::{SourceService, Tenant, Trust};
 use meterbridge::repo::usage_events;
 use meterbridge::repo::usage_storage::{self, StorageAction, StoragePolicy};
 use meterbridge::testing::{
@@ -563,22 +563,8 @@ async fn key_maintenance_cut_at_any_point_resumes_consistently(owner: PgPool) {
         step_keys: 10_000,
         ..StoragePolicy::default()
     };
-    // 6 hours of 8,000 keys each, straight into the key table (as ingestion writes them).
-    let mut now = meterbridge::testing::now();
-    for _ in 0..6 {
-        sqlx::query(
-            "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
-             SELECT g.generation, gen_random_uuid(), $1, now(), i
-               FROM usage_key_generations g, generate_series(1, 8000) AS i
-              WHERE g.closed_at IS NULL",
-        )
-        .bind(tenant.id.0)
-        .execute(&owner)
-        .await
-        .unwrap();
-        now += Days::hours(1) + Days::minutes(1);
-        maintain(&owner, now, &policy).await;
-    }
+    // 6 hours of 8,000 keys each.
+    hours_of_keys(&owner, &tenant, 6, &policy).await;
     let fingerprint = || key_fingerprint(&owner);
     let before = fingerprint().await;
     assert_eq!(before.0, 48_000);
@@ -609,6 +595,26 @@ async fn key_maintenance_cut_at_any_point_resumes_consistently(owner: PgPool) {
     );
     assert_eq!(fingerprint().await, before);
     assert_eq!(hidden().await, 0);
+}
+
+/// `hours` hours of 8,000 keys each, straight into the key table (as ingestion writes them),
+/// each hour closed by the storage maintenance on a clock an hour and a minute further on.
+async fn hours_of_keys(owner: &PgPool, tenant: &Tenant, hours: usize, policy: &StoragePolicy) {
+    let mut now = meterbridge::testing::now();
+    for _ in 0..hours {
+        sqlx::query(
+            "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
+             SELECT g.generation, gen_random_uuid(), $1, now(), i
+               FROM usage_key_generations g, generate_series(1, 8000) AS i
+              WHERE g.closed_at IS NULL",
+        )
+        .bind(tenant.id.0)
+        .execute(owner)
+        .await
+        .unwrap();
+        now += Days::hours(1) + Days::minutes(1);
+        maintain(owner, now, policy).await;
+    }
 }
 
 /// The keys (count, and a checksum of keys and generations).
@@ -654,22 +660,8 @@ async fn filters_of_the_layout_before_are_rebuilt_and_hide_no_key(owner: PgPool)
         step_keys: 10_000,
         ..StoragePolicy::default()
     };
-    // 4 hours of 8,000 keys each, straight into the key table (as ingestion writes them).
-    let mut now = meterbridge::testing::now();
-    for _ in 0..4 {
-        sqlx::query(
-            "INSERT INTO usage_event_keys (generation, key_hash, tenant_id, occurred_at, seq)
-             SELECT g.generation, gen_random_uuid(), $1, now(), i
-               FROM usage_key_generations g, generate_series(1, 8000) AS i
-              WHERE g.closed_at IS NULL",
-        )
-        .bind(tenant.id.0)
-        .execute(&owner)
-        .await
-        .unwrap();
-        now += Days::hours(1) + Days::minutes(1);
-        maintain(&owner, now, &policy).await;
-    }
+    // 4 hours of 8,000 keys each.
+    hours_of_keys(&owner, &tenant, 4, &policy).await;
     let before = key_fingerprint(&owner).await;
     assert_eq!(before.0, 32_000);
     // The old layout's steps: the hours' filters built, the merge of the first 3 started and
@@ -707,6 +699,16 @@ async fn filters_of_the_layout_before_are_rebuilt_and_hide_no_key(owner: PgPool)
         "every filter to build again, the merge from its start"
     );
     assert_eq!(hidden_keys(&owner).await, 0);
+    // A slot outside its level's row (or a level that is not there) writes nothing.
+    for call in [
+        "SELECT usage_key_filter_write(1::int2, 2, 40::int2, 'usage_event_keys_g4', NULL, 0, 2)",
+        "SELECT usage_key_filter_write(1::int2, 2, (-1)::int2, 'usage_event_keys_g4', NULL, 0, 2)",
+        "SELECT usage_key_filter_write(9::int2, 2, 0::int2, 'usage_event_keys_g4', NULL, 0, 2)",
+    ] {
+        let err = sqlx::query(call).execute(&owner).await.unwrap_err();
+        let err = meterbridge::DbError::from(err);
+        assert_eq!(err.sqlstate().as_deref(), Some("22023"), "{call}: {err}");
+    }
 
     let done = compact(&owner).await;
     assert_eq!(did(&done, "merged"), ["usage_event_keys_l2_1_3"]);
