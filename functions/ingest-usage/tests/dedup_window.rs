@@ -50,7 +50,7 @@ async fn merge_levels_at(owner: &PgPool, hours: i16, days: i16) {
 fn filtered(g: &usage_events::KeyGenerations) -> Vec<(i16, i32, i32)> {
     g.filtered
         .iter()
-        .map(|f| (f.level, f.first, f.last))
+        .map(|f| (f.filter.level, f.first, f.last))
         .collect()
 }
 

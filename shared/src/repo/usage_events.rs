@@ -156,16 +156,11 @@ pub struct KeyGenerations {
     pub filtered: Vec<FilteredPart>,
 }
 
-/// A partition checked through its level's Bloom filter (migration 0015).
+/// A partition checked through its level's Bloom filter (migration 0015): where its filter is,
+/// and its live generations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FilteredPart {
-    pub level: i16,
-    /// The level's blocks (its filter's geometry).
-    pub blocks: i32,
-    /// The level's slots: the width of a slice of its filter rows.
-    pub slots: i16,
-    /// Its member slot in the level's filter rows.
-    pub slot: i16,
+    pub filter: PartFilter,
     pub first: i32,
     pub last: i32,
 }
@@ -177,16 +172,8 @@ impl KeyGenerations {
         let mut filtered = Vec::new();
         for part in parts {
             match part.filter {
-                Some(PartFilter {
-                    level,
-                    blocks,
-                    slots,
-                    slot,
-                }) => filtered.push(FilteredPart {
-                    level,
-                    blocks,
-                    slots,
-                    slot,
+                Some(filter) => filtered.push(FilteredPart {
+                    filter,
                     first: part.first,
                     last: part.last,
                 }),
@@ -197,7 +184,7 @@ impl KeyGenerations {
                 }
             }
         }
-        filtered.sort_by_key(|f| (f.level, f.first));
+        filtered.sort_by_key(|f| (f.filter.level, f.first));
         KeyGenerations {
             open,
             unfiltered,
@@ -220,10 +207,10 @@ impl KeyGenerations {
     fn filter_columns(&self) -> FilterColumns {
         let f = &self.filtered;
         FilterColumns {
-            levels: f.iter().map(|p| p.level).collect(),
-            blocks: f.iter().map(|p| p.blocks).collect(),
-            widths: f.iter().map(|p| p.slots).collect(),
-            slots: f.iter().map(|p| p.slot).collect(),
+            levels: f.iter().map(|p| p.filter.level).collect(),
+            blocks: f.iter().map(|p| p.filter.blocks).collect(),
+            widths: f.iter().map(|p| p.filter.slots).collect(),
+            slots: f.iter().map(|p| p.filter.slot).collect(),
             firsts: f.iter().map(|p| p.first).collect(),
             lasts: f.iter().map(|p| p.last).collect(),
         }
@@ -752,7 +739,7 @@ mod tests {
         assert_eq!(
             g.filtered
                 .iter()
-                .map(|f| (f.level, f.first, f.last))
+                .map(|f| (f.filter.level, f.first, f.last))
                 .collect::<Vec<_>>(),
             [(1, 13, 13), (2, 10, 12), (3, 3, 9)]
         );
