@@ -71,8 +71,8 @@ pub async fn query(
     }
     // Rows of the range that are not the meter's fall into one group with no keys (matched
     // false; IS TRUE, since an event without a CloudEvents type or an actor makes the test
-    // null, not false): they are counted toward the rows read, never toward a value. The LIMIT keeps at
-    // most max_rows + 2 groups: enough to tell an answer too long. A row's groupBy
+    // null, not false): they are counted toward the rows read, never toward a value. The LIMIT
+    // keeps at most max_rows + 2 groups: enough to tell an answer too long. A row's groupBy
     // values are an array with a place for each of the (at most 16) keys: no subquery per row.
     let rows = sqlx::query!(
         r#"SELECT g.window_start, g.subject, g.group_by AS "group_by: Vec<Option<String>>",
