@@ -17,16 +17,15 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use ingest_usage::{App, IngestConfig};
 use meterbridge::config::Config;
-use meterbridge::domain::Trust;
 use meterbridge::repo::usage_storage::StoragePolicy;
-use meterbridge::testing::{create_api_key, create_tenant, database_url_as, INGEST_ROLE};
+use meterbridge::testing::{database_url_as, INGEST_ROLE};
 use meterbridge::Services;
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use super::{
-    env_of, ingest, migrate, step_requests, storage_maintenance, CpuMark, Settings, SimClock,
-    Totals,
+    env_of, ingest, migrate, step_requests, storage_maintenance, tenants_with_keys, CpuMark,
+    Settings, SimClock, Totals,
 };
 
 const TEMPLATE: &str = "meterbridge_sim_empty_template";
@@ -88,17 +87,7 @@ impl Beside {
             .await
             .expect("the template of the empty database");
         migrate(&owner).await;
-        let mut keys = Vec::new();
-        let mut tenants = Vec::new();
-        for _ in 0..settings.tenants {
-            let tenant = create_tenant(&owner, "empty").await;
-            keys.push(
-                create_api_key(&owner, &tenant, "crm", Trust::Internal)
-                    .await
-                    .key,
-            );
-            tenants.push(tenant.id.0);
-        }
+        let (tenants, keys) = tenants_with_keys(&owner, settings.tenants, "empty").await;
         owner.close().await;
         Some(Beside {
             admin: admin.clone(),
@@ -129,14 +118,7 @@ impl Beside {
         step: usize,
         at: DateTime<Utc>,
     ) -> Totals {
-        let (requests, count) = step_requests(
-            fixture,
-            &self.keys,
-            settings,
-            day,
-            step,
-            &mut self.next_tenant,
-        );
+        let (requests, count) = self.requests(fixture, settings, day, step);
         let full = self
             .copy
             .as_ref()
@@ -146,14 +128,7 @@ impl Beside {
             // A warm-up, untimed: the same step's events once more (new ids), so that every
             // connection has loaded the catalog of the insert's tables, as the simulated
             // database's long-lived ones have.
-            let (warm, warm_count) = step_requests(
-                fixture,
-                &self.keys,
-                settings,
-                day,
-                step,
-                &mut self.next_tenant,
-            );
+            let (warm, warm_count) = self.requests(fixture, settings, day, step);
             let copy = self.copy.as_mut().unwrap();
             let (_, accepted) = ingest(&copy.apps, warm).await;
             assert_eq!(accepted, warm_count, "every event is new and valid");
@@ -170,6 +145,24 @@ impl Beside {
             wall,
             cpu,
         }
+    }
+
+    /// Step `step` of day `day`'s events (new ids), as requests of the copy's tenants.
+    fn requests(
+        &mut self,
+        fixture: &Value,
+        settings: &Settings,
+        day: usize,
+        step: usize,
+    ) -> (Vec<lambda_http::Request>, usize) {
+        step_requests(
+            fixture,
+            &self.keys,
+            settings,
+            day,
+            step,
+            &mut self.next_tenant,
+        )
     }
 
     /// Drops the copy in use and clones a new one from the template, deployed at `at`: its

@@ -572,6 +572,26 @@ async fn storage_maintenance(
     compact(admin, steps_started, policy).await.map(|_| ())
 }
 
+/// `count` tenants, each with an internal key: their ids, and the keys in the same order.
+async fn tenants_with_keys(
+    owner: &PgPool,
+    count: usize,
+    hint: &str,
+) -> (Vec<uuid::Uuid>, Vec<String>) {
+    let mut tenants = Vec::new();
+    let mut keys = Vec::new();
+    for _ in 0..count {
+        let tenant = create_tenant(owner, hint).await;
+        keys.push(
+            create_api_key(owner, &tenant, "crm", Trust::Internal)
+                .await
+                .key,
+        );
+        tenants.push(tenant.id.0);
+    }
+    (tenants, keys)
+}
+
 /// Migrates a new database as `BENCH_MIGRATIONS` says: up to that migration, or all.
 async fn migrate(owner: &PgPool) {
     match std::env::var("BENCH_MIGRATIONS")
@@ -818,17 +838,7 @@ pub async fn run(admin_url: &str) {
         .await
         .unwrap();
 
-    let mut tenants = Vec::new();
-    let mut keys = Vec::new();
-    for _ in 0..s.tenants {
-        let tenant = create_tenant(&owner, "sim").await;
-        keys.push(
-            create_api_key(&owner, &tenant, "crm", Trust::Internal)
-                .await
-                .key,
-        );
-        tenants.push(tenant.id.0);
-    }
+    let (tenants, keys) = tenants_with_keys(&owner, s.tenants, "sim").await;
     let clock = SimClock::at(s.start);
     let ingest_url = database_url_as(&owner, INGEST_ROLE);
     let mut apps = Vec::new();
