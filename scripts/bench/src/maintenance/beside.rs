@@ -15,17 +15,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use ingest_usage::{App, IngestConfig};
-use meterbridge::config::Config;
+use ingest_usage::App;
 use meterbridge::repo::usage_storage::StoragePolicy;
-use meterbridge::testing::{database_url_as, INGEST_ROLE};
-use meterbridge::Services;
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use super::{
-    env_of, ingest, migrate, step_requests, storage_maintenance, tenants_with_keys, CpuMark,
-    Settings, SimClock, Totals,
+    admin_database, ingest, ingest_apps, migrate, step_requests, storage_maintenance,
+    tenants_with_keys, CpuMark, Settings, SimClock, Totals,
 };
 
 const TEMPLATE: &str = "meterbridge_sim_empty_template";
@@ -223,40 +220,11 @@ impl Beside {
             .execute(&owner)
             .await
             .unwrap();
-        let admin_env = env_of(&[
-            ("DATABASE_URL", owner_url),
-            ("DB_TRANSACTION_TIMEOUT_MS", "300000".into()),
-            ("DB_MAX_CONNECTIONS", "2".into()),
-        ]);
-        let admin = Services::build_with_aws(Config::from(&admin_env, "admin").unwrap(), None)
-            .await
-            .unwrap()
-            .db;
+        let admin = admin_database(owner_url).await;
         storage_maintenance(&admin, at, &StoragePolicy::default())
             .await
             .expect("the empty copy's first maintenance");
-        let ingest_url = database_url_as(&owner, INGEST_ROLE);
-        let mut apps = Vec::new();
-        for _ in 0..self.callers {
-            let env = env_of(&[
-                ("DATABASE_URL", ingest_url.clone()),
-                ("REDIS_URL", meterbridge::testing::redis_url()),
-            ]);
-            let services =
-                Services::build_with_aws(Config::from(&env, "ingest-usage").unwrap(), None)
-                    .await
-                    .unwrap()
-                    .with_clock(self.clock.clone());
-            let app = Arc::new(App::new(services, IngestConfig::from(&env).unwrap()));
-            for key in &self.keys {
-                let warm = fixture
-                    .to_string()
-                    .replace("{{INTERNAL_KEY}}", key.as_str());
-                let _ = ingest_usage::handle(&app, lambda_http::request::from_str(&warm).unwrap())
-                    .await;
-            }
-            apps.push(app);
-        }
+        let apps = ingest_apps(&owner, self.callers, &self.clock, fixture, &self.keys).await;
         self.copy = Some(Copy {
             owner,
             admin,

@@ -572,6 +572,53 @@ async fn storage_maintenance(
     compact(admin, steps_started, policy).await.map(|_| ())
 }
 
+/// `callers` containers of ingest-usage (each its own `App`) on `owner`'s database as the
+/// ingestion role, on the simulated clock, each warmed with each tenant's key (the fixture's
+/// events are all rejected: nothing is stored), outside any measurement.
+async fn ingest_apps(
+    owner: &PgPool,
+    callers: usize,
+    clock: &Arc<SimClock>,
+    fixture: &Value,
+    keys: &[String],
+) -> Vec<Arc<App>> {
+    let ingest_url = database_url_as(owner, INGEST_ROLE);
+    let mut apps = Vec::new();
+    for _ in 0..callers {
+        let env = env_of(&[
+            ("DATABASE_URL", ingest_url.clone()),
+            ("REDIS_URL", meterbridge::testing::redis_url()),
+        ]);
+        let services = Services::build_with_aws(Config::from(&env, "ingest-usage").unwrap(), None)
+            .await
+            .unwrap()
+            .with_clock(clock.clone());
+        let app = Arc::new(App::new(services, IngestConfig::from(&env).unwrap()));
+        for key in keys {
+            let warm = fixture
+                .to_string()
+                .replace("{{INTERNAL_KEY}}", key.as_str());
+            let _ =
+                ingest_usage::handle(&app, lambda_http::request::from_str(&warm).unwrap()).await;
+        }
+        apps.push(app);
+    }
+    apps
+}
+
+/// The admin function's database settings (template.yaml), as the owner.
+async fn admin_database(owner_url: String) -> meterbridge::Database {
+    let env = env_of(&[
+        ("DATABASE_URL", owner_url),
+        ("DB_TRANSACTION_TIMEOUT_MS", "300000".into()),
+        ("DB_MAX_CONNECTIONS", "2".into()),
+    ]);
+    Services::build_with_aws(Config::from(&env, "admin").unwrap(), None)
+        .await
+        .unwrap()
+        .db
+}
+
 /// `count` tenants, each with an internal key: their ids, and the keys in the same order.
 async fn tenants_with_keys(
     owner: &PgPool,
@@ -840,32 +887,16 @@ pub async fn run(admin_url: &str) {
 
     let (tenants, keys) = tenants_with_keys(&owner, s.tenants, "sim").await;
     let clock = SimClock::at(s.start);
-    let ingest_url = database_url_as(&owner, INGEST_ROLE);
-    let mut apps = Vec::new();
-    for _ in 0..s.callers {
-        let env = env_of(&[
-            ("DATABASE_URL", ingest_url.clone()),
-            ("REDIS_URL", meterbridge::testing::redis_url()),
-        ]);
-        let services = Services::build_with_aws(Config::from(&env, "ingest-usage").unwrap(), None)
-            .await
-            .unwrap()
-            .with_clock(clock.clone());
-        apps.push(Arc::new(App::new(
-            services,
-            IngestConfig::from(&env).unwrap(),
-        )));
-    }
-    // The admin function's settings (template.yaml), as the owner.
-    let admin_env = env_of(&[
-        ("DATABASE_URL", owner_url.clone()),
-        ("DB_TRANSACTION_TIMEOUT_MS", "300000".into()),
-        ("DB_MAX_CONNECTIONS", "2".into()),
-    ]);
-    let admin_db = Services::build_with_aws(Config::from(&admin_env, "admin").unwrap(), None)
-        .await
-        .unwrap()
-        .db;
+    let template: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../events/ingest-usage/post-events.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let apps = ingest_apps(&owner, s.callers, &clock, &template, &keys).await;
+    let admin_db = admin_database(owner_url.clone()).await;
     // aggregate-usage's, as meterbridge_ops, with Redis.
     let ops_env = env_of(&[
         ("DATABASE_URL", database_url_as(&owner, OPS_ROLE)),
@@ -887,25 +918,6 @@ pub async fn run(admin_url: &str) {
         ops,
         policy: StoragePolicy::default(),
     };
-
-    let template: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../events/ingest-usage/post-events.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    // Warm each container with each tenant's key (the fixture's events are all rejected:
-    // nothing is stored), outside any measurement.
-    for app in &apps {
-        for key in &keys {
-            let warm = template
-                .to_string()
-                .replace("{{INTERNAL_KEY}}", key.as_str());
-            let _ = ingest_usage::handle(app, lambda_http::request::from_str(&warm).unwrap()).await;
-        }
-    }
 
     println!(
         "scheduled work over simulated time — {} days × {} events/day from {}, schema up to migration {schema}",
