@@ -6,10 +6,11 @@
 //! same step's events (same shape, new ids) go through the same handler code into a copy of a
 //! freshly migrated database (`meterbridge_sim_empty`, cloned from a template with its tenants
 //! and keys), on the same simulated clock, with the scheduled storage maintenance run on it
-//! at the same instants (untimed). A copy takes at most `BENCH_SIM_EMPTY_EVENTS` events, as the baseline at the
-//! start always did (the first events into the empty database); then it is dropped and cloned
-//! afresh, outside any measurement, and warmed by one untimed step. The ratio compares the simulated database's CPU time an
-//! event over those same paired steps with the copy's.
+//! at the same instants (untimed). A copy takes at most `BENCH_SIM_EMPTY_EVENTS` events, as
+//! the baseline at the start always did (the first events into the empty database); then it is
+//! dropped and cloned afresh, outside any measurement, and warmed by one untimed step. The
+//! ratio compares the simulated database's CPU time an event over those same paired steps
+//! with the copy's.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +23,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use super::{
     admin_database, ingest, ingest_apps, migrate, step_requests, storage_maintenance,
-    tenants_with_keys, CpuMark, Settings, SimClock, Totals,
+    tenants_with_keys, url_with_database, CpuMark, Settings, SimClock, Totals,
 };
 
 const TEMPLATE: &str = "meterbridge_sim_empty_template";
@@ -49,13 +50,6 @@ struct Copy {
     events: usize,
 }
 
-fn url_of(admin_url: &str, database: &str) -> String {
-    match admin_url.rfind('/') {
-        Some(i) => format!("{}/{database}", &admin_url[..i]),
-        None => panic!("BENCH_DATABASE_URL must name a database"),
-    }
-}
-
 impl Beside {
     /// Migrates the template (as the simulated database is) with `settings.tenants` tenants
     /// and a key each; `None` where `BENCH_SIM_BESIDE_EVERY` is 0.
@@ -80,7 +74,7 @@ impl Beside {
             .unwrap();
         let owner = PgPoolOptions::new()
             .max_connections(2)
-            .connect(&url_of(admin_url, TEMPLATE))
+            .connect(&url_with_database(admin_url, TEMPLATE))
             .await
             .expect("the template of the empty database");
         migrate(&owner).await;
@@ -167,11 +161,7 @@ impl Beside {
     /// each tenant's key (the fixture's events are all rejected: nothing is stored).
     async fn renew(&mut self, fixture: &Value, at: DateTime<Utc>) {
         let started = Instant::now();
-        if let Some(old) = self.copy.take() {
-            drop(old.apps);
-            old.owner.close().await;
-            old.admin.pool().close().await;
-        }
+        self.close_copy().await;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {COPY} WITH (FORCE)"))
             .execute(&self.admin)
             .await
@@ -209,7 +199,7 @@ impl Beside {
             .await
             .unwrap();
         }
-        let owner_url = url_of(&self.admin_url, COPY);
+        let owner_url = url_with_database(&self.admin_url, COPY);
         let owner = PgPoolOptions::new()
             .max_connections(2)
             .connect(&owner_url)
@@ -247,13 +237,18 @@ impl Beside {
         }
     }
 
-    /// Drops the copy and the template.
-    pub(super) async fn drop_databases(mut self) {
+    /// Closes the copy's containers and pools, if there is one.
+    async fn close_copy(&mut self) {
         if let Some(old) = self.copy.take() {
             drop(old.apps);
             old.owner.close().await;
             old.admin.pool().close().await;
         }
+    }
+
+    /// Drops the copy and the template.
+    pub(super) async fn drop_databases(mut self) {
+        self.close_copy().await;
         for db in [COPY, TEMPLATE] {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                 .execute(&self.admin)

@@ -803,9 +803,10 @@ async fn set_autovacuum(admin: &PgPool, on: bool) {
         .unwrap();
 }
 
-fn sim_url(admin_url: &str) -> String {
+/// `admin_url` with its database replaced by `database`.
+fn url_with_database(admin_url: &str, database: &str) -> String {
     match admin_url.rfind('/') {
-        Some(i) => format!("{}/{DATABASE}", &admin_url[..i]),
+        Some(i) => format!("{}/{database}", &admin_url[..i]),
         None => panic!("BENCH_DATABASE_URL must name a database"),
     }
 }
@@ -862,7 +863,7 @@ pub async fn run(admin_url: &str) {
         .execute(&admin)
         .await
         .unwrap();
-    let owner_url = sim_url(admin_url);
+    let owner_url = url_with_database(admin_url, DATABASE);
     let owner = PgPoolOptions::new()
         .max_connections(4)
         .connect(&owner_url)
@@ -1082,7 +1083,7 @@ pub async fn run(admin_url: &str) {
         set_autovacuum(&admin, false).await;
     }
     if s.keep {
-        println!("BENCH_SIM_KEEP=1: the simulation database {DATABASE} is kept");
+        println!("BENCH_SIM_KEEP=1: the simulation database {DATABASE} is kept (and the empty copy beside it, if any)");
     } else {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
             .execute(&admin)
